@@ -1,0 +1,42 @@
+# Two entry points, both doing their own set-up on a fresh machine:
+#   make demo   simulate the embedded synthetic conversation workload and print the report table
+#   make test   lint, type checks, import layering, wire-contract freshness, tests
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck layering proto-check pytest bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dctl simulate --trace synthetic:conversation --policy singlepool --json demo-out/report.json
+
+test: lint typecheck layering proto-check pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+layering: $(STAMP)
+	$(BIN)/python tools/check_layering.py
+
+proto-check: $(STAMP)
+	$(BIN)/python tools/gen_proto.py --check
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench_sim.py
+
+clean:
+	rm -rf $(VENV) demo-out .mypy_cache .ruff_cache .pytest_cache
