@@ -1,0 +1,594 @@
+"""The simulated engine core: a vLLM-like continuous-batching engine on a virtual clock.
+
+Where it sits: the physics model (`agent.sim.physics`) prices one engine iteration (latency, power);
+this module decides what each iteration contains (scheduling, KV cache, preemption) and turns the
+priced iterations into per-request latencies and per-instance energy. The cluster simulator
+(`controller.sim`) drives one `SimEngine` per simulated instance, and profile generation
+(`controller.sim.profiling`) measures profiles by running it. Pure and deterministic: no wall clock,
+randomness only from the injected generator.
+
+Scheduling, per iteration (vLLM v0 with chunked prefill, FCFS):
+  1. If the KV cache cannot hold one more token for every decoding request, preempt the most recently
+     admitted running request back to the head of the waiting queue (recompute: its KV is dropped and its
+     prompt plus the tokens it already generated are prefilled again later).
+  2. Every decoding request produces one token (running decodes come first in the token budget).
+  3. The remaining budget (`max_num_batched_tokens` minus the decodes) goes to prefill chunks: first the
+     admitted requests whose prefill is unfinished, then waiting requests in arrival order; a waiting
+     request is admitted only if `max_num_seqs` allows and its whole prompt fits in the free KV cache above
+     a small watermark (no skipping: head-of-line blocking as in vLLM's FCFS policy).
+The iteration that completes a request's prefill also produces its first token.
+
+Cost: O(1) amortised per iteration in the number of running requests (the cluster simulator runs ~1e6
+iterations per trace hour). Decode completions come from a min-heap keyed by the iteration of the last
+token, the decode context is a running sum, and a request's largest inter-token gap is taken from a log of
+iteration durations only when it completes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from array import array
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.api.errors import InternalError, InvalidArgumentError
+
+# Jitter multipliers are drawn in blocks: one generator call per block instead of per iteration. The
+# sequence consumed per iteration does not depend on how the caller slices time with advance_to.
+_JITTER_BLOCK = 4096
+# Iteration-duration log: trimmed to the oldest decoding request once it holds this many entries.
+_LOG_TRIM_MIN = 1 << 16
+# A gap range shorter than this is reduced in Python; longer ones through a numpy view of the log.
+_NUMPY_MAX_MIN_LEN = 64
+
+_WAITING = 0
+_PREFILL = 1
+_DECODE = 2
+_DONE = 3
+
+
+class PerfModelLike(Protocol):
+    """What the engine needs from a performance/power model (`agent.sim.physics.PerfModel` fits)."""
+
+    @property
+    def tp(self) -> int: ...
+
+    @property
+    def idle_power_w(self) -> float: ...
+
+    @property
+    def kv_capacity_tokens(self) -> int: ...
+
+    @property
+    def min_clock_mhz(self) -> int: ...
+
+    @property
+    def max_clock_mhz(self) -> int: ...
+
+    def iteration(
+        self,
+        clock_mhz: float,
+        prefill_tokens: int,
+        prefill_attn_tokens: int,
+        decode_seqs: int,
+        decode_context_tokens: int,
+    ) -> tuple[float, float]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Scheduler settings of one engine instance (vLLM's names where vLLM has the knob)."""
+
+    # Token budget per iteration. 512 is vLLM v0's chunked-prefill default and, as Sarathi-Serve argues,
+    # the budget has to be sized for the TBT target: at 2048 an iteration carrying a full prefill chunk
+    # (~170-200 ms at TP8 for Llama-2-70B) exceeds the default TBT SLO of 5x the unloaded ~30 ms, so no
+    # long-prompt class could hold its p99 TBT at any load. At 512 such an iteration stays well inside it.
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 256
+    # Coefficient of variation of the per-iteration latency multiplier (lognormal, mean 1): run-to-run
+    # noise of a real engine, so that profiles have to be measured rather than read off the model.
+    jitter_cv: float = 0.03
+    # Share of the KV cache kept free when admitting a new prompt (vLLM's 1% watermark), so that running
+    # decodes do not have to be preempted as soon as a prompt is admitted.
+    kv_watermark_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise InvalidArgumentError("max_num_seqs", self.max_num_seqs, ">= 1")
+        # Every decoding request must fit in each iteration's token budget: a decode is never deferred.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            allowed = f">= max_num_seqs ({self.max_num_seqs})"
+            raise InvalidArgumentError("max_num_batched_tokens", self.max_num_batched_tokens, allowed)
+        if not (0.0 <= self.jitter_cv <= 1.0):
+            raise InvalidArgumentError("jitter_cv", self.jitter_cv, "0..1")
+        if not (0.0 <= self.kv_watermark_fraction < 0.5):
+            raise InvalidArgumentError("kv_watermark_fraction", self.kv_watermark_fraction, "0 <= x < 0.5")
+
+
+_DEFAULT_CONFIG = EngineConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedRequest:
+    """Latencies of one finished request, as a client of the engine would measure them.
+
+    `tbt_mean_s` = (finish_s - first_token_s) / (output_tokens - 1); `tbt_max_s` is the largest gap
+    between consecutive tokens (a preemption makes one long gap). Both are 0 for a one-token answer.
+    """
+
+    request_id: int
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    input_tokens: int
+    output_tokens: int
+    tbt_mean_s: float
+    tbt_max_s: float
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+
+class _Request:
+    """Mutable scheduling state of one request inside the engine."""
+
+    __slots__ = (
+        "admit_seq",
+        "arrival_s",
+        "ctx_base",
+        "first_token_s",
+        "generated",
+        "input_tokens",
+        "last_token_s",
+        "output_tokens",
+        "prefilled",
+        "request_id",
+        "start_iter",
+        "state",
+        "target",
+        "tbt_max_s",
+    )
+
+    def __init__(self, request_id: int, arrival_s: float, input_tokens: int, output_tokens: int) -> None:
+        self.request_id = request_id
+        self.arrival_s = arrival_s
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.state = _WAITING
+        # tokens produced so far (the first comes from the prefill iteration)
+        self.generated = 0
+        # tokens to prefill: the prompt, plus the generated tokens after a recompute preemption
+        self.target = input_tokens
+        self.prefilled = 0
+        self.admit_seq = -1
+        # first iteration of the current decode run; the context of iteration j is ctx_base + j
+        self.start_iter = 0
+        self.ctx_base = 0
+        self.first_token_s = math.nan
+        self.last_token_s = math.nan
+        self.tbt_max_s = 0.0
+
+
+class SimEngine:
+    """One simulated engine instance (tp GPUs) driven by a performance model on a virtual clock.
+
+    Use: `advance_to(arrival_s)`, then `submit(...)`; `pop_completed()` for finished requests;
+    `close(end_s)` at the end. `now_s` is the end of the last iteration run (or the idle time reached).
+    """
+
+    def __init__(
+        self,
+        perf: PerfModelLike,
+        clock_mhz: float,
+        rng: np.random.Generator,
+        config: EngineConfig = _DEFAULT_CONFIG,
+        start_s: float = 0.0,
+        power_bin_s: float = 1.0,
+    ) -> None:
+        if not math.isfinite(start_s):
+            raise InvalidArgumentError("start_s", start_s, "a finite time in seconds")
+        if not (power_bin_s > 0 and math.isfinite(power_bin_s)):
+            raise InvalidArgumentError("power_bin_s", power_bin_s, "positive seconds")
+        self._perf = perf
+        self._iteration = perf.iteration
+        self._config = config
+        self._rng = rng
+        self._min_clock_mhz = perf.min_clock_mhz
+        self._max_clock_mhz = perf.max_clock_mhz
+        self._clock_mhz = 0.0
+        self.set_clock(clock_mhz)
+        self._tp = perf.tp
+        self._idle_total_w = perf.tp * perf.idle_power_w
+        self._kv_capacity_tokens = perf.kv_capacity_tokens
+        self._kv_watermark_tokens = math.ceil(config.kv_watermark_fraction * perf.kv_capacity_tokens)
+        self._max_batched = config.max_num_batched_tokens
+        self._max_seqs = config.max_num_seqs
+        sigma2 = math.log1p(config.jitter_cv**2)
+        self._jitter_sigma = math.sqrt(sigma2)
+        self._jitter_mu = -sigma2 / 2.0  # mean of the multiplier is exactly 1
+        self._jitter: list[float] = []
+        self._jitter_pos = 0
+
+        self._start_s = start_s
+        self._now_s = start_s
+        self._closed = False
+        self._iter = 0  # global index of the next iteration
+        self._last_start_s = start_s
+        self._last_total_w = 0.0
+
+        self._waiting: deque[_Request] = deque()
+        self._prefilling: deque[_Request] = deque()  # admitted, prefill unfinished, admission order
+        self._running: dict[int, _Request] = {}  # admit_seq -> request; insertion order = admission order
+        self._admit_seq = 0
+        self._finish_heap: list[tuple[int, int, _Request]] = []  # (iteration of last token, admit_seq, req)
+        self._num_decoding = 0
+        self._ctx_sum = 0  # decode context tokens of the next iteration, over decoding requests
+        self._prefill_alloc = 0  # KV tokens reserved by admitted requests still in prefill
+        self._outstanding = 0
+        self._num_preemptions = 0
+        self._completed: list[CompletedRequest] = []
+
+        self._dur_log = array("d")  # duration of iteration (log_base + k)
+        self._log_base = 0
+        self._log_trim_at = _LOG_TRIM_MIN
+        self._hist_gap_s = array("d")
+        self._hist_tokens = array("q")
+
+        self._energy_j = 0.0
+        self._busy_s = 0.0
+        self._bin_s = power_bin_s
+        self._bins: list[float] = [0.0]
+        self._bin_end_s = start_s + power_bin_s
+
+    # ------------------------------------------------------------------ state
+    @property
+    def now_s(self) -> float:
+        return self._now_s
+
+    @property
+    def clock_mhz(self) -> float:
+        return self._clock_mhz
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def tp(self) -> int:
+        return self._tp
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def outstanding_tokens(self) -> int:
+        """Prefill tokens still to compute plus output tokens still to produce, over all requests held."""
+        return self._outstanding
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._num_preemptions
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Largest input + output a request may have: alone on the engine it must fit in the KV cache."""
+        return self._kv_capacity_tokens - self._kv_watermark_tokens
+
+    @property
+    def energy_j(self) -> float:
+        """Energy of all tp GPUs, busy and idle, from start_s up to now_s."""
+        return self._energy_j
+
+    @property
+    def busy_s(self) -> float:
+        return self._busy_s
+
+    @property
+    def tbt_histogram(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        """(gap_s, tokens): each decode iteration's duration with the tokens it produced, plus one entry per
+        token resumed after a preemption (its gap since the request's previous token). Weight percentiles by
+        tokens to get the token-weighted TBT distribution."""
+        return (
+            np.array(self._hist_gap_s, dtype=np.float64),
+            np.array(self._hist_tokens, dtype=np.int64),
+        )
+
+    @property
+    def energy_by_bin_j(self) -> npt.NDArray[np.float64]:
+        """Energy (J, all tp GPUs) per bin of power_bin_s from start_s; the last bin may be partial."""
+        return np.array(self._bins, dtype=np.float64)
+
+    # ---------------------------------------------------------------- control
+    def set_clock(self, clock_mhz: float) -> None:
+        """Clock (MHz) of the iterations that start from now on."""
+        if not (self._min_clock_mhz <= clock_mhz <= self._max_clock_mhz):
+            raise InvalidArgumentError(
+                "clock_mhz", clock_mhz, f"{self._min_clock_mhz}..{self._max_clock_mhz} MHz"
+            )
+        self._clock_mhz = float(clock_mhz)
+
+    def submit(self, request_id: int, arrival_s: float, input_tokens: int, output_tokens: int) -> None:
+        """Queue a request; it joins at the next iteration boundary.
+
+        The caller advances the engine to arrival_s first; an arrival later than now_s advances the engine
+        to it here, so no iteration starting before the arrival can include the request.
+        """
+        self._check_open()
+        if not math.isfinite(arrival_s):
+            raise InvalidArgumentError("arrival_s", arrival_s, "a finite time in seconds")
+        if input_tokens < 1:
+            raise InvalidArgumentError("input_tokens", input_tokens, ">= 1")
+        if output_tokens < 1:
+            raise InvalidArgumentError("output_tokens", output_tokens, ">= 1")
+        if input_tokens + output_tokens > self.max_request_tokens:
+            raise InvalidArgumentError(
+                "input_tokens+output_tokens",
+                input_tokens + output_tokens,
+                f"<= {self.max_request_tokens} (KV cache of this instance)",
+            )
+        if arrival_s > self._now_s:
+            self.advance_to(arrival_s)
+        self._waiting.append(_Request(request_id, arrival_s, input_tokens, output_tokens))
+        self._outstanding += input_tokens + output_tokens
+
+    def advance_to(self, t_s: float) -> None:
+        """Run every iteration that starts before t_s (the last may end after it); idle until t_s if
+        there is no work."""
+        self._check_open()
+        if math.isnan(t_s) or math.isinf(t_s):
+            raise InvalidArgumentError("t_s", t_s, "a finite time in seconds")
+        while self._now_s < t_s:
+            if not self._running and not self._waiting:
+                self._add_energy(self._now_s, t_s, self._idle_total_w)
+                self._energy_j += self._idle_total_w * (t_s - self._now_s)
+                self._now_s = t_s
+                return
+            self._run_iteration()
+
+    def close(self, end_s: float) -> None:
+        """Advance to end_s and account energy up to exactly end_s: the part of the last iteration after
+        end_s is not charged. now_s becomes end_s; the engine accepts no further calls."""
+        self._check_open()
+        if end_s < self._last_start_s:
+            raise InvalidArgumentError(
+                "end_s", end_s, f">= {self._last_start_s} (start of the last iteration already run)"
+            )
+        self.advance_to(end_s)
+        overrun_s = self._now_s - end_s
+        if overrun_s > 0:
+            w = self._last_total_w
+            self._energy_j -= w * overrun_s
+            self._busy_s -= overrun_s
+            self._remove_energy_after(end_s, w)
+            self._now_s = end_s
+        self._closed = True
+
+    def pop_completed(self) -> list[CompletedRequest]:
+        """Requests finished since the last call, in completion order."""
+        done = self._completed
+        self._completed = []
+        return done
+
+    # --------------------------------------------------------------- internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InternalError("SimEngine used after close()")
+
+    def _next_jitter(self) -> float:
+        if self._jitter_pos >= len(self._jitter):
+            z = self._rng.standard_normal(_JITTER_BLOCK)
+            self._jitter = np.exp(self._jitter_mu + self._jitter_sigma * z).tolist()
+            self._jitter_pos = 0
+        m = self._jitter[self._jitter_pos]
+        self._jitter_pos += 1
+        return m
+
+    def _gap_max(self, first_iter: int, last_iter: int) -> float:
+        """Largest iteration duration over iterations first_iter..last_iter (inclusive, non-empty)."""
+        a = first_iter - self._log_base
+        b = last_iter - self._log_base + 1
+        if b - a < _NUMPY_MAX_MIN_LEN:
+            return max(self._dur_log[a:b])
+        # a temporary view: released before the log is appended to again
+        return float(np.frombuffer(self._dur_log, dtype=np.float64, count=b - a, offset=8 * a).max())
+
+    def _preempt_last(self) -> None:
+        """Move the most recently admitted running request back to the head of the waiting queue."""
+        _, req = self._running.popitem()
+        if req.state == _PREFILL:
+            # the newest running request is the newest prefill too
+            self._prefilling.pop()
+            self._prefill_alloc -= req.target
+            self._outstanding += req.prefilled
+        else:
+            it = self._iter
+            steps = it - req.start_iter
+            if steps > 0:
+                req.tbt_max_s = max(req.tbt_max_s, self._gap_max(req.start_iter, it - 1))
+            req.generated += steps
+            req.last_token_s = self._now_s
+            self._ctx_sum -= req.ctx_base + it
+            self._num_decoding -= 1
+            # recompute: the prompt and the tokens generated so far are prefilled again
+            self._outstanding += req.input_tokens + req.generated
+            req.target = req.input_tokens + req.generated
+        req.state = _WAITING
+        req.prefilled = 0
+        self._waiting.appendleft(req)
+        self._num_preemptions += 1
+
+    def _complete(self, req: _Request, finish_s: float) -> None:
+        del self._running[req.admit_seq]
+        req.state = _DONE
+        n_gaps = req.output_tokens - 1
+        tbt_mean_s = (finish_s - req.first_token_s) / n_gaps if n_gaps > 0 else 0.0
+        self._completed.append(
+            CompletedRequest(
+                request_id=req.request_id,
+                arrival_s=req.arrival_s,
+                first_token_s=req.first_token_s,
+                finish_s=finish_s,
+                input_tokens=req.input_tokens,
+                output_tokens=req.output_tokens,
+                tbt_mean_s=tbt_mean_s,
+                tbt_max_s=req.tbt_max_s,
+            )
+        )
+
+    def _run_iteration(self) -> None:
+        it = self._iter
+        cap = self._kv_capacity_tokens
+        while self._prefill_alloc + self._ctx_sum > cap:
+            self._preempt_last()
+        decode_seqs = self._num_decoding
+        budget = self._max_batched - decode_seqs
+        prefill_tokens = 0
+        attn_tokens = 0
+        finished_prefill: list[_Request] = []
+
+        prefilling = self._prefilling
+        while prefilling and budget > 0:
+            req = prefilling[0]
+            chunk = min(req.target - req.prefilled, budget)
+            req.prefilled += chunk
+            budget -= chunk
+            prefill_tokens += chunk
+            attn_tokens += chunk * req.prefilled
+            if req.prefilled < req.target:
+                break
+            prefilling.popleft()
+            finished_prefill.append(req)
+
+        waiting = self._waiting
+        if budget > 0 and waiting:
+            running = self._running
+            kv_free = cap - self._kv_watermark_tokens - self._prefill_alloc - self._ctx_sum
+            while budget > 0 and waiting and len(running) < self._max_seqs:
+                req = waiting[0]
+                if req.target > kv_free:
+                    break
+                waiting.popleft()
+                kv_free -= req.target
+                self._prefill_alloc += req.target
+                req.state = _PREFILL
+                req.admit_seq = self._admit_seq
+                self._admit_seq += 1
+                running[req.admit_seq] = req
+                chunk = min(req.target, budget)
+                req.prefilled = chunk
+                budget -= chunk
+                prefill_tokens += chunk
+                attn_tokens += chunk * chunk
+                if chunk < req.target:
+                    prefilling.append(req)
+                    break
+                finished_prefill.append(req)
+
+        if prefill_tokens == 0 and decode_seqs == 0:
+            raise InternalError("engine iteration with no work although requests are held")
+
+        latency_s, power_w = self._iteration(
+            self._clock_mhz, prefill_tokens, attn_tokens, decode_seqs, self._ctx_sum
+        )
+        if self._jitter_sigma > 0.0:
+            latency_s *= self._next_jitter()
+        start_s = self._now_s
+        end_s = start_s + latency_s
+        total_w = self._tp * power_w
+        energy_j = total_w * latency_s
+        self._energy_j += energy_j
+        if end_s <= self._bin_end_s:
+            self._bins[-1] += energy_j
+        else:
+            self._add_energy(start_s, end_s, total_w)
+        self._busy_s += latency_s
+        self._last_start_s = start_s
+        self._last_total_w = total_w
+        self._dur_log.append(latency_s)
+        if decode_seqs:
+            self._hist_gap_s.append(latency_s)
+            self._hist_tokens.append(decode_seqs)
+
+        # every decoding request wrote one more token into its context
+        self._ctx_sum += decode_seqs
+        heap = self._finish_heap
+        while heap and heap[0][0] <= it:
+            _, seq, req = heapq.heappop(heap)
+            if req.state != _DECODE or req.admit_seq != seq:
+                continue  # stale entry of a request preempted during its decode
+            self._ctx_sum -= req.ctx_base + it + 1
+            self._num_decoding -= 1
+            req.tbt_max_s = max(req.tbt_max_s, self._gap_max(req.start_iter, it))
+            self._complete(req, end_s)
+
+        for req in finished_prefill:
+            self._prefill_alloc -= req.target
+            if req.generated == 0:
+                req.first_token_s = end_s
+            else:
+                gap_s = end_s - req.last_token_s
+                req.tbt_max_s = max(req.tbt_max_s, gap_s)
+                self._hist_gap_s.append(gap_s)
+                self._hist_tokens.append(1)
+            req.generated += 1
+            if req.generated >= req.output_tokens:
+                self._complete(req, end_s)
+                continue
+            req.state = _DECODE
+            req.start_iter = it + 1
+            req.ctx_base = req.target - it
+            self._ctx_sum += req.target + 1
+            self._num_decoding += 1
+            heapq.heappush(heap, (it + req.output_tokens - req.generated, req.admit_seq, req))
+
+        self._outstanding -= prefill_tokens + decode_seqs + len(finished_prefill)
+        self._iter = it + 1
+        self._now_s = end_s
+        if not self._running:
+            self._dur_log = array("d")
+            self._log_base = it + 1
+        elif len(self._dur_log) >= self._log_trim_at:
+            self._trim_log()
+
+    def _trim_log(self) -> None:
+        """Drop log entries older than the first decode iteration of every decoding request."""
+        oldest = self._iter
+        for req in self._running.values():
+            if req.state == _DECODE and req.start_iter < oldest:
+                oldest = req.start_iter
+        del self._dur_log[: oldest - self._log_base]
+        self._log_base = oldest
+        self._log_trim_at = max(_LOG_TRIM_MIN, 2 * len(self._dur_log))
+
+    def _add_energy(self, t0_s: float, t1_s: float, total_w: float) -> None:
+        """Spread total_w over [t0_s, t1_s) into the power bins (energy_j is charged by the caller)."""
+        bins = self._bins
+        while t1_s > self._bin_end_s:
+            bins[-1] += total_w * (self._bin_end_s - t0_s)
+            t0_s = self._bin_end_s
+            bins.append(0.0)
+            self._bin_end_s = self._start_s + len(bins) * self._bin_s
+        bins[-1] += total_w * (t1_s - t0_s)
+
+    def _remove_energy_after(self, end_s: float, total_w: float) -> None:
+        """Take back from the bins the energy at total_w between end_s and now_s."""
+        bins = self._bins
+        while len(bins) > 1 and self._start_s + (len(bins) - 1) * self._bin_s >= end_s:
+            bins.pop()  # a bin starting at or after end_s holds only the overrun
+            self._bin_end_s = self._start_s + len(bins) * self._bin_s
+        bins[-1] -= total_w * (min(self._now_s, self._bin_end_s) - end_s)

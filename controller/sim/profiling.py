@@ -1,0 +1,478 @@
+"""Profile generation by measurement on the simulated engine, and profile files on disk.
+
+Where it sits: `dctl profile generate` calls `generate_profile`, which runs `agent.sim.engine_core.SimEngine`
+(driven by the physics model, with its per-iteration jitter) at several load levels for every request
+class x TP degree x SM clock and records what a client and a power meter would see. The result is a
+`controller.model.profile.Profile`, which the policy and the cluster simulator read through
+`load_profile` / `default_profile`. The committed default profile is regenerated with one command:
+
+    PYTHONPATH=. .venv/bin/python -m controller.dctl.main profile generate --model llama2-70b \\
+        --gpu h100-sxm --out controller/sim/profiles/llama2-70b_h100-sxm.json --jobs 2
+
+Measurement (docs/profile-format.md has the full description):
+  * SLOs: DEFAULT_SLO_SCALE x the unloaded TTFT and mean TBT on TP8 at the GPU's maximum clock, from
+    `reference_requests` isolated requests of the class's representative lengths.
+  * Saturation estimate per (class, TP, clock): 2 x max_num_seqs requests submitted at once; completed
+    requests / makespan. Load levels are fixed fractions of it (from near zero to beyond saturation),
+    extended upwards while the top level still meets the SLO, then bisected (`refine_steps` levels)
+    between the last level meeting the SLO and the first one missing it.
+  * Each level: Poisson arrivals at the level's rate; `warmup_requests` are discarded, the next
+    `requests_per_level` are measured. p99 TTFT over the measured requests; p99 TBT token-weighted over the
+    decode iterations between the first and the last measured arrival; power and energy over that window.
+Every run has its own seed derived from (seed, class, TP, clock, run), so results do not depend on the
+grid, the order of the runs or the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.api.errors import DataFileError, InternalError, InvalidArgumentError, NotFoundError
+from agent.sim.engine_core import EngineConfig, SimEngine
+from agent.sim.physics import GPU_NAMES, MODEL_NAMES, PerfModel, load_perf_model
+from controller.model.classes import CLASS_NAMES, DEFAULT_SLO_SCALE, ClassSlo, class_by_name
+from controller.model.profile import (
+    ClassProfile,
+    ConfigProfile,
+    Profile,
+    ProfilePoint,
+    max_load_meeting_slo,
+)
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+REFERENCE_TP = 8
+DEFAULT_TPS = (2, 4, 8)
+
+# Stream tags of the derived seeds, one per kind of run.
+_REFERENCE_RUN, _CAPACITY_RUN, _LEVEL_RUN = 0, 1, 2
+# Measured values are stored with 6 significant digits (far below the run-to-run noise), SLOs with 4.
+_MEASURED_DIGITS = 6
+_SLO_DIGITS = 4
+# Drain step after the last arrival; the engine idles to each step's end once empty.
+_DRAIN_STEP_S = 30.0
+
+
+_DEFAULT_ENGINE = EngineConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilingSettings:
+    """How long and at which loads to measure. The defaults give p99s from >= 6 requests above them."""
+
+    requests_per_level: int = 600
+    warmup_requests: int = 100
+    reference_requests: int = 30
+    # load levels as fractions of the estimated saturation load; the first is the near-zero level
+    level_fractions: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15)
+    # while the top level still meets the SLO, add levels 15% apart, at most this many
+    max_extra_levels: int = 8
+    # levels added by bisection between the last level meeting the SLO and the first missing it
+    refine_steps: int = 3
+    engine: EngineConfig = _DEFAULT_ENGINE
+
+    def __post_init__(self) -> None:
+        if self.requests_per_level < 100:
+            raise InvalidArgumentError("requests_per_level", self.requests_per_level, ">= 100 (for a p99)")
+        if self.warmup_requests < 0:
+            raise InvalidArgumentError("warmup_requests", self.warmup_requests, ">= 0")
+        if self.reference_requests < 1:
+            raise InvalidArgumentError("reference_requests", self.reference_requests, ">= 1")
+        fr = self.level_fractions
+        if len(fr) < 2 or fr[0] <= 0 or any(b <= a for a, b in pairwise(fr)):
+            raise InvalidArgumentError("level_fractions", fr, "at least two increasing positive fractions")
+        if self.max_extra_levels < 0:
+            raise InvalidArgumentError("max_extra_levels", self.max_extra_levels, ">= 0")
+        if self.refine_steps < 0:
+            raise InvalidArgumentError("refine_steps", self.refine_steps, ">= 0")
+
+
+DEFAULT_SETTINGS = ProfilingSettings()
+
+
+def _round(x: float, digits: int) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _rng(seed: int, class_name: str, tp: int, clock_mhz: int, run: int, index: int) -> np.random.Generator:
+    key = [seed, CLASS_NAMES.index(class_name), tp, clock_mhz, run, index]
+    return np.random.default_rng(np.random.SeedSequence(key))
+
+
+def weighted_quantile(values: npt.NDArray[np.float64], weights: npt.NDArray[np.int64], q: float) -> float:
+    """The smallest value v such that values <= v carry at least a share q of the total weight."""
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(weights[order])
+    if len(cum) == 0 or cum[-1] <= 0:
+        raise InternalError("weighted quantile of an empty sample")
+    return float(values[order][np.searchsorted(cum, q * cum[-1], side="left")])
+
+
+def _drain(eng: SimEngine) -> None:
+    while eng.num_running or eng.num_waiting:
+        eng.advance_to(eng.now_s + _DRAIN_STEP_S)
+
+
+# ------------------------------------------------------------------ measurement runs (worker side)
+def measure_unloaded(
+    model: str, gpu: str, class_name: str, seed: int, settings: ProfilingSettings
+) -> ClassSlo:
+    """Mean TTFT and mean TBT of isolated requests on TP8 at the maximum clock (not yet scaled)."""
+    cls = class_by_name(class_name)
+    perf = load_perf_model(model=model, gpu=gpu, tp=REFERENCE_TP)
+    clock = perf.max_clock_mhz
+    eng = SimEngine(
+        perf, clock, _rng(seed, class_name, REFERENCE_TP, clock, _REFERENCE_RUN, 0), settings.engine
+    )
+    ttft_s: list[float] = []
+    tbt_s: list[float] = []
+    for k in range(settings.reference_requests):
+        eng.submit(k, eng.now_s, cls.representative_input_tokens, cls.representative_output_tokens)
+        _drain(eng)
+        (done,) = eng.pop_completed()
+        ttft_s.append(done.ttft_s)
+        tbt_s.append(done.tbt_mean_s)
+    return ClassSlo(ttft_s=float(np.mean(ttft_s)), tbt_s=float(np.mean(tbt_s)))
+
+
+def estimate_saturation_rps(
+    perf: PerfModel, class_name: str, clock_mhz: int, rng: np.random.Generator, config: EngineConfig
+) -> float:
+    """Throughput (requests/s) of the engine kept full: 2 x max_num_seqs requests at once / makespan."""
+    cls = class_by_name(class_name)
+    eng = SimEngine(perf, clock_mhz, rng, config)
+    n = 2 * config.max_num_seqs
+    for k in range(n):
+        eng.submit(k, 0.0, cls.representative_input_tokens, cls.representative_output_tokens)
+    _drain(eng)
+    makespan_s = max(r.finish_s for r in eng.pop_completed())
+    return n / makespan_s
+
+
+def measure_level(
+    perf: PerfModel,
+    class_name: str,
+    clock_mhz: int,
+    load_rps: float,
+    rng: np.random.Generator,
+    settings: ProfilingSettings,
+) -> ProfilePoint:
+    """One load level: Poisson arrivals, warm-up discarded, p99s / power / energy of the measured window."""
+    cls = class_by_name(class_name)
+    n_in, n_out = cls.representative_input_tokens, cls.representative_output_tokens
+    w, n = settings.warmup_requests, settings.requests_per_level
+    arrivals_s = np.cumsum(rng.exponential(1.0 / load_rps, w + n)).tolist()
+    eng = SimEngine(perf, clock_mhz, rng, settings.engine)
+    e0_j = t0_s = 0.0
+    hist0 = 0
+    for k, t in enumerate(arrivals_s):
+        eng.advance_to(t)
+        if k == w:
+            e0_j, t0_s, hist0 = eng.energy_j, eng.now_s, len(eng.tbt_histogram[1])
+        eng.submit(k, t, n_in, n_out)
+    e1_j, t1_s = eng.energy_j, eng.now_s
+    gaps_s, tokens = eng.tbt_histogram
+    _drain(eng)
+    ttft_s = np.array([r.ttft_s for r in eng.pop_completed() if r.request_id >= w])
+    if len(ttft_s) != n:
+        raise InternalError(f"profiling run lost requests: {len(ttft_s)} of {n} completed")
+    power_w = (e1_j - e0_j) / (t1_s - t0_s) / perf.tp
+    # energy of the window / requests arriving in it (the realised rate, not the nominal one)
+    arrival_rate_rps = (n - 1) / (arrivals_s[-1] - arrivals_s[w])
+    return ProfilePoint(
+        ttft_p99_s=_round(float(np.percentile(ttft_s, 99)), _MEASURED_DIGITS),
+        tbt_p99_s=_round(weighted_quantile(gaps_s[hist0:], tokens[hist0:], 0.99), _MEASURED_DIGITS),
+        power_w=_round(power_w, _MEASURED_DIGITS),
+        energy_per_request_j=_round(power_w * perf.tp / arrival_rate_rps, _MEASURED_DIGITS),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _ConfigTask:
+    model: str
+    gpu: str
+    class_name: str
+    tp: int
+    clock_mhz: int
+    seed: int
+    slo: ClassSlo
+    settings: ProfilingSettings
+
+
+def measure_config(task: _ConfigTask) -> ConfigProfile:
+    """All load levels of one (class, TP, clock): the fixed fractions of saturation, extended upwards while
+    the top level meets the SLO, plus `refine_steps` bisection levels around the first SLO miss."""
+    s = task.settings
+    cls = class_by_name(task.class_name)
+    perf = load_perf_model(model=task.model, gpu=task.gpu, tp=task.tp)
+    engine_limit = perf.kv_capacity_tokens - int(
+        np.ceil(s.engine.kv_watermark_fraction * perf.kv_capacity_tokens)
+    )
+    if cls.representative_input_tokens + cls.representative_output_tokens > engine_limit:
+        # a single request of this class does not fit in the KV cache: the class cannot be served here
+        return ConfigProfile(tp=task.tp, clock_mhz=task.clock_mhz, max_load_rps=0.0, load_rps=(), points=())
+
+    def rng(run: int, index: int) -> np.random.Generator:
+        return _rng(task.seed, task.class_name, task.tp, task.clock_mhz, run, index)
+
+    saturation_rps = estimate_saturation_rps(
+        perf, task.class_name, task.clock_mhz, rng(_CAPACITY_RUN, 0), s.engine
+    )
+    levels: dict[float, ProfilePoint] = {}
+
+    def measure(load: float) -> ProfilePoint:
+        point = measure_level(perf, task.class_name, task.clock_mhz, load, rng(_LEVEL_RUN, len(levels)), s)
+        levels[load] = point
+        return point
+
+    for fraction in s.level_fractions:
+        top = measure(_round(fraction * saturation_rps, 4))
+    extra = 0
+    while top.meets(task.slo) and extra < s.max_extra_levels:
+        extra += 1
+        top = measure(_round(s.level_fractions[-1] * 1.15**extra * saturation_rps, 4))
+    # Bisect the bracket of the first SLO miss: that is where max_load_rps is read off the curve.
+    loads = sorted(levels)
+    first_miss = next((k for k, x in enumerate(loads) if not levels[x].meets(task.slo)), None)
+    if first_miss is not None and first_miss > 0:
+        lo, hi = loads[first_miss - 1], loads[first_miss]
+        for _ in range(s.refine_steps):
+            mid = _round((lo + hi) / 2.0, 4)
+            if mid in (lo, hi):
+                break
+            if measure(mid).meets(task.slo):
+                lo = mid
+            else:
+                hi = mid
+    loads = sorted(levels)
+    points = [levels[x] for x in loads]
+    max_load = max_load_meeting_slo(loads, points, task.slo)
+    return ConfigProfile(
+        tp=task.tp,
+        clock_mhz=task.clock_mhz,
+        max_load_rps=max_load,
+        load_rps=tuple(loads),
+        points=tuple(points),
+    )
+
+
+def _measure_reference(args: tuple[str, str, str, int, ProfilingSettings]) -> ClassSlo:
+    return measure_unloaded(*args)
+
+
+# ------------------------------------------------------------------------------- orchestration
+def generate_profile(
+    model: str,
+    gpu: str,
+    *,
+    tps: Sequence[int] = DEFAULT_TPS,
+    clocks_mhz: Sequence[int] | None = None,
+    classes: Sequence[str] = CLASS_NAMES,
+    seed: int = 0,
+    jobs: int = 1,
+    settings: ProfilingSettings = DEFAULT_SETTINGS,
+    progress: Callable[[int, int], None] | None = None,
+) -> Profile:
+    """Measure a profile on the simulated engine. `clocks_mhz` defaults to the GPU's profile clocks.
+
+    `progress(done, total)` is called after each finished (class, TP, clock) and reference run. Results are
+    identical for any `jobs` (worker processes).
+    """
+    if model not in MODEL_NAMES:
+        raise InvalidArgumentError("model", model, MODEL_NAMES)
+    if gpu not in GPU_NAMES:
+        raise InvalidArgumentError("gpu", gpu, GPU_NAMES)
+    if jobs < 1:
+        raise InvalidArgumentError("jobs", jobs, ">= 1")
+    if seed < 0:
+        raise InvalidArgumentError("seed", seed, ">= 0")
+    if not classes or len(set(classes)) != len(classes) or any(c not in CLASS_NAMES for c in classes):
+        raise InvalidArgumentError("classes", list(classes), f"distinct names among {', '.join(CLASS_NAMES)}")
+    if not tps or len(set(tps)) != len(tps):
+        raise InvalidArgumentError("tps", list(tps), "distinct TP degrees")
+    ref = load_perf_model(model=model, gpu=gpu, tp=REFERENCE_TP)
+    for tp in tps:
+        load_perf_model(model=model, gpu=gpu, tp=tp)  # rejects a TP degree the model cannot use
+    clocks = tuple(ref.profile_clocks_mhz) if clocks_mhz is None else tuple(clocks_mhz)
+    if not clocks or len(set(clocks)) != len(clocks):
+        raise InvalidArgumentError("clocks_mhz", list(clocks), "distinct clocks in MHz")
+    for clk in clocks:
+        if not ref.min_clock_mhz <= clk <= ref.max_clock_mhz:
+            raise InvalidArgumentError(
+                "clocks_mhz", clk, f"{ref.min_clock_mhz}..{ref.max_clock_mhz} MHz for {gpu}"
+            )
+    tps_sorted = tuple(sorted(tps))
+    clocks_sorted = tuple(sorted(clocks))
+    ordered_classes = [c for c in CLASS_NAMES if c in classes]
+
+    # Reference runs first (they fix the SLOs every level run is judged against), then the grid.
+    total = len(ordered_classes) * (1 + len(tps_sorted) * len(clocks_sorted))
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    ref_args = [(model, gpu, c, seed, settings) for c in ordered_classes]
+    with _executor(jobs) as pool:
+        unloaded: dict[str, ClassSlo] = {}
+        for c, slo in zip(ordered_classes, _map(pool, _measure_reference, ref_args, tick), strict=True):
+            unloaded[c] = slo
+        slos = {
+            c: ClassSlo(
+                ttft_s=_round(DEFAULT_SLO_SCALE * u.ttft_s, _SLO_DIGITS),
+                tbt_s=_round(DEFAULT_SLO_SCALE * u.tbt_s, _SLO_DIGITS),
+            )
+            for c, u in unloaded.items()
+        }
+        tasks = [
+            _ConfigTask(model, gpu, c, tp, clk, seed, slos[c], settings)
+            for c in ordered_classes
+            for tp in tps_sorted
+            for clk in clocks_sorted
+        ]
+        # the runs with the longest answers take the most iterations: start them first
+        tasks.sort(key=lambda t: -class_by_name(t.class_name).representative_output_tokens)
+        results = _map(pool, measure_config, tasks, tick)
+
+    class_profiles: dict[str, ClassProfile] = {}
+    for c in ordered_classes:
+        rc = class_by_name(c)
+        configs = {(t.tp, t.clock_mhz): r for t, r in zip(tasks, results, strict=True) if t.class_name == c}
+        class_profiles[c] = ClassProfile(
+            name=c,
+            input_tokens=rc.representative_input_tokens,
+            output_tokens=rc.representative_output_tokens,
+            slo=slos[c],
+            configs=configs,
+        )
+    e = settings.engine
+    provenance: dict[str, str | int | float | bool] = {
+        "generator": "controller.sim.profiling: agent.sim.engine_core.SimEngine on agent.sim.physics",
+        "seed": seed,
+        "slo_rule": (
+            f"{DEFAULT_SLO_SCALE:g} x unloaded TTFT and mean TBT "
+            f"on TP{REFERENCE_TP} at {ref.max_clock_mhz} MHz"
+        ),
+        "reference_requests": settings.reference_requests,
+        "requests_per_level": settings.requests_per_level,
+        "warmup_requests": settings.warmup_requests,
+        "level_fractions_of_saturation": ",".join(f"{f:g}" for f in settings.level_fractions),
+        "max_extra_levels": settings.max_extra_levels,
+        "refine_steps": settings.refine_steps,
+        "lengths": "each class at its representative (p90) input and output lengths",
+        "max_num_batched_tokens": e.max_num_batched_tokens,
+        "max_num_seqs": e.max_num_seqs,
+        "jitter_cv": e.jitter_cv,
+        "kv_watermark_fraction": e.kv_watermark_fraction,
+    }
+    return Profile(
+        model=model,
+        gpu=gpu,
+        tps=tps_sorted,
+        clocks_mhz=clocks_sorted,
+        classes=class_profiles,
+        provenance=provenance,
+    )
+
+
+class _InProcess:
+    """Stand-in for a process pool when jobs == 1: runs the tasks here, in order."""
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _executor(jobs: int) -> ProcessPoolExecutor | _InProcess:
+    return _InProcess() if jobs == 1 else ProcessPoolExecutor(max_workers=jobs)
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _map(
+    pool: ProcessPoolExecutor | _InProcess,
+    fn: Callable[[_T], _R],
+    items: Sequence[_T],
+    tick: Callable[[], None],
+) -> list[_R]:
+    """fn over items, results in item order, tick() after each one finishes."""
+    if isinstance(pool, _InProcess):
+        out: list[_R] = []
+        for item in items:
+            out.append(fn(item))
+            tick()
+        return out
+    futures = {pool.submit(fn, item): k for k, item in enumerate(items)}
+    results: dict[int, _R] = {}
+    for fut in as_completed(futures):
+        results[futures[fut]] = fut.result()
+        tick()
+    return [results[k] for k in range(len(items))]
+
+
+# ------------------------------------------------------------------------------------- files
+def profile_to_json(profile: Profile) -> str:
+    """The document as text, one line per (class, TP, clock): diffs of regenerated files stay readable."""
+    doc = profile.to_dict()
+    head = {k: v for k, v in doc.items() if k != "classes"}
+    lines = ["{"]
+    for k, v in head.items():
+        lines.append(f"  {json.dumps(k)}: {json.dumps(v)},")
+    lines.append('  "classes": [')
+    for ci, cls in enumerate(doc["classes"]):
+        meta = {k: v for k, v in cls.items() if k != "configs"}
+        lines.append("    " + json.dumps(meta)[:-1] + ', "configs": [')
+        for j, cfg in enumerate(cls["configs"]):
+            sep = "," if j < len(cls["configs"]) - 1 else ""
+            lines.append("      " + json.dumps(cfg) + sep)
+        lines.append("    ]}" + ("," if ci < len(doc["classes"]) - 1 else ""))
+    lines.append("  ]")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:
+    """Write the profile atomically (a reader never sees a half-written file)."""
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(profile_to_json(profile))
+    os.replace(tmp, target)
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read and validate a profile file; a bad field -> DataFileError naming the file and the field."""
+    p = Path(path)
+    text = p.read_text()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFileError(str(p), err.lineno, None, f"not valid JSON: {err.msg}") from None
+    return Profile.from_dict(doc, str(p))
+
+
+def default_profile(model: str, gpu: str) -> Profile:
+    """The committed profile generated from the physics model for (model, gpu)."""
+    path = PROFILES_DIR / f"{model}_{gpu}.json"
+    if not path.is_file():
+        available = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+        raise NotFoundError(
+            f"no default profile for model {model!r} on gpu {gpu!r} "
+            f"(available: {', '.join(available) or 'none'}); generate one with `dctl profile generate`"
+        )
+    return load_profile(path)

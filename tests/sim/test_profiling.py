@@ -1,0 +1,156 @@
+"""Profile generation on the real physics model, the committed default profile, and `dctl profile`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError
+from controller.dctl.main import main
+from controller.model.classes import CLASS_NAMES
+from controller.model.profile import Profile
+from controller.sim.profiling import (
+    PROFILES_DIR,
+    default_profile,
+    generate_profile,
+    load_profile,
+    save_profile,
+)
+
+MODEL, GPU = "llama2-70b", "h100-sxm"
+
+
+@pytest.fixture(scope="module")
+def small() -> Profile:
+    return generate_profile(MODEL, GPU, tps=(8,), clocks_mhz=(1200, 1980), classes=("SS",), seed=0)
+
+
+@pytest.fixture(scope="module")
+def default() -> Profile:
+    return default_profile(MODEL, GPU)
+
+
+def test_small_generation_is_deterministic_for_any_number_of_jobs(small: Profile) -> None:
+    again = generate_profile(MODEL, GPU, tps=(8,), clocks_mhz=(1980, 1200), classes=("SS",), seed=0, jobs=2)
+    assert again == small
+    other_seed = generate_profile(MODEL, GPU, tps=(8,), clocks_mhz=(1980,), classes=("SS",), seed=1)
+    assert other_seed.config("SS", 8, 1980) != small.config("SS", 8, 1980)
+
+
+def test_committed_default_profile_is_what_the_generator_measures(small: Profile, default: Profile) -> None:
+    """Regenerate with: see docs/profile-format.md (one command); the file is never edited by hand."""
+    assert default.provenance == small.provenance
+    assert default.slo("SS") == small.slo("SS")
+    for clock in (1200, 1980):
+        assert default.config("SS", 8, clock) == small.config("SS", 8, clock)
+
+
+def test_default_profile_covers_the_full_grid(default: Profile) -> None:
+    assert (default.model, default.gpu) == (MODEL, GPU)
+    assert default.class_names == CLASS_NAMES
+    assert default.tps == (2, 4, 8)
+    assert default.clocks_mhz == (800, 1000, 1200, 1400, 1600, 1800, 1980)
+    for name in CLASS_NAMES:
+        slo = default.slo(name)
+        assert 0 < slo.tbt_s < 1 and 0 < slo.ttft_s < 5
+        assert default.max_load_rps(name, 8, 1980) > 0
+
+
+def test_higher_clock_gives_lower_ttft(default: Profile) -> None:
+    for name in CLASS_NAMES:
+        for tp in (4, 8):
+            slow, fast = default.config(name, tp, 800), default.config(name, tp, 1980)
+            load = max(slow.load_rps[0], fast.load_rps[0])  # near-zero load, inside both ranges
+            assert (
+                default.point(name, tp, 800, load).ttft_p99_s > default.point(name, tp, 1980, load).ttft_p99_s
+            )
+
+
+def test_max_load_grows_with_tp(default: Profile) -> None:
+    for name in CLASS_NAMES:
+        for clock in (1200, 1980):
+            loads = [default.max_load_rps(name, tp, clock) for tp in (2, 4, 8)]
+            assert loads[0] < loads[2] and loads[1] < loads[2] * 1.1, (name, clock, loads)
+
+
+def test_save_and_load_round_trip(tmp_path: Path, small: Profile) -> None:
+    path = tmp_path / "p.json"
+    save_profile(small, path)
+    assert load_profile(path) == small
+    assert json.loads(path.read_text())["format"] == "dynamollm.profile/v1"
+
+
+def test_bad_files_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "dynamollm.profile/v1",\n  "model": }')
+    with pytest.raises(DataFileError) as err:
+        load_profile(bad)
+    assert err.value.path == str(bad) and err.value.line == 2
+    with pytest.raises(NotFoundError):
+        default_profile("llama3.1-8b", "h100-sxm")
+    assert (PROFILES_DIR / "llama2-70b_h100-sxm.json").is_file()
+
+
+def test_generate_rejects_bad_arguments_by_name() -> None:
+    cases = [
+        ({"tps": (3,)}, "tp"),
+        ({"clocks_mhz": (5000,)}, "clocks_mhz"),
+        ({"classes": ("XX",)}, "classes"),
+        ({"jobs": 0}, "jobs"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(InvalidArgumentError) as err:
+            generate_profile(MODEL, GPU, **kwargs)  # type: ignore[arg-type]
+        assert err.value.field == field
+
+
+def test_dctl_profile_generate_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p.json"
+    argv = ["profile", "generate", "--model", MODEL, "--gpu", GPU, "--out", str(out)]
+    assert main([*argv, "--tp", "8", "--clocks", "1980", "--classes", "SS"]) == 0
+    profile = load_profile(out)
+    assert profile.class_names == ("SS",) and profile.tps == (8,) and profile.clocks_mhz == (1980,)
+    captured = capsys.readouterr()
+    assert "profile" in captured.err  # the progress bar
+    assert main(["profile", "show", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "class SS" in table and f"{profile.max_load_rps('SS', 8, 1980):.3g}" in table
+    assert main(["profile", "show", str(out), "--output", "json", "--class", "SS"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["SS"]["max_load_rps"]["tp8"]["1980"] == profile.max_load_rps("SS", 8, 1980)
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--tp", "3"], "--tp"),
+        (["--tp", "eight"], "--tp"),
+        (["--clocks", "5000"], "--clocks"),
+        (["--classes", "SS,XX"], "--classes"),
+        (["--jobs", "0"], "--jobs"),
+        (["--seed", "-1"], "--seed"),
+        (["--model", "gpt-5"], "--model"),
+        (["--gpu", "a100"], "--gpu"),
+    ],
+)
+def test_dctl_profile_bad_flags_exit_2_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], flag: str
+) -> None:
+    argv = ["profile", "generate", "--model", MODEL, "--gpu", GPU, "--out", str(tmp_path / "p.json")]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert flag in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_dctl_profile_bad_output_dir_and_bad_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["profile", "generate", "--model", MODEL, "--gpu", GPU, "--out", str(tmp_path / "no" / "p.json")]
+    assert main(argv) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["profile", "show", str(PROFILES_DIR / "llama2-70b_h100-sxm.json"), "--class", "ZZ"]) == 2
+    assert "--class" in capsys.readouterr().err
+    assert main(["profile", "show", str(tmp_path / "missing.json")]) == 2

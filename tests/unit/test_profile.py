@@ -1,0 +1,234 @@
+"""The profile data model: format round trip, interpolation, refusal to extrapolate, validation."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
+from controller.model.classes import ClassSlo
+from controller.model.profile import (
+    PROFILE_FORMAT,
+    ClassProfile,
+    ConfigProfile,
+    Profile,
+    ProfilePoint,
+    max_load_meeting_slo,
+)
+
+SLO = ClassSlo(ttft_s=1.0, tbt_s=0.1)
+
+
+def pt(ttft: float, tbt: float, power: float = 300.0, energy: float = 1000.0) -> ProfilePoint:
+    return ProfilePoint(ttft_p99_s=ttft, tbt_p99_s=tbt, power_w=power, energy_per_request_j=energy)
+
+
+def cfg(tp: int, clock: int, loads: tuple[float, ...], points: tuple[ProfilePoint, ...]) -> ConfigProfile:
+    return ConfigProfile(
+        tp=tp,
+        clock_mhz=clock,
+        max_load_rps=max_load_meeting_slo(loads, points, SLO),
+        load_rps=loads,
+        points=points,
+    )
+
+
+LOADS = (0.1, 1.0, 2.0)
+POINTS = (pt(0.2, 0.05, 200.0, 5000.0), pt(0.4, 0.06, 300.0, 900.0), pt(2.0, 0.08, 400.0, 600.0))
+
+
+def make_profile() -> Profile:
+    configs = {
+        (4, 1200): cfg(4, 1200, (), ()),  # not servable
+        (4, 1980): cfg(4, 1980, LOADS, POINTS),
+        (8, 1200): cfg(8, 1200, (0.5, 1.5), (pt(0.5, 0.05), pt(0.9, 0.09))),
+        (8, 1980): cfg(8, 1980, (0.5, 3.0), (pt(0.3, 0.04), pt(0.6, 0.2))),
+    }
+    cls = ClassProfile(name="SS", input_tokens=224, output_tokens=90, slo=SLO, configs=configs)
+    return Profile(
+        model="llama2-70b",
+        gpu="h100-sxm",
+        tps=(4, 8),
+        clocks_mhz=(1200, 1980),
+        classes={"SS": cls},
+        provenance={"seed": 3, "generator": "hand-written test", "jitter_cv": 0.03, "simulated": True},
+    )
+
+
+def test_round_trip_through_json_is_exact() -> None:
+    p = make_profile()
+    doc = json.loads(json.dumps(p.to_dict()))
+    assert doc["format"] == PROFILE_FORMAT
+    back = Profile.from_dict(doc, "mem")
+    assert back == p
+    assert back.to_dict() == p.to_dict()
+
+
+def test_interpolation_is_linear_in_load_between_levels() -> None:
+    p = make_profile()
+    assert p.point("SS", 4, 1980, 1.0) == POINTS[1]  # exactly a measured level
+    assert p.point("SS", 4, 1980, 0.1) == POINTS[0]
+    assert p.point("SS", 4, 1980, 2.0) == POINTS[2]
+    mid = p.point("SS", 4, 1980, 1.5)
+    assert mid.ttft_p99_s == pytest.approx(1.2)
+    assert mid.tbt_p99_s == pytest.approx(0.07)
+    assert mid.power_w == pytest.approx(350.0)
+    assert mid.energy_per_request_j == pytest.approx(750.0)
+    q = p.point("SS", 4, 1980.0, 0.55)  # a float clock equal to a profiled one is accepted
+    assert q.ttft_p99_s == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("load", [0.0, 0.0999, 2.0001, 100.0, -1.0])
+def test_refuses_to_extrapolate_in_load(load: float) -> None:
+    with pytest.raises(OutOfRangeError) as err:
+        make_profile().point("SS", 4, 1980, load)
+    assert err.value.field == "load_rps"
+    assert "0.1..2" in str(err.value)
+
+
+def test_unservable_configuration_has_no_points() -> None:
+    p = make_profile()
+    assert p.max_load_rps("SS", 4, 1200) == 0.0
+    with pytest.raises(OutOfRangeError):
+        p.point("SS", 4, 1200, 0.5)
+
+
+def test_unprofiled_class_tp_or_clock_is_refused() -> None:
+    p = make_profile()
+    with pytest.raises(InvalidArgumentError) as err:
+        p.point("LL", 8, 1980, 1.0)
+    assert err.value.field == "class_name"
+    with pytest.raises(InvalidArgumentError) as err:
+        p.point("SS", 2, 1980, 1.0)
+    assert err.value.field == "tp"
+    with pytest.raises(InvalidArgumentError) as err:
+        p.max_load_rps("SS", 8, 1500)
+    assert err.value.field == "clock_mhz"
+    assert p.slo("SS") == SLO
+    assert (p.tps, p.clocks_mhz, p.class_names) == ((4, 8), (1200, 1980), ("SS",))
+
+
+def test_max_load_interpolates_the_first_slo_crossing() -> None:
+    # TTFT crosses 1.0 between 1.0 (0.4 s) and 2.0 rps (2.0 s): at 1.0 + 0.6/1.6
+    assert max_load_meeting_slo(LOADS, POINTS, SLO) == pytest.approx(1.375)
+    p = make_profile()
+    assert p.max_load_rps("SS", 4, 1980) == pytest.approx(1.375)
+    assert p.max_load_rps("SS", 8, 1200) == 1.5  # every level meets the SLO: the top level, no further
+    # TBT crosses 0.1 between 0.04 and 0.2 at 0.5 + 0.06/0.16 * 2.5; TTFT never crosses
+    assert p.max_load_rps("SS", 8, 1980) == pytest.approx(0.5 + 0.375 * 2.5)
+    assert max_load_meeting_slo((0.1, 1.0), (pt(1.5, 0.05), pt(2.0, 0.05)), SLO) == 0.0
+    assert max_load_meeting_slo((), (), SLO) == 0.0
+    # a level recovering after a miss does not count: the first miss decides
+    loads = (0.1, 1.0, 2.0)
+    wobbly = (pt(0.2, 0.05), pt(1.2, 0.05), pt(0.5, 0.05))
+    assert max_load_meeting_slo(loads, wobbly, SLO) == pytest.approx(0.1 + 0.8 / 1.0 * 0.9)
+
+
+def _set(doc: dict[str, Any], path: list[str | int], value: object) -> None:
+    target: Any = doc
+    for key in path[:-1]:
+        target = target[key]
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+
+
+_DELETE = object()
+C0 = ["classes", 0]
+K1 = [*C0, "configs", 1]  # TP4 at 1980 MHz: three levels
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (["format"], "dynamollm.profile/v0", "format"),
+        (["format"], _DELETE, "format"),
+        (["model"], "", "model"),
+        (["gpu"], 7, "gpu"),
+        (["tps"], [8, 4], "tps"),
+        (["tps"], [], "tps"),
+        (["tps", 0], 0, "tps[0]"),
+        (["clocks_mhz"], "1200", "clocks_mhz"),
+        (["clocks_mhz", 1], 1.5, "clocks_mhz[1]"),
+        (["provenance"], [], "provenance"),
+        (["provenance", "seed"], [1], "provenance.seed"),
+        (["classes"], [], "classes"),
+        ([*C0], "SS", "classes[0]"),
+        ([*C0, "name"], "XX", "classes[0].name"),
+        ([*C0, "input_tokens"], 0, "classes[0].input_tokens"),
+        ([*C0, "output_tokens"], True, "classes[0].output_tokens"),
+        ([*C0, "slo"], _DELETE, "classes[0].slo"),
+        ([*C0, "slo", "ttft_s"], -1.0, "classes[0].slo.ttft_s"),
+        ([*C0, "slo", "tbt_s"], float("nan"), "classes[0].slo.tbt_s"),
+        ([*C0, "configs"], {}, "classes[0].configs"),
+        ([*K1, "tp"], 2, "classes[0].configs[1].tp"),
+        ([*K1, "clock_mhz"], 1200, "classes[0].configs[1]"),  # duplicate of configs[0]
+        ([*K1, "clock_mhz"], "1980", "classes[0].configs[1].clock_mhz"),
+        ([*K1, "max_load_rps"], -0.5, "classes[0].configs[1].max_load_rps"),
+        ([*K1, "max_load_rps"], 1.9, "classes[0].configs[1].max_load_rps"),  # disagrees with levels + SLO
+        ([*K1, "load_rps", 1], 0.05, "classes[0].configs[1].load_rps[1]"),
+        ([*K1, "load_rps", 0], "0.1", "classes[0].configs[1].load_rps[0]"),
+        ([*K1, "ttft_p99_s", 2], 0.0, "classes[0].configs[1].ttft_p99_s[2]"),
+        ([*K1, "tbt_p99_s"], [0.05, 0.06], "classes[0].configs[1].tbt_p99_s"),
+        ([*K1, "power_w", 0], None, "classes[0].configs[1].power_w[0]"),
+        ([*K1, "energy_per_request_j"], _DELETE, "classes[0].configs[1].energy_per_request_j"),
+        ([*K1, "energy_per_request_j", 1], float("inf"), "classes[0].configs[1].energy_per_request_j[1]"),
+    ],
+)
+def test_every_bad_field_is_named(path: list[str | int], value: object, field: str) -> None:
+    doc = copy.deepcopy(make_profile().to_dict())
+    _set(doc, path, value)
+    with pytest.raises(DataFileError) as err:
+        Profile.from_dict(doc, "profiles/x.json")
+    assert err.value.field == field
+    assert err.value.path == "profiles/x.json"
+
+
+def test_a_missing_configuration_is_named() -> None:
+    doc = make_profile().to_dict()
+    del doc["classes"][0]["configs"][3]
+    with pytest.raises(DataFileError) as err:
+        Profile.from_dict(doc, "p.json")
+    assert err.value.field == "classes[0].configs"
+    assert "TP8/1980 MHz" in err.value.reason
+
+
+def test_a_duplicate_class_is_named() -> None:
+    doc = make_profile().to_dict()
+    doc["classes"].append(copy.deepcopy(doc["classes"][0]))
+    with pytest.raises(DataFileError) as err:
+        Profile.from_dict(doc, "p.json")
+    assert err.value.field == "classes[1].name"
+
+
+def test_not_an_object() -> None:
+    with pytest.raises(DataFileError):
+        Profile.from_dict([1, 2], "p.json")
+
+
+def test_constructors_check_their_invariants() -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        ConfigProfile(
+            tp=8, clock_mhz=1980, max_load_rps=0.0, load_rps=(1.0, 0.5), points=(pt(1, 1), pt(1, 1))
+        )
+    assert err.value.field == "load_rps"
+    with pytest.raises(InvalidArgumentError) as err:
+        ConfigProfile(tp=8, clock_mhz=1980, max_load_rps=3.0, load_rps=(1.0,), points=(pt(1, 1),))
+    assert err.value.field == "max_load_rps"
+    p = make_profile()
+    configs = dict(p.classes["SS"].configs)
+    del configs[(8, 1980)]
+    with pytest.raises(InvalidArgumentError) as err:
+        Profile(
+            model="m",
+            gpu="g",
+            tps=(4, 8),
+            clocks_mhz=(1200, 1980),
+            classes={"SS": ClassProfile("SS", 224, 90, SLO, configs)},
+            provenance={},
+        )
+    assert err.value.field == "classes.SS.configs"
