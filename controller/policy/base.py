@@ -1,0 +1,100 @@
+"""The seam between the simulator (or the live controller) and a cluster policy, and the arrival
+statistics a policy sizes from.
+
+Flow: the caller summarises arrivals per request class (`arrival_stats`) and asks the policy for a
+`ClusterPlan` (`SimPolicy.initial_plan`). Static policies stop there; the next issue's dynamic policies
+add decisions at their periods on the same object. Pure: arrays in, frozen values out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.api.errors import InvalidArgumentError
+from controller.model.classes import REQUEST_CLASSES
+from controller.model.cluster import ClusterPlan
+from controller.model.profile import Profile
+
+# Sliding-window length over which a "peak" arrival rate is measured: long enough that a few
+# back-to-back requests do not count as a peak, short against the minutes a cluster needs to react.
+DEFAULT_PEAK_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ArrivalStats:
+    """Per-class request counts and peak rates of a workload (indices follow REQUEST_CLASSES)."""
+
+    duration_s: float
+    window_s: float
+    requests_by_class: tuple[int, ...]
+    peak_rate_rps: float
+    peak_rate_rps_by_class: tuple[float, ...]
+
+    @property
+    def requests(self) -> int:
+        return sum(self.requests_by_class)
+
+    @property
+    def mean_rate_rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def class_shares(self) -> tuple[float, ...]:
+        """Fraction of requests in each class (all zero for an empty workload)."""
+        n = self.requests
+        return tuple(c / n if n else 0.0 for c in self.requests_by_class)
+
+
+def peak_rate_rps(arrival_s: npt.NDArray[np.float64], window_s: float) -> float:
+    """Largest number of arrivals in any window [t, t + window_s), divided by window_s.
+
+    `arrival_s` must be sorted. Windows starting at an arrival suffice: sliding any window forward to
+    its first arrival loses none of the arrivals it holds.
+    """
+    if len(arrival_s) == 0:
+        return 0.0
+    ends = np.searchsorted(arrival_s, arrival_s + window_s, side="left")
+    counts = ends - np.arange(len(arrival_s))
+    return float(counts.max()) / window_s
+
+
+def arrival_stats(
+    arrival_s: npt.NDArray[np.float64],
+    class_index: npt.NDArray[np.integer],
+    duration_s: float,
+    window_s: float = DEFAULT_PEAK_WINDOW_S,
+) -> ArrivalStats:
+    """Summarise sorted arrivals and their class indices (0..8) over a workload of `duration_s`."""
+    if not window_s > 0:
+        raise InvalidArgumentError("window_s", window_s, "a positive number of seconds")
+    if len(arrival_s) != len(class_index):
+        raise InvalidArgumentError(
+            "class_index", len(class_index), f"{len(arrival_s)} entries, one per arrival"
+        )
+    counts = np.bincount(class_index, minlength=len(REQUEST_CLASSES)) if len(class_index) else None
+    by_class = tuple(int(c) for c in counts) if counts is not None else (0,) * len(REQUEST_CLASSES)
+    peaks = tuple(peak_rate_rps(arrival_s[class_index == c.index], window_s) for c in REQUEST_CLASSES)
+    return ArrivalStats(
+        duration_s=duration_s,
+        window_s=window_s,
+        requests_by_class=by_class,
+        peak_rate_rps=peak_rate_rps(arrival_s, window_s),
+        peak_rate_rps_by_class=peaks,
+    )
+
+
+class SimPolicy(Protocol):
+    """A cluster policy as the simulator drives it."""
+
+    @property
+    def name(self) -> str:
+        """The `--policy` name."""
+        ...
+
+    def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
+        """The cluster to start the run with, from the workload's statistics and the profile."""
+        ...

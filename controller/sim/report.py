@@ -1,0 +1,341 @@
+"""From a finished simulation to the `dynamollm.simreport/v1` report: metrics, carbon, cost, table.
+
+Flow: `controller.sim.cluster.simulate` returns a `SimResult` (raw per-request outcomes, energy per
+1-s bin, engine TBT histograms); `build_report` turns it into the JSON-ready report, pricing energy with
+a carbon-intensity source and an energy-price source; `format_table` renders it for a terminal and
+`write_report` stores it atomically. Everything but `write_report` is pure.
+
+Definitions (also in docs/simulator.md):
+- A request meets its SLO when it completed, its TTFT <= its class's TTFT target, and its mean
+  inter-token time <= its class's TBT target (single-token answers have no inter-token gap and pass
+  TBT). `slo_attainment` = requests meeting SLO / ALL trace requests: incomplete ones count as misses.
+- Cluster `tbt_s_p50/p99` are token-weighted over every decode iteration of every engine (each
+  iteration's duration counted once per token it produced). Per-class TBT percentiles are over the
+  class's completed requests' mean inter-token times, weighted by their inter-token gap counts.
+- Power percentiles are over 1-s bins of total cluster power (all allocated GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.api.errors import InvalidArgumentError
+from controller.model.classes import REQUEST_CLASSES, ClassSlo
+from controller.model.cluster import ClusterPlan, InstanceSpec
+from controller.sim.carbon import (
+    J_PER_KWH,
+    CarbonSource,
+    ConstantCarbonIntensity,
+    ConstantEnergyPrice,
+    PriceSource,
+)
+
+SCHEMA = "dynamollm.simreport/v1"
+SECONDS_PER_HOUR = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """How energy and servers turn into carbon and money, with human-readable provenance."""
+
+    carbon: CarbonSource
+    carbon_source: str
+    energy_price: PriceSource
+    energy_price_source: str
+    gpu_usd_per_server_hour: float
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    """Raw outcome of one simulation; arrays are indexed by request (trace order) unless noted."""
+
+    trace_name: str
+    trace_duration_s: float
+    duration_s: float  # simulated span: the trace plus the drain of the last requests
+    start_unix_s: float | None
+    plan: ClusterPlan
+    class_index: npt.NDArray[np.int8]
+    output_tokens: npt.NDArray[np.int32]
+    instance_index: npt.NDArray[np.int32]  # plan order (pools, then instances); -1 when rejected
+    completed: npt.NDArray[np.bool_]
+    ttft_s: npt.NDArray[np.float64]  # NaN where not completed
+    tbt_mean_s: npt.NDArray[np.float64]  # NaN where not completed
+    tbt_gap_s: npt.NDArray[np.float64]  # every decode iteration of every engine ...
+    tbt_tokens: npt.NDArray[np.int64]  # ... and the tokens it produced
+    energy_by_bin_j: npt.NDArray[np.float64]  # all allocated GPUs, per bin of power_bin_s from t=0
+    power_bin_s: float
+    energy_instances_j: float  # engines, busy and idle
+    energy_unused_gpus_j: float  # GPUs of allocated servers that host no instance
+    gpu_s: float  # GPU-seconds of instances
+    server_s: float  # server-seconds allocated
+    rejected: int  # never admitted: no instance for the class, empty prompt or answer, or over the KV cache
+    reconfigurations: int
+
+    @property
+    def energy_j(self) -> float:
+        return self.energy_instances_j + self.energy_unused_gpus_j
+
+
+def weighted_percentile(
+    values: npt.NDArray[np.float64], weights: npt.NDArray[np.integer] | npt.NDArray[np.floating], q: float
+) -> float | None:
+    """Smallest value v with (weight of values <= v) >= q% of the total weight; None when empty."""
+    total = float(np.sum(weights))
+    if len(values) == 0 or total <= 0:
+        return None
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    idx = int(np.searchsorted(cum, q / 100.0 * total, side="left"))
+    return float(values[order][min(idx, len(values) - 1)])
+
+
+def _percentile(values: npt.NDArray[np.float64], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def meets_slo(result: SimResult, slos: Mapping[str, ClassSlo]) -> npt.NDArray[np.bool_]:
+    """Per request: completed, TTFT within target, mean inter-token time within target."""
+    ttft_target = np.array([slos[c.name].ttft_s for c in REQUEST_CLASSES])[result.class_index]
+    tbt_target = np.array([slos[c.name].tbt_s for c in REQUEST_CLASSES])[result.class_index]
+    with np.errstate(invalid="ignore"):  # NaN of incomplete requests compares False, as intended
+        ttft_ok = result.ttft_s <= ttft_target
+        tbt_ok = (result.output_tokens <= 1) | (result.tbt_mean_s <= tbt_target)
+    ok: npt.NDArray[np.bool_] = result.completed & ttft_ok & tbt_ok
+    return ok
+
+
+def _latency_metrics(
+    ttft_s: npt.NDArray[np.float64], tbt_p50_s: float | None, tbt_p99_s: float | None
+) -> dict[str, float | None]:
+    return {
+        "ttft_s_p50": _percentile(ttft_s, 50),
+        "ttft_s_p99": _percentile(ttft_s, 99),
+        "tbt_s_p50": tbt_p50_s,
+        "tbt_s_p99": tbt_p99_s,
+    }
+
+
+def _per_class(result: SimResult, slos: Mapping[str, ClassSlo], ok: npt.NDArray[np.bool_]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in REQUEST_CLASSES:
+        mine = result.class_index == c.index
+        done = mine & result.completed
+        gaps = np.maximum(result.output_tokens[done].astype(np.int64) - 1, 0)
+        tbt = result.tbt_mean_s[done]
+        n = int(mine.sum())
+        out[c.name] = {
+            "requests": n,
+            "completed": int(done.sum()),
+            **_latency_metrics(
+                result.ttft_s[done], weighted_percentile(tbt, gaps, 50), weighted_percentile(tbt, gaps, 99)
+            ),
+            "slo_attainment": float(ok[mine].sum()) / n if n else None,
+            "slo": {"ttft_s": slos[c.name].ttft_s, "tbt_s": slos[c.name].tbt_s},
+        }
+    return out
+
+
+def _bin_starts_unix(
+    n_bins: int, bin_s: float, start_unix_s: float | None, source: object, flag: str
+) -> npt.NDArray[np.float64]:
+    """UTC start of each energy bin; a constant source needs no absolute time."""
+    offsets = np.arange(n_bins, dtype=np.float64) * bin_s
+    if start_unix_s is not None:
+        return offsets + start_unix_s
+    if isinstance(source, ConstantCarbonIntensity | ConstantEnergyPrice):
+        return offsets
+    raise InvalidArgumentError(
+        flag, "an hourly file", "a constant, because the trace has no absolute timestamps to align it with"
+    )
+
+
+def _bin_start_unix(result: SimResult, source: object, flag: str) -> npt.NDArray[np.float64]:
+    return _bin_starts_unix(
+        len(result.energy_by_bin_j), result.power_bin_s, result.start_unix_s, source, flag
+    )
+
+
+def check_pricing_covers(pricing: Pricing, start_unix_s: float | None, span_s: float, bin_s: float) -> None:
+    """Fail before simulating when carbon or price data cannot price [0, span_s) of this trace.
+
+    Raises InvalidArgumentError naming `--carbon` / `--prices` (hourly file without absolute trace time)
+    or the sources' OutOfRangeError (an hour of the span missing from the file).
+    """
+    n_bins = max(1, math.ceil(span_s / bin_s))
+    zeros = np.zeros(n_bins)
+    pricing.carbon.grams_for(zeros, _bin_starts_unix(n_bins, bin_s, start_unix_s, pricing.carbon, "--carbon"))
+    pricing.energy_price.usd_for(
+        zeros, _bin_starts_unix(n_bins, bin_s, start_unix_s, pricing.energy_price, "--prices")
+    )
+
+
+def carbon_g(result: SimResult, source: CarbonSource) -> float:
+    """Energy of each bin times the grid intensity of the hour the bin starts in."""
+    return source.grams_for(result.energy_by_bin_j, _bin_start_unix(result, source, "--carbon"))
+
+
+def energy_usd(result: SimResult, source: PriceSource) -> float:
+    """Energy of each bin times the energy price of the hour the bin starts in."""
+    return source.usd_for(result.energy_by_bin_j, _bin_start_unix(result, source, "--prices"))
+
+
+def _spec_order(item: tuple[InstanceSpec, int]) -> tuple[int, int]:
+    return (item[0].tp, item[0].clock_mhz)
+
+
+def plan_json(plan: ClusterPlan) -> dict[str, Any]:
+    return {
+        "gpus": plan.gpus,
+        "servers": plan.servers,
+        "pools": [
+            {
+                "name": p.name,
+                "class_names": list(p.class_names),
+                "instances": [
+                    {"tp": spec.tp, "clock_mhz": spec.clock_mhz, "count": n}
+                    for spec, n in sorted(
+                        p.instance_counts().items(), key=lambda kv: (kv[0].tp, kv[0].clock_mhz)
+                    )
+                ],
+            }
+            for p in plan.pools
+        ],
+    }
+
+
+def build_report(
+    result: SimResult,
+    *,
+    policy: str,
+    seed: int,
+    model: str,
+    gpu: str,
+    slos: Mapping[str, ClassSlo],
+    pricing: Pricing,
+    wall_s: float,
+    workload: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `dynamollm.simreport/v1` object (JSON-ready: no NaN, missing percentiles are null)."""
+    ok = meets_slo(result, slos)
+    n = len(result.class_index)
+    done = result.completed
+    bins = result.energy_by_bin_j
+    # The last bin may be partial: divide by its own length so power stays a rate.
+    bin_len_s = np.full(len(bins), result.power_bin_s)
+    if len(bins):
+        bin_len_s[-1] = result.duration_s - result.power_bin_s * (len(bins) - 1)
+    power_w = bins / np.maximum(bin_len_s, 1e-12)
+    server_hours = result.server_s / SECONDS_PER_HOUR
+    rental_usd = server_hours * pricing.gpu_usd_per_server_hour
+    energy_cost_usd = energy_usd(result, pricing.energy_price)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "trace": result.trace_name,
+        "policy": policy,
+        "seed": seed,
+        "model": model,
+        "gpu": gpu,
+        "duration_s": result.duration_s,
+        "trace_duration_s": result.trace_duration_s,
+        "requests": n,
+        "completed": int(done.sum()),
+        "rejected": result.rejected,
+        "energy_j": result.energy_j,
+        "energy_kwh": result.energy_j / J_PER_KWH,
+        "energy_instances_j": result.energy_instances_j,
+        "energy_unused_gpus_j": result.energy_unused_gpus_j,
+        "avg_gpus": result.gpu_s / result.duration_s if result.duration_s > 0 else 0.0,
+        "avg_servers": result.server_s / result.duration_s if result.duration_s > 0 else 0.0,
+        "power_w_p50": _percentile(power_w, 50),
+        "power_w_p99": _percentile(power_w, 99),
+        **_latency_metrics(
+            result.ttft_s[done],
+            weighted_percentile(result.tbt_gap_s, result.tbt_tokens, 50),
+            weighted_percentile(result.tbt_gap_s, result.tbt_tokens, 99),
+        ),
+        "slo_attainment": float(ok.sum()) / n if n else None,
+        "per_class": _per_class(result, slos, ok),
+        "reconfigurations": result.reconfigurations,
+        "carbon_g": carbon_g(result, pricing.carbon),
+        "carbon_source": pricing.carbon_source,
+        "cost_usd": rental_usd + energy_cost_usd,
+        "cost": {
+            "gpu_rental_usd": rental_usd,
+            "energy_usd": energy_cost_usd,
+            "server_hours": server_hours,
+            "gpu_usd_per_server_hour": pricing.gpu_usd_per_server_hour,
+            "energy_price_source": pricing.energy_price_source,
+        },
+        "wall_s": wall_s,
+        "plan": plan_json(result.plan),
+    }
+    if workload is not None:
+        report["workload"] = dict(workload)
+    return report
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    """Three significant digits for small values, whole numbers with separators from 100 up."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:,.0f}{unit}" if abs(value) >= 100 else f"{value:.3g}{unit}"
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100.0 * share:.2f}%"
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """Summary block and per-class table of a report, for stdout."""
+    r = report
+    lines = [
+        f"trace {r['trace']}  policy {r['policy']}  model {r['model']} on {r['gpu']}  seed {r['seed']}",
+        f"simulated {_fmt(r['duration_s'], ' s')}  requests {r['requests']}  completed {r['completed']}"
+        f"  rejected {r['rejected']}"
+        f"  SLO attainment {_pct(r['slo_attainment'])}  reconfigurations {r['reconfigurations']}",
+        f"energy {r['energy_kwh']:.3f} kWh  power p50 {_fmt(r['power_w_p50'], ' W')}"
+        f"  p99 {_fmt(r['power_w_p99'], ' W')}  avg GPUs {r['avg_gpus']:.1f}"
+        f"  avg servers {r['avg_servers']:.2f}",
+        f"TTFT p50 {_fmt(r['ttft_s_p50'], ' s')}  p99 {_fmt(r['ttft_s_p99'], ' s')}"
+        f"  TBT p50 {_fmt(r['tbt_s_p50'], ' s')}  p99 {_fmt(r['tbt_s_p99'], ' s')}",
+        f"carbon {r['carbon_g']:,.1f} g; intensity: {r['carbon_source']}",
+        f"cost {r['cost_usd']:,.2f} USD = GPU rental {r['cost']['gpu_rental_usd']:,.2f}"
+        f" + energy {r['cost']['energy_usd']:,.2f}; energy price: {r['cost']['energy_price_source']}",
+        f"wall {r['wall_s']:.1f} s",
+        "",
+        f"{'class':<6}{'requests':>9}{'done':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'SLO TTFT':>10}"
+        f"{'TBT p50':>10}{'TBT p99':>10}{'SLO TBT':>10}{'SLO met':>9}",
+    ]
+    for name, c in r["per_class"].items():
+        lines.append(
+            f"{name:<6}{c['requests']:>9}{c['completed']:>9}{_fmt(c['ttft_s_p50']):>10}{_fmt(c['ttft_s_p99']):>10}"
+            f"{_fmt(c['slo']['ttft_s']):>10}{_fmt(c['tbt_s_p50']):>10}{_fmt(c['tbt_s_p99']):>10}"
+            f"{_fmt(c['slo']['tbt_s']):>10}{_pct(c['slo_attainment']):>9}"
+        )
+    return "\n".join(lines)
+
+
+def write_report(report: Mapping[str, Any], path: Path) -> None:
+    """Write the report as JSON atomically: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,236 @@
+"""The cluster simulator: golden tiny traces on simple physics (exact timings, routing, energy parts),
+energy identities, the drain bound, determinism, and singlepool sizing meeting the SLO on real physics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.sim.engine_core import EngineConfig
+from agent.sim.physics import load_perf_model
+from controller.model.classes import CLASS_NAMES, ClassBins
+from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
+from controller.policy.singlepool import SinglePool, size_singlepool
+from controller.sim.cluster import SimConfig, run_policy, simulate
+from controller.sim.profiling import default_profile
+from controller.sim.report import SimResult, meets_slo
+from controller.sim.traces import Trace, load_trace
+
+IDLE_W = 75.0
+BUSY_W = 300.0
+DECODE_S = 0.02
+PREFILL_S_PER_TOKEN = 1e-4
+
+
+class FlatPhysics:
+    """Iteration = 20 ms + 0.1 ms per prefill token at 300 W per GPU; 75 W idle: timings by hand."""
+
+    def __init__(self, tp: int, kv_capacity_tokens: int = 100_000) -> None:
+        self._tp = tp
+        self._kv = kv_capacity_tokens
+
+    @property
+    def tp(self) -> int:
+        return self._tp
+
+    @property
+    def idle_power_w(self) -> float:
+        return IDLE_W
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self._kv
+
+    @property
+    def min_clock_mhz(self) -> int:
+        return 800
+
+    @property
+    def max_clock_mhz(self) -> int:
+        return 1980
+
+    def iteration(
+        self,
+        clock_mhz: float,
+        prefill_tokens: int,
+        prefill_attn_tokens: int,
+        decode_seqs: int,
+        decode_context_tokens: int,
+    ) -> tuple[float, float]:
+        return DECODE_S + PREFILL_S_PER_TOKEN * prefill_tokens, BUSY_W
+
+
+FLAT = {tp: FlatPhysics(tp) for tp in (1, 2, 4, 8)}
+NO_JITTER = SimConfig(engine=EngineConfig(jitter_cv=0.0))
+
+
+def _trace(arrival_s: list[float], inputs: list[int], outputs: list[int], end_s: float) -> Trace:
+    return Trace(
+        "tiny",
+        np.array(arrival_s, dtype=np.float64),
+        np.array(inputs, dtype=np.int32),
+        np.array(outputs, dtype=np.int32),
+        None,
+        end_s,
+    )
+
+
+def _plan(*tps: int, classes: tuple[str, ...] = CLASS_NAMES) -> ClusterPlan:
+    return ClusterPlan((PoolPlan("all", classes, tuple(InstanceSpec(tp, 1980) for tp in tps)),))
+
+
+def _flat(trace: Trace, plan: ClusterPlan, config: SimConfig = NO_JITTER) -> SimResult:
+    return simulate(trace, plan, model="flat", gpu="flat", config=config, perf=FLAT)
+
+
+def test_golden_two_requests_on_one_instance() -> None:
+    # r0 prefills alone in [0, 0.03); r1 arrives meanwhile and prefills next to r0's decode in
+    # [0.03, 0.06); both decode together in [0.06, 0.08) and finish; the engine idles to the trace end.
+    r = _flat(_trace([0.0, 0.005], [100, 100], [3, 2], end_s=1.0), _plan(8))
+    assert r.completed.all()
+    assert r.ttft_s == pytest.approx([0.03, 0.055])
+    assert r.tbt_mean_s == pytest.approx([0.025, 0.02])
+    assert r.duration_s == 1.0
+    busy_j = 0.08 * 8 * BUSY_W
+    idle_j = (1.0 - 0.08) * 8 * IDLE_W
+    assert r.energy_j == pytest.approx(busy_j + idle_j)
+    assert r.energy_unused_gpus_j == 0.0
+    assert float(r.energy_by_bin_j.sum()) == pytest.approx(r.energy_j)
+    assert r.rejected == 0
+    # token-weighted decode iterations: r0 alone in [0.03, 0.06) (1 token), both in [0.06, 0.08) (2)
+    assert sorted(zip(r.tbt_gap_s.tolist(), r.tbt_tokens.tolist(), strict=True)) == [
+        pytest.approx((0.02, 2)),
+        pytest.approx((0.03, 1)),
+    ]
+
+
+def test_routing_goes_to_least_outstanding_tokens_ties_to_lowest_index() -> None:
+    # r1 arrives while instance 0 still holds r0; r2 arrives when both are idle again.
+    r = _flat(_trace([0.0, 0.005, 5.0], [100, 100, 100], [50, 50, 50], end_s=10.0), _plan(4, 4))
+    assert r.instance_index.tolist() == [0, 1, 0]
+    assert r.completed.all()
+    # nothing queued behind anything: each request prefills alone as soon as it arrives
+    assert r.ttft_s == pytest.approx([0.03, 0.03, 0.03])
+
+
+def test_requests_are_served_in_arrival_order_on_one_instance() -> None:
+    # three simultaneous long prompts on one instance with a 2048-token budget: FCFS chunked prefill
+    r = _flat(_trace([0.0, 0.0, 0.0], [2000, 2000, 2000], [2, 2, 2], end_s=5.0), _plan(8))
+    assert r.completed.all()
+    assert np.all(np.diff(r.ttft_s) > 0)
+
+
+def test_energy_is_the_sum_of_instances_and_unused_gpus() -> None:
+    # TP4 + TP2 leave 2 GPUs of the one server unused: they draw idle power throughout.
+    trace = _trace([0.1, 0.2, 0.3], [500, 300, 200], [20, 30, 40], end_s=20.0)
+    r = _flat(trace, _plan(4, 2))
+    assert r.plan.servers == 1
+    assert r.energy_unused_gpus_j == pytest.approx(2 * IDLE_W * r.duration_s)
+    assert r.energy_j == pytest.approx(r.energy_instances_j + r.energy_unused_gpus_j)
+    assert float(r.energy_by_bin_j.sum()) == pytest.approx(r.energy_j)
+    assert len(r.energy_by_bin_j) == math.ceil(r.duration_s)
+    assert r.gpu_s == pytest.approx(6 * r.duration_s)
+    assert r.server_s == pytest.approx(1 * r.duration_s)
+
+
+@pytest.mark.parametrize("tps", [(8,), (4, 2), (8, 8, 4, 1)])
+def test_idle_cluster_energy_is_gpus_times_idle_power_times_time(tps: tuple[int, ...]) -> None:
+    plan = _plan(*tps)
+    r = _flat(_trace([], [], [], end_s=123.5), plan)
+    assert r.duration_s == 123.5
+    assert r.energy_j == pytest.approx(plan.allocated_gpus * IDLE_W * 123.5, rel=1e-12)
+    assert r.energy_by_bin_j[:-1] == pytest.approx(plan.allocated_gpus * IDLE_W)
+    assert r.energy_by_bin_j[-1] == pytest.approx(plan.allocated_gpus * IDLE_W * 0.5)
+
+
+def test_idle_cluster_on_the_fitted_physics() -> None:
+    plan = _plan(4, 2)
+    r = simulate(_trace([], [], [], end_s=60.0), plan, model="llama2-70b", gpu="h100-sxm")
+    idle_w = load_perf_model(model="llama2-70b", gpu="h100-sxm", tp=8).idle_power_w
+    assert r.energy_j == pytest.approx(8 * idle_w * 60.0, rel=1e-12)
+
+
+def test_drain_is_bounded_and_unfinished_requests_count_as_incomplete() -> None:
+    # 2000 output tokens take >= 40 s of decode; the drain allows 5 s after the trace's end at 1 s.
+    trace = _trace([0.0, 0.5], [100, 100], [5, 2000], end_s=1.0)
+    r = _flat(trace, _plan(8), SimConfig(engine=EngineConfig(jitter_cv=0.0), max_drain_s=5.0))
+    assert r.completed.tolist() == [True, False]
+    assert np.isnan(r.ttft_s[1])
+    assert 6.0 <= r.duration_s < 6.0 + 0.1
+    assert r.energy_j == pytest.approx(float(r.energy_by_bin_j.sum()))
+
+
+def test_classes_without_a_pool_and_oversized_requests_are_rejected() -> None:
+    bins = ClassBins()
+    small = FlatPhysics(8, kv_capacity_tokens=2000)  # holds requests of up to 1980 tokens
+    trace = _trace([0.0, 0.1, 0.2], [100, 300, 1100], [10, 10, 10], end_s=2.0)
+    assert [bins.classify(i, 10).name for i in (100, 300, 1100)] == ["SS", "MS", "LS"]
+    plan = _plan(8, classes=("SS", "LS"))
+    r = simulate(trace, plan, model="flat", gpu="flat", config=NO_JITTER, perf={8: small})
+    assert r.completed.tolist() == [True, False, True]
+    assert r.rejected == 1
+    assert r.instance_index.tolist() == [0, -1, 0]
+    # a request larger than the KV cache is rejected, not an error
+    big = _trace([0.0], [1980], [10], end_s=2.0)
+    r2 = simulate(big, _plan(8), model="flat", gpu="flat", config=NO_JITTER, perf={8: small})
+    assert r2.rejected == 1 and not r2.completed.any()
+
+
+def _real_run(seed: int) -> SimResult:
+    trace = load_trace("synthetic:conversation", duration_s=120.0, seed=1)
+    return simulate(trace, _plan(8, 8), model="llama2-70b", gpu="h100-sxm", config=SimConfig(seed=seed))
+
+
+def test_same_seed_same_result_different_seed_different_jitter() -> None:
+    a, b, c = _real_run(7), _real_run(7), _real_run(8)
+    for field in ("ttft_s", "tbt_mean_s", "energy_by_bin_j", "tbt_gap_s", "instance_index"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.energy_j == b.energy_j and a.duration_s == b.duration_s
+    assert a.energy_j != c.energy_j
+
+
+def test_progress_callback_sees_simulated_time_increase_to_the_end() -> None:
+    seen: list[float] = []
+    trace = load_trace("synthetic:conversation", duration_s=60.0, seed=1)
+    r = simulate(
+        trace,
+        _plan(8),
+        model="llama2-70b",
+        gpu="h100-sxm",
+        config=SimConfig(progress_step_s=10.0),
+        on_progress=seen.append,
+    )
+    assert seen == sorted(seen)
+    assert len(seen) >= 5
+    assert seen[-1] == r.duration_s
+
+
+def test_singlepool_sized_for_the_peak_meets_the_slo_on_a_synthetic_trace() -> None:
+    profile = default_profile("llama2-70b", "h100-sxm")
+    trace = load_trace("synthetic:conversation", duration_s=600.0, seed=3)
+    result, stats = run_policy(trace, SinglePool(), profile, config=SimConfig(seed=3))
+    sizing = size_singlepool(stats, profile)
+    assert result.plan == sizing.plan
+    n = sizing.plan.instances
+    assert n == math.ceil(stats.peak_rate_rps / sizing.capacity_rps)
+    slos = {c: profile.slo(c) for c in CLASS_NAMES}
+    assert result.completed.all()
+    assert float(meets_slo(result, slos).mean()) >= 0.99
+
+
+def test_short_window_of_the_real_conversation_trace(shared_data: Path) -> None:
+    trace = load_trace(
+        shared_data / "traces" / "AzureLLMInferenceTrace_conv.csv", start_s=600.0, duration_s=300.0
+    )
+    profile = default_profile("llama2-70b", "h100-sxm")
+    result, stats = run_policy(trace, SinglePool(), profile)
+    assert len(trace) == stats.requests > 1000
+    assert result.completed.all()
+    assert result.plan.instances >= 2
+    assert result.start_unix_s == pytest.approx(1700158546.68059 + 600.0, abs=1.0)
+    mean_power_w = result.energy_j / result.duration_s
+    # between all GPUs idle and all at TDP
+    assert IDLE_W * result.plan.allocated_gpus < mean_power_w < 700.0 * result.plan.allocated_gpus

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Speed of the cluster simulator: wall time of `dctl simulate` on the one-hour Azure conversation trace.
+
+    PYTHONPATH=. .venv/bin/python tools/bench_sim.py [--data-dir ../shared/data] [--mode both]
+
+Runs `dctl simulate --policy singlepool` on traces/AzureLLMInferenceTrace_conv.csv (19,366 requests)
+in this process (`main([...])`, imports already warm) and/or as a fresh subprocess (what a user waits
+for, interpreter start-up included), then prints the wall times, simulated requests per second and
+engine iterations per second. The iteration count comes from one more, untimed run of the same
+simulation with a counting wrapper around the physics (same seed, so the same iterations). A benchmark,
+not a test: it prints figures and exits 0 (DESIGN §11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.sim.engine_core import PerfModelLike  # noqa: E402  (after the sys.path set-up)
+
+TRACE = Path("traces") / "AzureLLMInferenceTrace_conv.csv"
+
+
+class CountingPhysics:
+    """Passes every call through to the real physics and counts engine iterations."""
+
+    def __init__(self, inner: PerfModelLike) -> None:
+        self._inner = inner
+        self.calls = 0
+        self.tp = inner.tp
+        self.idle_power_w = inner.idle_power_w
+        self.kv_capacity_tokens = inner.kv_capacity_tokens
+        self.min_clock_mhz = inner.min_clock_mhz
+        self.max_clock_mhz = inner.max_clock_mhz
+
+    def iteration(
+        self,
+        clock_mhz: float,
+        prefill_tokens: int,
+        prefill_attn_tokens: int,
+        decode_seqs: int,
+        decode_context_tokens: int,
+    ) -> tuple[float, float]:
+        self.calls += 1
+        return self._inner.iteration(
+            clock_mhz, prefill_tokens, prefill_attn_tokens, decode_seqs, decode_context_tokens
+        )
+
+
+def _argv(trace: Path, json_path: Path, policy: str) -> list[str]:
+    return ["simulate", "--trace", str(trace), "--policy", policy, "--no-progress", "--json", str(json_path)]
+
+
+def run_in_process(trace: Path, json_path: Path, policy: str) -> float:
+    from controller.dctl.main import main
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(_argv(trace, json_path, policy))
+    wall_s = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"dctl simulate exited {code}")
+    return wall_s
+
+
+def run_subprocess(trace: Path, json_path: Path, policy: str) -> float:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "controller.dctl.main", *_argv(trace, json_path, policy)]
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wall_s = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"dctl simulate exited {done.returncode}: {done.stderr.strip()}")
+    return wall_s
+
+
+def count_iterations(trace_path: Path) -> int:
+    """Engine iterations of the same simulation (default seed, flags, profile) as the timed runs."""
+    from controller.policy.singlepool import SinglePool
+    from controller.sim.cluster import perf_models, run_policy
+    from controller.sim.profiling import default_profile
+    from controller.sim.traces import load_trace
+
+    profile = default_profile("llama2-70b", "h100-sxm")
+    counters = {tp: CountingPhysics(p) for tp, p in perf_models(profile.model, profile.gpu, (8,)).items()}
+    run_policy(load_trace(trace_path), SinglePool(), profile, perf=counters)
+    return sum(c.calls for c in counters.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--mode", choices=("in-process", "subprocess", "both"), default="both")
+    parser.add_argument("--policy", default="singlepool")
+    args = parser.parse_args(argv)
+    trace = args.data_dir / TRACE
+    if not trace.is_file():
+        parser.error(f"--data-dir: {trace} not found")
+
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = Path(tmp) / "report.json"
+        walls: dict[str, float] = {}
+        if args.mode in ("subprocess", "both"):
+            walls["subprocess (interpreter start-up included)"] = run_subprocess(
+                trace, json_path, args.policy
+            )
+        if args.mode in ("in-process", "both"):
+            walls["in-process"] = run_in_process(trace, json_path, args.policy)
+        report = json.loads(json_path.read_text())
+    iterations = count_iterations(trace)
+    print(
+        f"trace: {trace.name}: {report['requests']} requests, {report['duration_s']:.0f} s simulated, "
+        f"policy {report['policy']}, {report['plan']['gpus']} GPUs"
+    )
+    for mode, wall_s in walls.items():
+        print(
+            f"dctl simulate {mode}: {wall_s:.1f} s wall; {report['requests'] / wall_s:,.0f} requests/s, "
+            f"{iterations / wall_s:,.0f} engine iterations/s ({iterations:,} iterations)"
+        )
+    print(f"report wall_s (load + simulate, inside dctl): {report['wall_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
