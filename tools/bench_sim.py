@@ -6,9 +6,8 @@
 Runs `dctl simulate --policy singlepool` on traces/AzureLLMInferenceTrace_conv.csv (19,366 requests)
 in this process (`main([...])`, imports already warm) and/or as a fresh subprocess (what a user waits
 for, interpreter start-up included), then prints the wall times, simulated requests per second and
-engine iterations per second. The iteration count comes from one more, untimed run of the same
-simulation with a counting wrapper around the physics (same seed, so the same iterations). A benchmark,
-not a test: it prints figures and exits 0 (DESIGN §11).
+the sizing trials (singlepool is sized by simulation: every trial runs inside the wall time), and the
+engine iterations of the final run. A benchmark, not a test: it prints figures and exits 0 (DESIGN §11).
 """
 
 from __future__ import annotations
@@ -28,35 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.sim.engine_core import PerfModelLike  # noqa: E402  (after the sys.path set-up)
-
 TRACE = Path("traces") / "AzureLLMInferenceTrace_conv.csv"
-
-
-class CountingPhysics:
-    """Passes every call through to the real physics and counts engine iterations."""
-
-    def __init__(self, inner: PerfModelLike) -> None:
-        self._inner = inner
-        self.calls = 0
-        self.tp = inner.tp
-        self.idle_power_w = inner.idle_power_w
-        self.kv_capacity_tokens = inner.kv_capacity_tokens
-        self.min_clock_mhz = inner.min_clock_mhz
-        self.max_clock_mhz = inner.max_clock_mhz
-
-    def iteration(
-        self,
-        clock_mhz: float,
-        prefill_tokens: int,
-        prefill_attn_tokens: int,
-        decode_seqs: int,
-        decode_context_tokens: int,
-    ) -> tuple[float, float]:
-        self.calls += 1
-        return self._inner.iteration(
-            clock_mhz, prefill_tokens, prefill_attn_tokens, decode_seqs, decode_context_tokens
-        )
 
 
 def _argv(trace: Path, json_path: Path, policy: str) -> list[str]:
@@ -88,19 +59,6 @@ def run_subprocess(trace: Path, json_path: Path, policy: str) -> float:
     return wall_s
 
 
-def count_iterations(trace_path: Path) -> int:
-    """Engine iterations of the same simulation (default seed, flags, profile) as the timed runs."""
-    from controller.policy.singlepool import SinglePool
-    from controller.sim.cluster import perf_models, run_policy
-    from controller.sim.profiling import default_profile
-    from controller.sim.traces import load_trace
-
-    profile = default_profile("llama2-70b", "h100-sxm")
-    counters = {tp: CountingPhysics(p) for tp, p in perf_models(profile.model, profile.gpu, (8,)).items()}
-    run_policy(load_trace(trace_path), SinglePool(), profile, perf=counters)
-    return sum(c.calls for c in counters.values())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
@@ -123,15 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode in ("in-process", "both"):
             walls["in-process"] = run_in_process(trace, json_path, args.policy)
         report = json.loads(json_path.read_text())
-    iterations = count_iterations(trace)
+    iterations = report["engine_iterations"]
     print(
         f"trace: {trace.name}: {report['requests']} requests, {report['duration_s']:.0f} s simulated, "
         f"policy {report['policy']}, {report['plan']['gpus']} GPUs"
     )
+    sizing = report["workload"]["sizing"]
+    print(f"sizing trials (instances: SLO attainment): {sizing['trials']}")
     for mode, wall_s in walls.items():
         print(
             f"dctl simulate {mode}: {wall_s:.1f} s wall; {report['requests'] / wall_s:,.0f} requests/s, "
-            f"{iterations / wall_s:,.0f} engine iterations/s ({iterations:,} iterations)"
+            f"{len(sizing['trials'])} simulations of the hour; final run {iterations:,} engine iterations"
         )
     print(f"report wall_s (load + simulate, inside dctl): {report['wall_s']:.1f} s")
     return 0

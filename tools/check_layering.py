@@ -66,7 +66,9 @@ def check(root: Path) -> list[str]:
                         _under(module, "controller.sim") and _under(name, "agent.sim")
                     )
                     if not allowed:
-                        errors.append(f"{where}: controller may import only agent.api (controller.sim also agent.sim)")
+                        errors.append(
+                            f"{where}: controller may import only agent.api (controller.sim also agent.sim)"
+                        )
                 if (_under(module, "controller.policy") or _under(module, "controller.model")) and any(
                     _under(name, f) for f in PURE_FORBIDDEN
                 ):
@@ -75,8 +77,10 @@ def check(root: Path) -> list[str]:
                     errors.append(f"{where}: only agent/gpu/nvml.py may import pynvml")
                 if _under(module, "agent") and _under(name, "cvxpy"):
                     errors.append(f"{where}: cvxpy stays off the agent")
-                if _under(module, "controller.dctl") and module_level and any(
-                    _under(name, s) for s in SLOW_AT_STARTUP
+                if (
+                    _under(module, "controller.dctl")
+                    and module_level
+                    and any(_under(name, s) for s in SLOW_AT_STARTUP)
                 ):
                     errors.append(f"{where}: import it inside the command, not at dctl start-up")
     return errors

@@ -224,6 +224,7 @@ class SimEngine:
         self._closed = False
         self._iter = 0  # global index of the next iteration
         self._last_start_s = start_s
+        self._last_end_s = start_s
         self._last_total_w = 0.0
 
         self._waiting: deque[_Request] = deque()
@@ -283,6 +284,11 @@ class SimEngine:
     @property
     def num_preemptions(self) -> int:
         return self._num_preemptions
+
+    @property
+    def iterations(self) -> int:
+        """Engine iterations run so far."""
+        return self._iter
 
     @property
     def max_request_tokens(self) -> int:
@@ -369,12 +375,17 @@ class SimEngine:
                 "end_s", end_s, f">= {self._last_start_s} (start of the last iteration already run)"
             )
         self.advance_to(end_s)
-        overrun_s = self._now_s - end_s
-        if overrun_s > 0:
-            w = self._last_total_w
-            self._energy_j -= w * overrun_s
-            self._busy_s -= overrun_s
-            self._remove_energy_after(end_s, w)
+        # What ran after end_s: possibly an idle stretch (latest) after the tail of the last iteration.
+        idle_from_s = max(end_s, self._last_end_s)
+        if self._now_s > idle_from_s:
+            self._energy_j -= self._idle_total_w * (self._now_s - idle_from_s)
+            self._remove_energy_after(idle_from_s, self._idle_total_w)
+            self._now_s = idle_from_s
+        if self._now_s > end_s:
+            busy_overrun_s = self._now_s - end_s
+            self._energy_j -= self._last_total_w * busy_overrun_s
+            self._busy_s -= busy_overrun_s
+            self._remove_energy_after(end_s, self._last_total_w)
             self._now_s = end_s
         self._closed = True
 
@@ -518,6 +529,7 @@ class SimEngine:
             self._add_energy(start_s, end_s, total_w)
         self._busy_s += latency_s
         self._last_start_s = start_s
+        self._last_end_s = end_s
         self._last_total_w = total_w
         self._dur_log.append(latency_s)
         if decode_seqs:

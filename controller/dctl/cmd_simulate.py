@@ -1,8 +1,9 @@
 """`dctl simulate`: evaluate a cluster policy on a request trace with the cluster simulator (DESIGN §8).
 
 Flow: validate every flag (nothing runs on a bad one) -> load trace, profile, carbon and price data
-(controller.sim) -> `run_policy` (arrival statistics -> policy plan -> discrete-event simulation, with
-a progress bar over simulated time on stderr) -> `build_report` -> JSON written atomically (`--json`)
+(controller.sim) -> `run_policy` (arrival statistics -> policy plan -> discrete-event simulation; a
+static policy is sized by simulation to the smallest count meeting --slo-target unless --instances is
+given; a progress bar over simulated time on stderr) -> `build_report` -> JSON written atomically (`--json`)
 and a table (or the JSON, `--output json`) on stdout. Heavy imports happen inside `run`.
 """
 
@@ -38,6 +39,8 @@ DEFAULT_ENERGY_USD_PER_KWH = 0.0407
 # US-CAL-CISO_2023_hourly.csv, Electricity Maps via sustain-cluster): the year of the Azure 2023 traces.
 DEFAULT_CARBON_G_PER_KWH = 194.0
 DEFAULT_MAX_DRAIN_S = 600.0
+# Share of requests that must meet both latency targets of their class (the issue's bar for "SLO met").
+DEFAULT_SLO_TARGET = 0.99
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,6 +100,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"time after the trace for requests to finish before they count as incomplete "
         f"(default {DEFAULT_MAX_DRAIN_S:g})",
     )
+    p.add_argument(
+        "--instances",
+        default=None,
+        metavar="N",
+        help="instance count of a static policy (default: the smallest count whose simulation meets "
+        "--slo-target, searched from the profile-based peak sizing)",
+    )
+    p.add_argument(
+        "--slo-target",
+        default=str(DEFAULT_SLO_TARGET),
+        metavar="X",
+        help=f"SLO attainment a static policy is sized to meet (default {DEFAULT_SLO_TARGET})",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write the report here (atomically)")
     p.add_argument("--output", default="table", metavar="table|json", help="stdout format (default table)")
     p.add_argument(
@@ -124,6 +140,8 @@ class _Options:
     energy_usd_per_kwh: float | None
     gpu_usd_per_server_hour: float
     max_drain_s: float
+    instances: int | None
+    slo_target: float
     json_path: Path | None
     output: str
     progress: bool
@@ -201,6 +219,10 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
             args.gpu_usd_per_server_hour, "--gpu-usd-per-server-hour", lambda x: x >= 0, "a number >= 0"
         ),
         max_drain_s=_number(args.max_drain, "--max-drain", lambda x: x > 0, "seconds > 0"),
+        instances=None
+        if args.instances is None
+        else int(_number(args.instances, "--instances", lambda x: 1 <= x <= 512 and x == int(x), "1..512")),
+        slo_target=_number(args.slo_target, "--slo-target", lambda x: 0 < x <= 1, "a share in (0, 1]"),
         json_path=_writable_json(args.json),
         output=args.output,
         progress=not args.no_progress,
@@ -252,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
 
     from controller.model.classes import CLASS_NAMES
     from controller.policy.singlepool import SinglePool
-    from controller.sim.cluster import GPU_NAMES, MODEL_NAMES, SimConfig, run_policy
+    from controller.sim.cluster import GPU_NAMES, MODEL_NAMES, SimConfig, check_profile_engine, run_policy
     from controller.sim.profiling import default_profile, load_profile
     from controller.sim.report import build_report, check_pricing_covers, format_table, write_report
     from controller.sim.traces import load_trace
@@ -271,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         allowed = f"a profile of all nine request classes (this one lacks {', '.join(missing)})"
         raise InvalidArgumentError("--profile", profile_name, allowed)
+    config = SimConfig(seed=opts.seed, max_drain_s=opts.max_drain_s)
+    check_profile_engine(profile, config.engine, profile_name)
     pricing = _pricing(opts)
     trace = load_trace(
         opts.trace,
@@ -279,7 +303,6 @@ def run(args: argparse.Namespace) -> int:
         duration_s=opts.duration_s,
         seed=opts.seed,
     )
-    config = SimConfig(seed=opts.seed, max_drain_s=opts.max_drain_s)
     # Bins up to the latest possible end: the trace, the whole drain allowance, one last iteration.
     check_pricing_covers(
         pricing,
@@ -301,9 +324,20 @@ def run(args: argparse.Namespace) -> int:
     ) as bar:
 
         def progress(now_s: float) -> None:
+            if now_s < bar.n:  # the sizing search started another trial run
+                bar.reset()
             bar.update(max(0, min(total_s, math.floor(now_s)) - bar.n))
 
-        result, stats = run_policy(trace, policy, profile, config=config, on_progress=progress)
+        run = run_policy(
+            trace,
+            policy,
+            profile,
+            config=config,
+            on_progress=progress,
+            instances=opts.instances,
+            slo_target=None if opts.instances is not None else opts.slo_target,
+        )
+    result, stats = run.result, run.arrivals
 
     workload: dict[str, Any] = {
         "trace_spec": opts.trace,
@@ -312,6 +346,15 @@ def run(args: argparse.Namespace) -> int:
         "peak_window_s": stats.window_s,
         "peak_rate_rps": stats.peak_rate_rps,
         "mean_rate_rps": stats.mean_rate_rps,
+        "sizing": {
+            "rule": "--instances as given"
+            if opts.instances is not None
+            else f"smallest instance count whose simulation meets slo_attainment >= {opts.slo_target:g}",
+            "peak_rule_instances": run.rule_plan.instances,
+            "trials": [
+                {"instances": t.instances, "slo_attainment": t.slo_attainment} for t in run.sizing_trials
+            ],
+        },
     }
     report = build_report(
         result,

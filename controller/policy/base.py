@@ -9,7 +9,7 @@ add decisions at their periods on the same object. Pure: arrays in, frozen value
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -97,4 +97,13 @@ class SimPolicy(Protocol):
 
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
         """The cluster to start the run with, from the workload's statistics and the profile."""
+        ...
+
+
+@runtime_checkable
+class SizablePolicy(SimPolicy, Protocol):
+    """A static policy whose plan has one free size: the number of identical instances."""
+
+    def plan_with(self, instances: int, profile: Profile) -> ClusterPlan:
+        """The policy's plan with exactly `instances` instances."""
         ...

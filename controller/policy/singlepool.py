@@ -70,9 +70,18 @@ def size_singlepool(arrivals: ArrivalStats, profile: Profile, tp: int = GPUS_PER
         ratio = arrivals.peak_rate_rps / capacity_rps
         # A ratio a rounding error above an integer (the harmonic sum is inexact) needs no extra instance.
         count = max(1, math.ceil(ratio * (1.0 - _RATIO_RTOL)))
-    spec = InstanceSpec(tp=tp, clock_mhz=clock_mhz)
-    plan = ClusterPlan(pools=(PoolPlan(name=POOL_NAME, class_names=CLASS_NAMES, instances=(spec,) * count),))
+    plan = singlepool_plan(count, tp, clock_mhz)
     return SinglePoolSizing(plan=plan, peak_rate_rps=arrivals.peak_rate_rps, capacity_rps=capacity_rps)
+
+
+def singlepool_plan(instances: int, tp: int, clock_mhz: int) -> ClusterPlan:
+    """One pool of `instances` identical TP`tp` instances at `clock_mhz` serving every class."""
+    if instances < 1:
+        raise InvalidArgumentError("instances", instances, "an integer >= 1")
+    spec = InstanceSpec(tp=tp, clock_mhz=clock_mhz)
+    return ClusterPlan(
+        pools=(PoolPlan(name=POOL_NAME, class_names=CLASS_NAMES, instances=(spec,) * instances),)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +96,7 @@ class SinglePool:
 
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
         return size_singlepool(arrivals, profile, self.tp).plan
+
+    def plan_with(self, instances: int, profile: Profile) -> ClusterPlan:
+        """The same pool with a given instance count (for sizing by simulation, or an operator's count)."""
+        return singlepool_plan(instances, self.tp, max(profile.clocks_mhz))

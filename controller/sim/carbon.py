@@ -1,7 +1,7 @@
 """Grid carbon intensity and energy prices over time, to turn the simulator's energy per time bin into
 grams of CO2eq and dollars (DESIGN §8). Read once at the edge (`from_csv`); lookups are pure.
 
-Flow: `dctl simulate --carbon FILE [--energy-price FILE]` (or constants `--carbon-g-per-kwh X`) ->
+Flow: `dctl simulate --carbon FILE [--prices FILE]` (or constants `--carbon-g-per-kwh X`) ->
 these sources -> the report multiplies each power bin's energy by the value of the hour it starts in,
 at the bin's UTC time `Trace.start_unix_s + t`.
 
@@ -145,13 +145,13 @@ class EnergyPrice:
 
 @dataclass(frozen=True, slots=True)
 class ConstantEnergyPrice:
-    """One price for all time (`--energy-price-usd-per-mwh X`), when no hourly file is given."""
+    """One price for all time (`--energy-usd-per-kwh X`, stored per MWh), when no hourly file is given."""
 
     usd_per_mwh: float
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.usd_per_mwh):
-            raise InvalidArgumentError("--energy-price-usd-per-mwh", self.usd_per_mwh, "a finite number")
+            raise InvalidArgumentError("energy_price_usd_per_mwh", self.usd_per_mwh, "a finite number")
 
     def usd_per_mwh_at(self, unix_s: float) -> float:
         return self.usd_per_mwh

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 
 import numpy as np
 import numpy.typing as npt
@@ -24,15 +24,32 @@ import numpy.typing as npt
 from agent.api.errors import InvalidArgumentError
 from agent.sim.engine_core import EngineConfig, PerfModelLike, SimEngine
 from agent.sim.physics import GPU_NAMES, MODEL_NAMES, load_perf_model
-from controller.model.classes import REQUEST_CLASSES, ClassBins
+from controller.model.classes import REQUEST_CLASSES, ClassBins, ClassSlo
 from controller.model.cluster import GPUS_PER_SERVER, ClusterPlan
 from controller.model.profile import Profile
-from controller.policy.base import DEFAULT_PEAK_WINDOW_S, ArrivalStats, SimPolicy, arrival_stats
-from controller.sim.report import SimResult
+from controller.policy.base import (
+    DEFAULT_PEAK_WINDOW_S,
+    ArrivalStats,
+    SimPolicy,
+    SizablePolicy,
+    arrival_stats,
+)
+from controller.sim.report import SimResult, meets_slo
 from controller.sim.traces import Trace
 
 # Re-exported for controller.dctl, which must not import agent.sim itself (DESIGN §3 layering).
-__all__ = ["GPU_NAMES", "MODEL_NAMES", "SimConfig", "perf_models", "run_policy", "simulate"]
+__all__ = [
+    "GPU_NAMES",
+    "MODEL_NAMES",
+    "PolicyRun",
+    "SimConfig",
+    "SizingTrial",
+    "check_profile_engine",
+    "perf_models",
+    "run_policy",
+    "simulate",
+    "size_by_simulation",
+]
 
 ProgressCallback = Callable[[float], None]
 
@@ -191,6 +208,7 @@ def simulate(
         server_s=plan.servers * end_s,
         rejected=rejected,
         reconfigurations=0,
+        engine_iterations=sum(e.iterations for e in engines),
     )
 
 
@@ -211,6 +229,21 @@ def _drain(engines: list[SimEngine], trace_end_s: float, cfg: SimConfig) -> floa
     return max([trace_end_s, *(e.now_s for e in engines)]) if engines else trace_end_s
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyRun:
+    """One policy evaluated on one trace: the run, the statistics it was planned from, the policy's own
+    plan from those statistics and, when the size was searched by simulation, every trial."""
+
+    result: SimResult
+    arrivals: ArrivalStats
+    rule_plan: ClusterPlan
+    sizing_trials: tuple[SizingTrial, ...]
+
+
+# Largest static cluster the sizing search tries: 512 DGX servers, 4,096 GPUs.
+MAX_SEARCH_INSTANCES = 512
+
+
 def run_policy(
     trace: Trace,
     policy: SimPolicy,
@@ -220,9 +253,12 @@ def run_policy(
     window_s: float = DEFAULT_PEAK_WINDOW_S,
     on_progress: ProgressCallback | None = None,
     perf: Mapping[int, PerfModelLike] | None = None,
-) -> tuple[SimResult, ArrivalStats]:
-    """Size the cluster with `policy` from the trace's arrival statistics, then simulate it (`perf` as
-    in `simulate`)."""
+    instances: int | None = None,
+    slo_target: float | None = None,
+) -> PolicyRun:
+    """Plan the cluster with `policy` from the trace's arrival statistics, then simulate it (`perf` as in
+    `simulate`). A static policy (`SizablePolicy`) can instead be given its instance count, or be sized
+    by simulation to the smallest count meeting `slo_target` (`size_by_simulation`)."""
     cfg = config or SimConfig()
     stats = arrival_stats(
         trace.arrival_s,
@@ -230,8 +266,110 @@ def run_policy(
         trace.duration_s,
         window_s,
     )
-    plan = policy.initial_plan(stats, profile)
+    rule_plan = policy.initial_plan(stats, profile)
+    trials: tuple[SizingTrial, ...] = ()
+    if instances is None and slo_target is None:
+        plan = rule_plan
+    elif not isinstance(policy, SizablePolicy):
+        raise InvalidArgumentError("--policy", policy.name, "a static policy, to fix or search its size")
+    elif instances is not None:
+        plan = policy.plan_with(instances, profile)
+    else:
+        assert slo_target is not None
+        slos = {name: profile.slo(name) for name in profile.class_names}
+        result, trials = size_by_simulation(
+            trace,
+            lambda n: policy.plan_with(n, profile),
+            rule_plan.instances,
+            slos,
+            model=profile.model,
+            gpu=profile.gpu,
+            slo_target=slo_target,
+            max_instances=MAX_SEARCH_INSTANCES,
+            config=cfg,
+            on_progress=on_progress,
+            perf=perf,
+        )
+        return PolicyRun(result=result, arrivals=stats, rule_plan=rule_plan, sizing_trials=trials)
     result = simulate(
         trace, plan, model=profile.model, gpu=profile.gpu, config=cfg, on_progress=on_progress, perf=perf
     )
-    return result, stats
+    return PolicyRun(result=result, arrivals=stats, rule_plan=rule_plan, sizing_trials=trials)
+
+
+def check_profile_engine(profile: Profile, engine: EngineConfig, profile_name: str) -> None:
+    """Refuse a profile measured on an engine configured unlike the simulator's: its capacities and
+    latencies would not describe the instances being simulated."""
+    recorded = profile.provenance
+    names = [f.name for f in fields(engine)]
+    differ = [n for n, v in zip(names, astuple(engine), strict=True) if n in recorded and recorded[n] != v]
+    if differ or not all(n in recorded for n in names):
+        wanted = ", ".join(f"{n}={v}" for n, v in zip(names, astuple(engine), strict=True))
+        raise InvalidArgumentError(
+            "--profile", profile_name, f"a profile measured with the engine settings {wanted}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SizingTrial:
+    """One simulated candidate size of a static cluster."""
+
+    instances: int
+    slo_attainment: float
+
+
+def size_by_simulation(
+    trace: Trace,
+    plan_with: Callable[[int], ClusterPlan],
+    first_guess: int,
+    slos: Mapping[str, ClassSlo],
+    *,
+    model: str,
+    gpu: str,
+    slo_target: float,
+    max_instances: int,
+    config: SimConfig | None = None,
+    on_progress: ProgressCallback | None = None,
+    perf: Mapping[int, PerfModelLike] | None = None,
+) -> tuple[SimResult, tuple[SizingTrial, ...]]:
+    """The smallest static cluster `plan_with(n)` whose simulation of `trace` meets `slo_target`.
+
+    A static baseline "sized for the peak with the SLO met" (DESIGN §8) is the smallest count that
+    actually meets the SLO on the trace: sizing from profile capacities and a peak window alone
+    over-provisions a smooth trace and under-provisions a bursty one. Starts at `first_guess` (the
+    profile-based rule), doubles up while short, then bisects, assuming attainment grows with the count.
+    Returns the run at the chosen size and every trial in order. InvalidArgumentError if even
+    `max_instances` misses the target.
+    """
+    if not 0.0 < slo_target <= 1.0:
+        raise InvalidArgumentError("slo_target", slo_target, "a share in (0, 1]")
+    runs: dict[int, SimResult] = {}
+    trials: list[SizingTrial] = []
+
+    def meets(n: int) -> bool:
+        result = simulate(
+            trace, plan_with(n), model=model, gpu=gpu, config=config, on_progress=on_progress, perf=perf
+        )
+        ok = meets_slo(result, slos)
+        attainment = float(ok.mean()) if len(ok) else 1.0
+        runs[n] = result
+        trials.append(SizingTrial(instances=n, slo_attainment=attainment))
+        return attainment >= slo_target
+
+    lo, hi = 0, min(max(1, first_guess), max_instances)  # lo misses (or is 0), hi is the candidate
+    while not meets(hi):
+        if hi >= max_instances:
+            raise InvalidArgumentError(
+                "--slo-target",
+                slo_target,
+                f"an attainment reachable with at most {max_instances} instances "
+                f"(reached {trials[-1].slo_attainment:.4f})",
+            )
+        lo, hi = hi, min(2 * hi, max_instances)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return runs[hi], tuple(trials)

@@ -80,6 +80,7 @@ class SimResult:
     server_s: float  # server-seconds allocated
     rejected: int  # never admitted: no instance for the class, empty prompt or answer, or over the KV cache
     reconfigurations: int
+    engine_iterations: int
 
     @property
     def energy_j(self) -> float:
@@ -266,6 +267,7 @@ def build_report(
         "slo_attainment": float(ok.sum()) / n if n else None,
         "per_class": _per_class(result, slos, ok),
         "reconfigurations": result.reconfigurations,
+        "engine_iterations": result.engine_iterations,
         "carbon_g": carbon_g(result, pricing.carbon),
         "carbon_source": pricing.carbon_source,
         "cost_usd": rental_usd + energy_cost_usd,
@@ -295,6 +297,13 @@ def _pct(share: float | None) -> str:
     return "-" if share is None else f"{100.0 * share:.2f}%"
 
 
+def _sizing_lines(sizing: Mapping[str, Any] | None) -> list[str]:
+    if not sizing or not sizing["trials"]:
+        return []
+    tried = ", ".join(f"{t['instances']}: {_pct(t['slo_attainment'])}" for t in sizing["trials"])
+    return [f"sizing: {sizing['rule']}; peak rule gave {sizing['peak_rule_instances']}; tried {tried}"]
+
+
 def format_table(report: Mapping[str, Any]) -> str:
     """Summary block and per-class table of a report, for stdout."""
     r = report
@@ -311,6 +320,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         f"carbon {r['carbon_g']:,.1f} g; intensity: {r['carbon_source']}",
         f"cost {r['cost_usd']:,.2f} USD = GPU rental {r['cost']['gpu_rental_usd']:,.2f}"
         f" + energy {r['cost']['energy_usd']:,.2f}; energy price: {r['cost']['energy_price_source']}",
+        *_sizing_lines(r.get("workload", {}).get("sizing")),
         f"wall {r['wall_s']:.1f} s",
         "",
         f"{'class':<6}{'requests':>9}{'done':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'SLO TTFT':>10}"

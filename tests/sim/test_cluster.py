@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.api.errors import InvalidArgumentError
 from agent.sim.engine_core import EngineConfig
 from agent.sim.physics import load_perf_model
 from controller.model.classes import CLASS_NAMES, ClassBins
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.policy.singlepool import SinglePool, size_singlepool
-from controller.sim.cluster import SimConfig, run_policy, simulate
+from controller.sim.cluster import SimConfig, check_profile_engine, run_policy, simulate, size_by_simulation
 from controller.sim.profiling import default_profile
 from controller.sim.report import SimResult, meets_slo
 from controller.sim.traces import Trace, load_trace
@@ -211,8 +212,10 @@ def test_progress_callback_sees_simulated_time_increase_to_the_end() -> None:
 def test_singlepool_sized_for_the_peak_meets_the_slo_on_a_synthetic_trace() -> None:
     profile = default_profile("llama2-70b", "h100-sxm")
     trace = load_trace("synthetic:conversation", duration_s=600.0, seed=3)
-    result, stats = run_policy(trace, SinglePool(), profile, config=SimConfig(seed=3))
+    run = run_policy(trace, SinglePool(), profile, config=SimConfig(seed=3))
+    result, stats = run.result, run.arrivals
     sizing = size_singlepool(stats, profile)
+    assert run.rule_plan == sizing.plan and run.sizing_trials == ()
     assert result.plan == sizing.plan
     n = sizing.plan.instances
     assert n == math.ceil(stats.peak_rate_rps / sizing.capacity_rps)
@@ -226,11 +229,56 @@ def test_short_window_of_the_real_conversation_trace(shared_data: Path) -> None:
         shared_data / "traces" / "AzureLLMInferenceTrace_conv.csv", start_s=600.0, duration_s=300.0
     )
     profile = default_profile("llama2-70b", "h100-sxm")
-    result, stats = run_policy(trace, SinglePool(), profile)
+    run = run_policy(trace, SinglePool(), profile, slo_target=0.99)
+    result, stats = run.result, run.arrivals
     assert len(trace) == stats.requests > 1000
+    # the chosen size meets the target and one instance fewer (if tried) does not
+    chosen = result.plan.instances
+    by_count = {t.instances: t.slo_attainment for t in run.sizing_trials}
+    assert by_count[chosen] >= 0.99
+    assert chosen == 1 or by_count.get(chosen - 1, 0.0) < 0.99
     assert result.completed.all()
     assert result.plan.instances >= 2
     assert result.start_unix_s == pytest.approx(1700158546.68059 + 600.0, abs=1.0)
     mean_power_w = result.energy_j / result.duration_s
     # between all GPUs idle and all at TDP
     assert IDLE_W * result.plan.allocated_gpus < mean_power_w < 700.0 * result.plan.allocated_gpus
+
+
+def test_sizing_search_finds_the_smallest_count_meeting_the_target() -> None:
+    profile = default_profile("llama2-70b", "h100-sxm")
+    trace = load_trace("synthetic:coding", duration_s=900.0, seed=1)
+    slos = {c: profile.slo(c) for c in CLASS_NAMES}
+    policy = SinglePool()
+    result, trials = size_by_simulation(
+        trace,
+        lambda n: policy.plan_with(n, profile),
+        1,
+        slos,
+        model="llama2-70b",
+        gpu="h100-sxm",
+        slo_target=0.99,
+        max_instances=64,
+    )
+    chosen = result.plan.instances
+    attained = {t.instances: t.slo_attainment for t in trials}
+    assert attained[chosen] >= 0.99 and chosen - 1 in attained and attained[chosen - 1] < 0.99
+    assert [t.instances for t in trials][:2] == [1, 2]  # doubling from the first guess
+    with pytest.raises(InvalidArgumentError, match="--slo-target"):
+        size_by_simulation(
+            trace,
+            lambda n: policy.plan_with(n, profile),
+            1,
+            slos,
+            model="llama2-70b",
+            gpu="h100-sxm",
+            slo_target=0.99,
+            max_instances=chosen - 1,
+        )
+
+
+def test_profile_measured_on_another_engine_is_refused() -> None:
+    profile = default_profile("llama2-70b", "h100-sxm")
+    check_profile_engine(profile, EngineConfig(), "built-in")
+    with pytest.raises(InvalidArgumentError, match="max_num_batched_tokens=2048"):
+        check_profile_engine(profile, EngineConfig(max_num_batched_tokens=2048), "built-in")

@@ -67,6 +67,7 @@ def _result(**changes: Any) -> SimResult:
         server_s=20.0,
         rejected=0,
         reconfigurations=0,
+        engine_iterations=0,
     )
     base.update(changes)
     return SimResult(**base)

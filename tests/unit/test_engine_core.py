@@ -231,6 +231,21 @@ def test_close_charges_only_up_to_end() -> None:
         eng.advance_to(2.0)
 
 
+@pytest.mark.parametrize(("end_s", "busy_s"), [(1.0, 1.0), (3.0, 1.8)])
+def test_close_after_idling_past_end_takes_back_idle_and_busy_parts(end_s: float, busy_s: float) -> None:
+    perf = FakePerf()
+    eng = make(perf, power_bin_s=1.0)
+    eng.submit(1, 0.0, 8, 1)  # one iteration of 1.8 s, then idle
+    eng.advance_to(5.0)
+    eng.close(end_s)
+    busy_w = perf.tp * perf.calls[0].power_w
+    idle_w = perf.tp * perf.idle_power_w
+    expected_j = busy_w * busy_s + idle_w * (end_s - busy_s)
+    assert eng.now_s == end_s and eng.busy_s == pytest.approx(busy_s)
+    assert eng.energy_j == pytest.approx(expected_j, rel=1e-12)
+    assert eng.energy_by_bin_j.sum() == pytest.approx(expected_j, rel=1e-12)
+
+
 def test_close_before_the_last_iteration_started_is_refused() -> None:
     eng = make(FakePerf())
     eng.submit(1, 0.0, 8, 5)

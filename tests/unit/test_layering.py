@@ -43,7 +43,9 @@ def test_violations_are_reported(tmp_path: Path, path: str, source: str, needle:
 def test_allowed_imports_pass(tmp_path: Path) -> None:
     (tmp_path / "controller" / "sim").mkdir(parents=True)
     (tmp_path / "agent").mkdir()
-    (tmp_path / "controller" / "sim" / "x.py").write_text("from agent.sim.physics import model\nimport agent.api.errors\n")
+    (tmp_path / "controller" / "sim" / "x.py").write_text(
+        "from agent.sim.physics import model\nimport agent.api.errors\n"
+    )
     (tmp_path / "controller" / "dctl").mkdir()
     (tmp_path / "controller" / "dctl" / "y.py").write_text("def run():\n    import cvxpy\n")
     assert check_layering.check(tmp_path) == []
