@@ -34,7 +34,12 @@ def test_short_synthetic_run_writes_the_report_and_prints_the_table(
     assert report["carbon_source"].startswith("constant 194 g/kWh (default")
     assert report["cost"]["gpu_usd_per_server_hour"] == 88.5
     assert report["workload"]["trace_spec"] == "synthetic:conversation"
-    assert "SLO attainment" in out and "policy singlepool" in out
+    trials = report["workload"]["sizing"]["trials"]
+    assert trials and trials[0]["instances"] == report["workload"]["sizing"]["peak_rule_instances"]
+    chosen = report["plan"]["pools"][0]["instances"][0]["count"]
+    assert {"instances": chosen, "slo_attainment": report["slo_attainment"]} in trials
+    assert report["slo_attainment"] >= 0.99
+    assert "SLO attainment" in out and "policy singlepool" in out and "sizing: smallest" in out
     for name in ("SS", "LL"):
         assert f"\n{name} " in out
 
@@ -48,6 +53,14 @@ def test_same_seed_same_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
         report.pop("wall_s")
         reports.append(report)
     assert reports[0] == reports[1]
+
+
+def test_instances_flag_fixes_the_size(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, *SHORT, "--output", "json", "--instances", "5")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["plan"]["gpus"] == 40 and r["avg_servers"] == 5.0
+    assert r["workload"]["sizing"]["trials"] == []
 
 
 def test_json_on_stdout_and_pricing_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,6 +95,10 @@ def test_json_on_stdout_and_pricing_flags(capsys: pytest.CaptureFixture[str]) ->
         (["--gpu-usd-per-server-hour", "-3"], "--gpu-usd-per-server-hour"),
         (["--max-drain", "0"], "--max-drain"),
         (["--output", "yaml"], "--output: got 'yaml'; allowed: table, json"),
+        (["--instances", "0"], "--instances: got '0'; allowed: 1..512"),
+        (["--instances", "2.5"], "--instances"),
+        (["--slo-target", "1.5"], "--slo-target"),
+        (["--slo-target", "0"], "--slo-target"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag_and_write_nothing(
