@@ -61,6 +61,22 @@ class PermissionDeniedError(DynamoError):
     """The caller or the process lacks the privilege for the action."""
 
 
+class UnauthenticatedError(DynamoError):
+    """The caller presented no valid credentials."""
+
+
+class UnsupportedError(DynamoError):
+    """The device or engine does not support the operation (e.g. locked clocks before Volta)."""
+
+
+class ConflictError(DynamoError):
+    """A desired-state request is stale: its generation is older than the one in force."""
+
+
+class FailedPreconditionError(DynamoError):
+    """The request is valid but the system is not in a state where it can be carried out."""
+
+
 class UnavailableError(DynamoError):
     """A dependency is not reachable right now; retrying later may succeed."""
 
