@@ -13,6 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The fake libnvidia-ml.so.1 (built with gcc) and its per-test state: the real NvmlBackend and
+# nvidia-ml-py run against it (tests/fakenvml).
+pytest_plugins = ["tests.fakenvml.fixtures"]
+
 
 def shared_data_dir() -> Path:
     return Path(os.environ.get("DYNAMOLLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
