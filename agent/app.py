@@ -1,0 +1,314 @@
+"""Entry point of `dynamollm-agent` (and `python -m agent.app`): settings, GPU backend, crash recovery,
+the grpc.aio server with NodeTelemetry, NodeControl, health and reflection, background tasks (telemetry
+sampler, lease watcher, systemd watchdog), and graceful stop.
+
+    dynamollm-agent [--config F] [--simulated --gpus N] [--listen HOST:PORT] [--runtime-dir D]
+    dynamollm-agent restore-defaults [--config F] [...]     # systemd ExecStopPost: no server
+
+The first line on stdout is a JSON `agent_listening` event with the bound port (tests start the agent on
+port 0 and read it). SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, restore GPU defaults,
+drain and stop engines, exit 0. `start_agent` is the same server in-process (tests, dctl, benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from agent.api.clock import Clock, SystemClock
+from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError
+from agent.api.log import configure_logging
+from agent.api.v1 import control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from agent.engine.driver import EngineDriver
+from agent.gpu.base import GpuBackend
+from agent.gpu.worker import GpuWorkers
+from agent.safety import AgentStateDoc, GpuSafety, StateStore
+from agent.service import Authorizer, ControlServicer, NodeAgent, TelemetryServicer
+from agent.settings import AgentSettings, load_settings
+
+log = structlog.get_logger("agent.app")
+
+SERVICE_NAMES = (
+    telemetry_pb2.DESCRIPTOR.services_by_name["NodeTelemetry"].full_name,
+    control_pb2.DESCRIPTOR.services_by_name["NodeControl"].full_name,
+)
+STOP_GRACE_S = 1.0  # in-flight RPCs (telemetry streams never end by themselves) get this long at stop
+
+
+def make_backend(settings: AgentSettings) -> GpuBackend:
+    """The configured backend (blocking: NVML initialises here)."""
+    if settings.gpu_backend == "simulated":
+        from agent.gpu.simulated import SimulatedGpuBackend
+
+        sim = settings.simulated
+        return SimulatedGpuBackend(sim.node_dir, gpus=sim.gpus, gpu=sim.gpu, model=sim.model)
+    from agent.gpu.nvml import NvmlBackend
+
+    return NvmlBackend()
+
+
+def make_driver(settings: AgentSettings, clock: Clock) -> EngineDriver:
+    template_vars = (
+        {"node_dir": str(settings.simulated.node_dir), "gpu": settings.simulated.gpu}
+        if settings.engine.kind == "simulated"
+        else {}
+    )
+    return EngineDriver(
+        settings.engine.command,
+        ready_timeout_s=settings.engine.ready_timeout_s,
+        stop_grace_s=settings.engine.stop_grace_s,
+        clock=clock,
+        log_dir=settings.engine.log_dir,
+        template_vars=template_vars,
+    )
+
+
+async def load_state(store: StateStore, safety: GpuSafety) -> AgentStateDoc:
+    """The persisted state; an unreadable file means nothing is known, so every GPU is reset."""
+    try:
+        return await asyncio.to_thread(store.load)
+    except DataFileError as exc:
+        log.error("state_file_unreadable", path=str(store.path), error=str(exc))
+        await safety.reset_all_unknown()
+        return AgentStateDoc()
+
+
+@dataclass
+class RunningAgent:
+    """An agent serving on `address` (`port` 0 for a Unix socket); `stop()` is the graceful stop."""
+
+    agent: NodeAgent
+    server: grpc.aio.Server
+    health: HealthServicer
+    address: str
+    port: int
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopped: bool = False
+
+    async def stop(self, *, grace_s: float = STOP_GRACE_S) -> None:
+        """Health NOT_SERVING, stop accepting, restore GPU defaults, stop engines, release the backend."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.agent.shutdown(drain_timeout_s=self.agent.settings.engine.drain_timeout_s)
+        await asyncio.to_thread(self.agent.workers.close)
+        log.info("agent_stopped")
+
+
+async def start_agent(
+    settings: AgentSettings,
+    *,
+    backend: GpuBackend | None = None,
+    driver: EngineDriver | None = None,
+    clock: Clock | None = None,
+) -> RunningAgent:
+    """Start a complete agent in this event loop: recovery first, then the server and background tasks."""
+    clock = clock or SystemClock()
+    settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    if backend is None:
+        backend = await asyncio.to_thread(make_backend, settings)
+    workers = await GpuWorkers.create(backend)
+    store = StateStore(settings.state_file)
+    driver = driver or make_driver(settings, clock)
+    doc = await load_state(store, GpuSafety(workers, _no_persist))
+    agent = NodeAgent(settings, workers, driver, clock, store, doc)
+    await agent.recover(doc)
+
+    server = grpc.aio.server()
+    auth = Authorizer(settings.tokens)
+    telemetry_pb2_grpc.add_NodeTelemetryServicer_to_server(TelemetryServicer(agent, auth), server)
+    control_pb2_grpc.add_NodeControlServicer_to_server(ControlServicer(agent, auth), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+        )
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        await asyncio.to_thread(workers.close)
+        raise InvalidArgumentError(
+            "listen", settings.listen, f"an address this host can bind ({exc})"
+        ) from None
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    tasks = [
+        asyncio.create_task(agent.sampler.run(), name="telemetry-sampler"),
+        asyncio.create_task(agent.watcher.run(), name="lease-watcher"),
+    ]
+    running = RunningAgent(agent, server, health, settings.listen, port, tasks)
+    log.info("agent_started", listen=settings.listen, port=port, gpus=workers.count, backend=workers.kind)
+    return running
+
+
+async def _no_persist() -> None:
+    """Start-up reset before the state is known: there is nothing to save yet."""
+
+
+# ---------------------------------------------------------------------------------------- systemd
+
+
+def sd_notify(message: str) -> bool:
+    """Send a datagram to systemd's NOTIFY_SOCKET (Type=notify); False when not under systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify_failed", error=str(exc))
+        return False
+    return True
+
+
+def watchdog_period_s() -> float | None:
+    """Half of systemd's WatchdogSec when the watchdog is on for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        return None
+
+
+async def _watchdog(period_s: float) -> None:
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(period_s)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dynamollm-agent",
+        description="dynamollm node agent: GPU clocks under a lease, telemetry and engines over gRPC.",
+    )
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=("serve", "restore-defaults"),
+        default="serve",
+        help="serve (default), or restore-defaults: put back GPUs a dead agent left modified, then exit",
+    )
+    p.add_argument(
+        "--config", type=Path, default=None, help="TOML config (default /etc/dynamollm/agent.toml)"
+    )
+    p.add_argument(
+        "--simulated", action="store_true", help="simulated GPUs and engines (gpu.backend=simulated)"
+    )
+    p.add_argument("--gpus", default=None, help="number of simulated GPUs (simulated.gpus)")
+    p.add_argument("--listen", default=None, help="HOST:PORT or unix:/path (listen)")
+    p.add_argument("--runtime-dir", default=None, help="state, logs, simulated node (runtime_dir)")
+    return p
+
+
+def _cli_values(ns: argparse.Namespace) -> dict[str, object]:
+    values: dict[str, object] = {}
+    if ns.simulated:
+        values["gpu.backend"] = "simulated"
+    if ns.gpus is not None:
+        values["simulated.gpus"] = ns.gpus
+    if ns.listen is not None:
+        values["listen"] = ns.listen
+    if ns.runtime_dir is not None:
+        values["runtime_dir"] = ns.runtime_dir
+    return values
+
+
+async def _serve(settings: AgentSettings) -> int:
+    running = await start_agent(settings)
+    print(
+        json.dumps({"event": "agent_listening", "listen": settings.listen, "port": running.port}), flush=True
+    )
+    log.info("agent_listening", listen=settings.listen, port=running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sd_notify("READY=1")
+    period_s = watchdog_period_s()
+    if period_s is not None:
+        running.tasks.append(asyncio.create_task(_watchdog(period_s), name="sd-watchdog"))
+    await stop.wait()
+    log.info("agent_stopping")
+    sd_notify("STOPPING=1")
+    await running.stop()
+    return 0
+
+
+async def _restore_defaults(settings: AgentSettings) -> int:
+    """ExecStopPost: restore what the persisted state says is modified, without serving."""
+    backend = await asyncio.to_thread(make_backend, settings)
+    workers = await GpuWorkers.create(backend)
+    try:
+        store = StateStore(settings.state_file)
+        safety = GpuSafety(workers, _no_persist)
+        doc = await load_state(store, safety)
+        restored = await safety.recover(doc) if doc.applied else []
+        if doc.applied:
+            cleared = AgentStateDoc(
+                gpu_scope=doc.gpu_scope,
+                engine_scopes=doc.engine_scopes,
+                lease_holder=doc.lease_holder,
+                lease_generation=doc.lease_generation,
+            )
+            await asyncio.to_thread(store.save, cleared)
+        print(json.dumps({"event": "gpu_defaults_restored", "gpu_indices": restored}), flush=True)
+        return 0
+    finally:
+        await asyncio.to_thread(workers.close)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(ns.config, cli_values=_cli_values(ns))
+    except InvalidArgumentError as exc:
+        print(f"dynamollm-agent: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        if ns.command == "restore-defaults":
+            return asyncio.run(_restore_defaults(settings))
+        return asyncio.run(_serve(settings))
+    except InvalidArgumentError as exc:
+        print(f"dynamollm-agent: error: {exc}", file=sys.stderr)
+        return 2
+    except (DynamoError, OSError) as exc:
+        print(f"dynamollm-agent: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Telemetry of the node: one fixed-period sampler over every GPU (and the engines, when a subscriber asks),
+a ring buffer of recent samples, per-subscriber bounded queues, and the energy cross-check.
+
+Flow: `TelemetrySampler.run` ticks every `period_s` on the monotonic clock (missed ticks are skipped, not
+bunched), reads all GPUs in parallel through the per-GPU workers, scrapes engine metrics through the
+service's callback, stores the `NodeSample` in the ring buffer and offers it to every `Subscription`.
+A subscription keeps every `stride`-th sample in a queue of at most `subscriber_queue` samples; when a
+slow reader lets it fill, the oldest sample is dropped and counted, so neither the sampler nor other
+subscribers ever wait for it. `agent.service.StreamTelemetry` drains a subscription into the gRPC stream.
+
+Energy cross-check: over the ring buffer, the energy counter's increase is compared with the trapezoidal
+integral of the sampled power (`energy_discrepancy`, pure); a relative difference above the threshold is
+logged as `energy_counter_mismatch` (a counter that stalls or wraps, or power sampled too coarsely).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from agent.api.clock import Clock
+from agent.api.v1 import common_pb2, telemetry_pb2
+from agent.control import StreamPlan
+from agent.gpu.base import GpuReading
+from agent.gpu.worker import GpuWorkers
+
+log = structlog.get_logger("agent.telemetry")
+
+EngineScraper = Callable[[], Awaitable[Sequence[common_pb2.EngineMetrics]]]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSample:
+    """One sampling instant: GPU readings (ascending index; failed reads left out) and engine metrics."""
+
+    seq: int
+    ts_unix_ns: int
+    monotonic_s: float
+    readings: tuple[tuple[int, GpuReading], ...]
+    engines: tuple[common_pb2.EngineMetrics, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyCheck:
+    """Energy of one GPU over a window, two ways."""
+
+    gpu_index: int
+    window_s: float
+    counter_j: float  # increase of the driver's energy counter
+    integrated_j: float  # trapezoidal integral of sampled power
+
+    @property
+    def discrepancy_ratio(self) -> float:
+        """|counter - integrated| / counter (0 when the counter did not move and neither did power)."""
+        if self.counter_j <= 0.0:
+            return 0.0 if self.integrated_j <= 0.0 else math.inf
+        return abs(self.counter_j - self.integrated_j) / self.counter_j
+
+
+def energy_discrepancy(samples: Sequence[NodeSample], gpu_index: int) -> EnergyCheck | None:
+    """Compare counter and integrated power for one GPU over `samples` (None with fewer than two readings)."""
+    points = [(s.monotonic_s, r) for s in samples for i, r in s.readings if i == gpu_index]
+    if len(points) < 2:
+        return None
+    integrated_j = math.fsum(
+        0.5 * (r0.power_w + r1.power_w) * (t1 - t0) for (t0, r0), (t1, r1) in itertools.pairwise(points)
+    )
+    return EnergyCheck(
+        gpu_index=gpu_index,
+        window_s=points[-1][0] - points[0][0],
+        counter_j=points[-1][1].energy_j - points[0][1].energy_j,
+        integrated_j=integrated_j,
+    )
+
+
+def gpu_sample_pb(index: int, r: GpuReading) -> common_pb2.GpuSample:
+    return common_pb2.GpuSample(
+        gpu_index=index,
+        power_w=r.power_w,
+        energy_j=r.energy_j,
+        sm_clock_mhz=r.sm_clock_mhz,
+        mem_clock_mhz=r.mem_clock_mhz,
+        util_gpu_ratio=r.util_gpu_ratio,
+        util_mem_ratio=r.util_mem_ratio,
+        mem_used_bytes=r.mem_used_bytes,
+        temperature_c=r.temperature_c,
+        enforced_power_limit_w=r.enforced_power_limit_w,
+        clock_event_reasons_mask=r.clock_event_reasons_mask,
+    )
+
+
+class Subscription:
+    """One StreamTelemetry caller's queue: every `plan.stride`-th sample, newest `maxlen` kept."""
+
+    def __init__(self, plan: StreamPlan, maxlen: int) -> None:
+        self.plan = plan
+        self.dropped_count = 0
+        self._queue: deque[NodeSample] = deque(maxlen=maxlen)
+        self._offered = 0
+        self._ready = asyncio.Event()
+
+    def offer(self, sample: NodeSample) -> None:
+        """Called by the sampler; never blocks."""
+        self._offered += 1
+        if (self._offered - 1) % self.plan.stride:
+            return
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped_count += 1  # the deque drops the oldest on append
+        self._queue.append(sample)
+        self._ready.set()
+
+    async def next(self) -> NodeSample:
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+    def to_pb(self, sample: NodeSample) -> telemetry_pb2.TelemetrySample:
+        wanted = set(self.plan.gpu_indices)
+        return telemetry_pb2.TelemetrySample(
+            ts_unix_ns=sample.ts_unix_ns,
+            period_s=self.plan.period_s,
+            gpus=[gpu_sample_pb(i, r) for i, r in sample.readings if i in wanted],
+            engines=list(sample.engines) if self.plan.include_engines else [],
+            dropped_samples_count=self.dropped_count,
+        )
+
+
+class TelemetrySampler:
+    """The node's one sampler (see module docstring)."""
+
+    def __init__(
+        self,
+        workers: GpuWorkers,
+        clock: Clock,
+        *,
+        period_s: float,
+        buffer: int,
+        subscriber_queue: int,
+        mismatch_ratio: float,
+        scrape_engines: EngineScraper | None = None,
+    ) -> None:
+        self.period_s = period_s
+        self.ring: deque[NodeSample] = deque(maxlen=buffer)
+        self.last_energy_checks: dict[int, EnergyCheck] = {}
+        self.overrun_count = 0
+        self._workers = workers
+        self._clock = clock
+        self._subscriber_queue = subscriber_queue
+        self._mismatch_ratio = mismatch_ratio
+        self._scrape_engines = scrape_engines
+        self._subscriptions: set[Subscription] = set()
+        self._seq = 0
+        self._failing: set[int] = set()  # GPUs whose last read failed (log once per failure streak)
+        # At least 1 s (the driver updates its counter every 20-100 ms) and ten samples.
+        self._check_every_s = max(1.0, 10 * period_s)
+        self._last_check_s: float | None = None
+
+    def subscribe(self, plan: StreamPlan) -> Subscription:
+        sub = Subscription(plan, self._subscriber_queue)
+        self._subscriptions.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscriptions.discard(sub)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    async def sample_once(self) -> NodeSample:
+        ts_unix_ns = self._clock.wall_ns()
+        monotonic_s = self._clock.monotonic_s()
+        want_engines = self._scrape_engines is not None and any(
+            s.plan.include_engines for s in self._subscriptions
+        )
+        indices = list(range(self._workers.count))
+        if want_engines and self._scrape_engines is not None:
+            results, engines = await asyncio.gather(self._workers.read_many(indices), self._scrape_engines())
+        else:
+            results, engines = await self._workers.read_many(indices), ()
+        readings: list[tuple[int, GpuReading]] = []
+        for index, result in zip(indices, results, strict=True):
+            if isinstance(result, BaseException):
+                if index not in self._failing:
+                    self._failing.add(index)
+                    log.warning("gpu_read_failed", gpu_index=index, error=str(result))
+                continue
+            if index in self._failing:
+                self._failing.discard(index)
+                log.info("gpu_read_recovered", gpu_index=index)
+            readings.append((index, result))
+        self._seq += 1
+        return NodeSample(self._seq, ts_unix_ns, monotonic_s, tuple(readings), tuple(engines))
+
+    def publish(self, sample: NodeSample) -> None:
+        self.ring.append(sample)
+        for sub in self._subscriptions:
+            sub.offer(sample)
+        if self._last_check_s is None:
+            self._last_check_s = sample.monotonic_s
+        elif sample.monotonic_s - self._last_check_s >= self._check_every_s:
+            self._last_check_s = sample.monotonic_s
+            self._check_energy()
+
+    def _check_energy(self) -> None:
+        samples = list(self.ring)
+        for index in range(self._workers.count):
+            check = energy_discrepancy(samples, index)
+            if check is None:
+                continue
+            self.last_energy_checks[index] = check
+            if check.discrepancy_ratio > self._mismatch_ratio:
+                log.warning(
+                    "energy_counter_mismatch",
+                    gpu_index=index,
+                    window_s=round(check.window_s, 3),
+                    counter_j=round(check.counter_j, 3),
+                    integrated_j=round(check.integrated_j, 3),
+                    discrepancy_ratio=round(check.discrepancy_ratio, 4),
+                )
+
+    async def run(self) -> None:
+        """Sample every period until cancelled; a tick that overran skips the ticks it missed."""
+        next_s = self._clock.monotonic_s()
+        while True:
+            try:
+                self.publish(await self.sample_once())
+            except Exception:
+                log.exception("telemetry_sample_failed")
+            next_s += self.period_s
+            now_s = self._clock.monotonic_s()
+            if next_s <= now_s:
+                missed = math.floor((now_s - next_s) / self.period_s) + 1
+                self.overrun_count += missed
+                next_s += missed * self.period_s
+            await asyncio.sleep(next_s - now_s)

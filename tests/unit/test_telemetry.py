@@ -1,0 +1,158 @@
+"""agent.telemetry: stream period validation, bounded subscriber queues with counted drops, the energy
+cross-check, and the sampler over an in-memory backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.api.clock import SystemClock
+from agent.api.errors import InvalidArgumentError
+from agent.api.v1 import telemetry_pb2
+from agent.control import StreamPlan, validate_stream
+from agent.gpu.base import GpuInfo, GpuReading
+from agent.gpu.worker import GpuWorkers
+from agent.telemetry import NodeSample, Subscription, TelemetrySampler, energy_discrepancy
+
+
+def _reading(power_w: float, energy_j: float) -> GpuReading:
+    return GpuReading(power_w, energy_j, 1980, 2619, 0.5, 0.4, 1 << 30, 50.0, 700.0, 0x4)
+
+
+def _sample(seq: int, t_s: float, readings: dict[int, GpuReading]) -> NodeSample:
+    return NodeSample(seq, 1_000 + seq, t_s, tuple(sorted(readings.items())), ())
+
+
+class StuckCounterBackend:
+    """Constant power and an energy counter stuck at 0 (what the cross-check must catch); `fail_gpu`
+    makes one GPU's reads fail."""
+
+    def __init__(self, count: int = 2) -> None:
+        self.count = count
+        self.fail_gpu: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "simulated"
+
+    def device_count(self) -> int:
+        return self.count
+
+    def info(self, index: int) -> GpuInfo:
+        return GpuInfo(index, f"GPU-{index}", "Fake", (1980,), 200.0, 700.0, 700.0, 1)
+
+    def read(self, index: int) -> GpuReading:
+        if index == self.fail_gpu:
+            raise InvalidArgumentError("index", index, "a GPU that answers")
+        return _reading(100.0 + index, 0.0)
+
+    def power_limit_w(self, index: int) -> float:
+        return 700.0
+
+    def set_locked_clocks(self, index: int, min_clock_mhz: int, max_clock_mhz: int) -> None: ...
+
+    def reset_locked_clocks(self, index: int) -> None: ...
+
+    def set_power_limit(self, index: int, power_limit_w: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _stream_request(period_s: float, gpus: list[int] | None = None) -> telemetry_pb2.StreamTelemetryRequest:
+    return telemetry_pb2.StreamTelemetryRequest(period_s=period_s, gpu_indices=gpus or [])
+
+
+@pytest.mark.parametrize(
+    ("period_s", "stride", "effective_s"), [(0.0, 1, 0.5), (0.5, 1, 0.5), (1.5, 3, 1.5), (60.0, 120, 60.0)]
+)
+def test_stream_periods_are_multiples_of_the_sampler(
+    period_s: float, stride: int, effective_s: float
+) -> None:
+    plan = validate_stream(
+        _stream_request(period_s), gpu_count=2, sampler_period_s=0.5, min_period_s=0.1, max_period_s=60.0
+    )
+    assert (plan.stride, plan.period_s, plan.gpu_indices) == (stride, pytest.approx(effective_s), (0, 1))
+
+
+@pytest.mark.parametrize("period_s", [0.1, 0.7, -1.0, 61.0, float("nan"), float("inf")])
+def test_bad_stream_periods(period_s: float) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_stream(
+            _stream_request(period_s), gpu_count=2, sampler_period_s=0.5, min_period_s=0.1, max_period_s=60.0
+        )
+    assert info.value.field == "period_s"
+    assert "multiple of 0.5 s within [0.5, 60]" in info.value.allowed
+
+
+@pytest.mark.parametrize(("gpus", "field"), [([2], "gpu_indices[0]"), ([1, 1], "gpu_indices[1]")])
+def test_bad_stream_gpus(gpus: list[int], field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_stream(
+            _stream_request(0, gpus), gpu_count=2, sampler_period_s=1, min_period_s=0.1, max_period_s=60
+        )
+    assert info.value.field == field
+
+
+async def test_subscription_keeps_newest_and_counts_drops() -> None:
+    sub = Subscription(StreamPlan(1.0, 2, (1,), False), maxlen=3)
+    for seq in range(1, 13):  # stride 2: samples 1, 3, 5, 7, 9, 11 are kept for this subscriber
+        sub.offer(_sample(seq, float(seq), {0: _reading(1, 1), 1: _reading(2, 2)}))
+    assert sub.dropped_count == 3
+    got = [await sub.next() for _ in range(3)]
+    assert [s.seq for s in got] == [7, 9, 11]
+    pb = sub.to_pb(got[0])
+    assert [g.gpu_index for g in pb.gpus] == [1]
+    assert pb.dropped_samples_count == 3 and pb.period_s == 1.0
+    waiter = asyncio.create_task(sub.next())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    sub.offer(_sample(13, 13.0, {}))
+    assert (await asyncio.wait_for(waiter, 1.0)).seq == 13
+
+
+def test_energy_discrepancy() -> None:
+    # 100 W then 300 W sampled at 1 s: trapezoid says 200 J + 300 J over 2 s
+    samples = [
+        _sample(1, 0.0, {0: _reading(100.0, 1000.0)}),
+        _sample(2, 1.0, {0: _reading(300.0, 1200.0)}),
+        _sample(3, 2.0, {1: _reading(1.0, 0.0)}),  # GPU 0's read failed in this sample
+        _sample(4, 3.0, {0: _reading(300.0, 1800.0)}),
+    ]
+    check = energy_discrepancy(samples, 0)
+    assert check is not None
+    assert check.window_s == 3.0
+    assert check.counter_j == 800.0
+    assert check.integrated_j == pytest.approx(200.0 + 600.0)
+    assert check.discrepancy_ratio == pytest.approx(0.0)
+    assert energy_discrepancy(samples, 1) is None
+
+
+async def test_sampler_ticks_publishes_and_checks_energy() -> None:
+    backend = StuckCounterBackend()
+    workers = await GpuWorkers.create(backend)
+    sampler = TelemetrySampler(
+        workers, SystemClock(), period_s=0.02, buffer=50, subscriber_queue=4, mismatch_ratio=0.05
+    )
+    sub = sampler.subscribe(StreamPlan(0.04, 2, (0, 1), False))
+    task = asyncio.create_task(sampler.run())
+    try:
+        first = await asyncio.wait_for(sub.next(), 1.0)
+        second = await asyncio.wait_for(sub.next(), 1.0)
+        assert second.seq - first.seq == 2  # every second sample for a 2x period
+        assert (second.monotonic_s - first.monotonic_s) == pytest.approx(0.04, abs=0.03)
+        assert [i for i, _ in first.readings] == [0, 1]
+        backend.fail_gpu = 1
+        await asyncio.sleep(0.1)
+        latest = sampler.ring[-1]
+        assert [i for i, _ in latest.readings] == [0]  # a failing GPU is left out, the rest keep coming
+        await asyncio.sleep(1.1)  # past the 1 s cross-check interval
+        # The fake's counter never moves while power is ~100 W: the cross-check must flag it.
+        assert sampler.last_energy_checks[0].counter_j == 0.0
+        assert sampler.last_energy_checks[0].discrepancy_ratio == float("inf")
+        assert len(sampler.ring) == 50
+    finally:
+        task.cancel()
+        sampler.unsubscribe(sub)
+        workers.close()
+    assert sampler.subscriber_count == 0
