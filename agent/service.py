@@ -389,7 +389,7 @@ class NodeAgent:
                 uuid=info.uuid,
                 name=info.name,
                 # agent.gpu.base.GpuInfo has no PCI bus id yet (lead asked to add it); empty until then
-                pci_bus_id=getattr(info, "pci_bus_id", ""),
+                pci_bus_id=info.pci_bus_id,
                 supported_sm_clocks_mhz=list(info.supported_sm_clocks_mhz),
                 min_power_limit_w=info.min_power_limit_w,
                 max_power_limit_w=info.max_power_limit_w,

@@ -25,6 +25,7 @@ class GpuInfo:
     max_power_limit_w: float
     default_power_limit_w: float
     mem_total_bytes: int
+    pci_bus_id: str  # domain:bus:device.function, e.g. "00000000:18:00.0" (nvidia-smi's form)
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,6 +134,11 @@ def _nvml_call(
         raise nvml_error(int(exc.value), function, gpu_index, argument) from exc
 
 
+def _text(value: object) -> str:
+    """NVML strings: pynvml returns str or, for struct fields with some versions, bytes."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class NvmlBackend:
     """`GpuBackend` over the node's NVIDIA driver. Index = NVML index (the order nvidia-smi lists)."""
 
@@ -190,13 +195,16 @@ class NvmlBackend:
         memory = _nvml_call("nvmlDeviceGetMemoryInfo", lambda: pynvml.nvmlDeviceGetMemoryInfo(handle), index)
         info = GpuInfo(
             index=index,
-            uuid=str(_nvml_call("nvmlDeviceGetUUID", lambda: pynvml.nvmlDeviceGetUUID(handle), index)),
-            name=str(_nvml_call("nvmlDeviceGetName", lambda: pynvml.nvmlDeviceGetName(handle), index)),
+            uuid=_text(_nvml_call("nvmlDeviceGetUUID", lambda: pynvml.nvmlDeviceGetUUID(handle), index)),
+            name=_text(_nvml_call("nvmlDeviceGetName", lambda: pynvml.nvmlDeviceGetName(handle), index)),
             supported_sm_clocks_mhz=self._supported_sm_clocks_mhz(index, handle),
             min_power_limit_w=int(min_mw) / _MILLI,
             max_power_limit_w=int(max_mw) / _MILLI,
             default_power_limit_w=int(default_mw) / _MILLI,
             mem_total_bytes=int(memory.total),
+            pci_bus_id=_text(
+                _nvml_call("nvmlDeviceGetPciInfo", lambda: pynvml.nvmlDeviceGetPciInfo(handle), index).busId
+            ),
         )
         self._infos[index] = info
         return info

@@ -130,6 +130,7 @@ class SimulatedGpuBackend:
             max_power_limit_w=self._max_limit_w,
             default_power_limit_w=self._spec.tdp_w,
             mem_total_bytes=self._spec.memory_bytes,
+            pci_bus_id=f"00000000:{0x18 + index:02X}:00.0",
         )
 
     def control(self, index: int) -> GpuControl:

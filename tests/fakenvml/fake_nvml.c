@@ -520,6 +520,25 @@ EXPORT nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned 
     return end(&ss, copy_string(value, uuid, length));
 }
 
+/* nvmlPciInfo_t as nvml.h lays it out since NVML 9 (busIdLegacy kept for ABI compatibility). */
+typedef struct {
+    char busIdLegacy[16];
+    unsigned domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+
+EXPORT nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    BEGIN("nvmlDeviceGetPciInfo_v3", device);
+    (void)g;
+    if (!pci) return end(&ss, NVML_ERROR_INVALID_ARGUMENT);
+    memset(pci, 0, sizeof *pci);
+    pci->bus = 0x18 + (unsigned)(device - g_devices);
+    pci->pciDeviceId = 0x233010DE; /* H100 SXM5 */
+    snprintf(pci->busId, sizeof pci->busId, "00000000:%02X:00.0", pci->bus);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "0000:%02X:00.0", pci->bus);
+    return end(&ss, NVML_SUCCESS);
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned *index) {
     BEGIN("nvmlDeviceGetIndex", device);
     (void)g;

@@ -50,6 +50,7 @@ def test_inventory_of_two_h100_like_gpus(backend: NvmlBackend) -> None:
     assert [info.index for info in infos] == [0, 1]
     assert len({info.uuid for info in infos}) == 2
     assert all(info.uuid.startswith("GPU-") for info in infos)
+    assert [info.pci_bus_id for info in infos] == ["00000000:18:00.0", "00000000:19:00.0"]
     assert infos[0].name == "NVIDIA H100 80GB HBM3"
     assert infos[0].mem_total_bytes == 81559 * 1024 * 1024
     assert (infos[0].min_power_limit_w, infos[0].max_power_limit_w, infos[0].default_power_limit_w) == (

@@ -43,7 +43,7 @@ class FakeBackend:
         return len(self.locks)
 
     def info(self, index: int) -> GpuInfo:
-        return GpuInfo(index, f"GPU-{index}", "Fake H100", CLOCKS, 200.0, 700.0, 700.0, 80 << 30)
+        return GpuInfo(index, f"GPU-{index}", "Fake H100", CLOCKS, 200.0, 700.0, 700.0, 80 << 30, "")
 
     def read(self, index: int) -> GpuReading:
         lock = self.locks[index]

@@ -40,7 +40,9 @@ class StuckCounterBackend:
         return self.count
 
     def info(self, index: int) -> GpuInfo:
-        return GpuInfo(index, f"GPU-{index}", "Fake", (1980,), 200.0, 700.0, 700.0, 1)
+        return GpuInfo(
+            index, f"GPU-{index}", "Fake", (1980,), 200.0, 700.0, 700.0, 1, f"00000000:{index:02X}:00.0"
+        )
 
     def read(self, index: int) -> GpuReading:
         if index == self.fail_gpu:
