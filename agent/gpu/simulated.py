@@ -147,10 +147,10 @@ class SimulatedGpuBackend:
         extra_power_w = found.extra_power_w if live else 0.0
         power_w = self._idle_w + extra_power_w
         locked_max = control.locked_max_clock_mhz
-        if live and found.clock_mhz > 0:
-            sm_clock_mhz = found.clock_mhz
-        else:
-            sm_clock_mhz = locked_max if locked_max is not None else self._spec.max_clock_mhz
+        sm_clock_mhz = locked_max if locked_max is not None else self._spec.max_clock_mhz
+        if live and extra_power_w > 0.0 and found.clock_mhz > 0:
+            # a running engine may sit below the lock (power cap); an idle one's record is stale
+            sm_clock_mhz = min(sm_clock_mhz, found.clock_mhz)
         mask = 0
         if extra_power_w <= 0.0:
             mask |= REASON_GPU_IDLE

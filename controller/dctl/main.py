@@ -25,14 +25,14 @@ EXIT_INTERNAL = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from controller.dctl import cmd_model, cmd_profile, cmd_simulate
+    from controller.dctl import cmd_model, cmd_node, cmd_profile, cmd_simulate
 
     parser = argparse.ArgumentParser(
         prog="dctl", description="Operate and simulate dynamollm energy-managed LLM inference clusters."
     )
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cmd_simulate, cmd_profile, cmd_model):
+    for module in (cmd_simulate, cmd_profile, cmd_model, cmd_node):
         module.register(sub)
     return parser
 

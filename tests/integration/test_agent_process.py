@@ -35,6 +35,7 @@ async def test_sigterm_stops_engines_restores_gpus_exits_0(tmp_path: Path) -> No
             "--runtime-dir", str(tmp_path / "run"),
             env=env, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
         )  # fmt: skip
+    engine_pid = 0
     try:
         assert proc.stdout is not None
         event = json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))
@@ -75,6 +76,8 @@ async def test_sigterm_stops_engines_restores_gpus_exits_0(tmp_path: Path) -> No
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        if engine_pid and _alive(engine_pid):  # engines run in their own process group: a failed test
+            os.killpg(engine_pid, signal.SIGKILL)  # must not leave one behind
 
 
 async def test_sd_notify_ready_and_watchdog(tmp_path: Path) -> None:

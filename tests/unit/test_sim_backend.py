@@ -247,3 +247,9 @@ def test_corrupt_node_file_names_the_file(backend: SimulatedGpuBackend) -> None:
     node.activity_path(0).write_text('{"pid": "x"}')
     with pytest.raises(DataFileError, match="pid"):
         backend.read(0)
+
+
+def test_idle_engine_reports_the_locked_clock_not_its_last_iteration(backend: SimulatedGpuBackend) -> None:
+    backend.set_locked_clocks(0, 1200, 1410)
+    NodeDir(backend.node_dir).write_activity(0, _engine_record(extra_power_w=0.0, clock_mhz=1980))
+    assert backend.read(0).sm_clock_mhz == 1410
