@@ -284,14 +284,18 @@ class GpuSafety:
         if newly_modified:
             await self._persist()
         done: list[tuple[int, str]] = []
-        try:
-            for plan in plans:
-                for knob in self._knobs(before[plan.index], targets[plan.index]):
-                    await self._write(plan.index, knob, targets[plan.index])
-                    done.append((plan.index, knob))
-        except Exception as exc:
-            await self._roll_back(done, before, exc)
-            raise
+
+        async def bring(index: int) -> None:
+            # GPUs in parallel (each has its own serial worker), the knobs of one GPU in order
+            for knob in self._knobs(before[index], targets[index]):
+                await self._write(index, knob, targets[index])
+                done.append((index, knob))
+
+        results = await asyncio.gather(*(bring(p.index) for p in plans), return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            await self._roll_back(done, before, failure)
+            raise failure
 
     async def _roll_back(
         self, done: Sequence[tuple[int, str]], before: Mapping[int, GpuApplied], cause: BaseException
