@@ -8,6 +8,7 @@ add decisions at their periods on the same object. Pure: arrays in, frozen value
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +19,7 @@ from agent.api.errors import InvalidArgumentError
 from controller.model.classes import REQUEST_CLASSES
 from controller.model.cluster import ClusterPlan
 from controller.model.profile import Profile
+from controller.model.state import ClusterObs, Periods
 
 # Sliding-window length over which a "peak" arrival rate is measured: long enough that a few
 # back-to-back requests do not count as a peak, short against the minutes a cluster needs to react.
@@ -106,4 +108,31 @@ class SizablePolicy(SimPolicy, Protocol):
 
     def plan_with(self, instances: int, profile: Profile) -> ClusterPlan:
         """The policy's plan with exactly `instances` instances."""
+        ...
+
+
+@runtime_checkable
+class DynamicPolicy(SimPolicy, Protocol):
+    """A policy that re-decides during the run, at three time scales (DESIGN §7). Pure: each step maps the
+    observed state (and the profile) to the whole desired state; the caller turns the difference with
+    the current state into costed, staggered reconfigurations."""
+
+    @property
+    def periods(self) -> Periods: ...
+
+    @property
+    def reconfiguration_free(self) -> bool:
+        """True only for `oracle`: its changes take effect instantly and cost nothing."""
+        ...
+
+    def cluster_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        """Every cluster period: pools (which classes each serves) and their instances."""
+        ...
+
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        """Every pool period: the instance mix (TP, clock) of each pool within its GPU budget."""
+        ...
+
+    def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
+        """Every instance period: SM clock (MHz) per active instance id."""
         ...

@@ -1,0 +1,75 @@
+"""Observed state of a cluster as the policy core sees it at a decision point (DESIGN §7).
+
+Produced by the simulator (`controller.sim`) at each period boundary, and later by the live controller's
+fleet view; consumed by the pure policy functions (`controller.policy`). Level-based: a policy reads the
+whole observed state and returns the whole desired state (`ClusterPlan`, clocks), never a delta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from agent.api.errors import InvalidArgumentError
+from controller.model.classes import CLASS_NAMES
+from controller.model.cluster import ClusterPlan, InstanceSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Periods:
+    """How often each control level decides (DESIGN §7 defaults)."""
+
+    cluster_s: float = 1800.0
+    pool_s: float = 300.0
+    instance_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.instance_s <= self.pool_s <= self.cluster_s:
+            periods = (self.cluster_s, self.pool_s, self.instance_s)
+            raise InvalidArgumentError("periods", periods, "0 < instance_s <= pool_s <= cluster_s")
+
+
+class Phase(Enum):
+    """Life cycle of an instance in the cluster."""
+
+    STARTING = "starting"  # GPUs allocated, engine loading (cold/warm start or TP restart): serves nothing
+    ACTIVE = "active"  # serving
+    DRAINING = "draining"  # admits nothing new, finishes its requests, then its GPUs are released
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceObs:
+    """One instance as observed at a decision point."""
+
+    instance_id: int
+    pool: str
+    spec: InstanceSpec  # current TP degree and SM clock
+    phase: Phase
+    load_rps: float  # requests routed to it per second over the last instance period
+    waiting: int  # requests queued, not yet started
+    running: int  # requests in its batch
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterObs:
+    """Everything a policy may look at when it decides.
+
+    `class_rate_history_rps[c]` is the observed arrival rate of class c (index order of CLASS_NAMES) in
+    consecutive bins of `history_bin_s`, oldest first, ending at `now_s`. `true_next_peak_rps` is filled
+    only for the `oracle` policy: the real peak rate per class over the coming cluster epoch.
+    """
+
+    now_s: float
+    start_unix_s: float | None  # wall time of t = 0 (weekly templates align to it); None if unknown
+    plan: ClusterPlan  # desired state in force
+    instances: tuple[InstanceObs, ...]
+    history_bin_s: float
+    class_rate_history_rps: tuple[tuple[float, ...], ...]
+    total_gpus: int  # GPUs the cluster may use at most
+    true_next_peak_rps: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.class_rate_history_rps) != len(CLASS_NAMES):
+            raise InvalidArgumentError(
+                "class_rate_history_rps", len(self.class_rate_history_rps), f"{len(CLASS_NAMES)} classes"
+            )
