@@ -18,6 +18,14 @@ Scheduling, per iteration (vLLM v0 with chunked prefill, FCFS):
      a small watermark (no skipping: head-of-line blocking as in vLLM's FCFS policy).
 The iteration that completes a request's prefill also produces its first token.
 
+Cluster-control extensions (used by the dynamic cluster simulator; a caller that uses none of them gets the
+plain FCFS engine above): a request may carry a TTFT deadline, and the waiting queue then stays in
+earliest-deadline-first order (requests re-queued by a preemption stay at its head, as in vLLM); the
+not-yet-started requests can be taken out (`take_waiting`, to move them to another instance) or dropped
+once past their deadline (`reject_past_deadline`); a clock change may stall the engine (`set_clock(...,
+stall_s)`: no iteration starts during the stall, GPUs at idle power); `drain` runs the held work to its
+end and says when the engine went idle, so a draining instance's GPUs are released at that moment.
+
 Cost: O(1) amortised per iteration in the number of running requests (the cluster simulator runs ~1e6
 iterations per trace hour). Decode completions come from a min-heap keyed by the iteration of the last
 token, the decode context is a running sum, and a request's largest inter-token gap is taken from a log of
@@ -30,6 +38,7 @@ import heapq
 import math
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,6 +123,18 @@ _DEFAULT_CONFIG = EngineConfig()
 
 
 @dataclass(frozen=True, slots=True)
+class WaitingRequest:
+    """A request taken out of an engine before it started (no prefill computed): it can be submitted to
+    another engine unchanged, keeping its arrival time and deadline."""
+
+    request_id: int
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    deadline_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class CompletedRequest:
     """Latencies of one finished request, as a client of the engine would measure them.
 
@@ -146,6 +167,7 @@ class _Request:
         "admit_seq",
         "arrival_s",
         "ctx_base",
+        "deadline_s",
         "first_token_s",
         "generated",
         "input_tokens",
@@ -159,9 +181,12 @@ class _Request:
         "tbt_max_s",
     )
 
-    def __init__(self, request_id: int, arrival_s: float, input_tokens: int, output_tokens: int) -> None:
+    def __init__(
+        self, request_id: int, arrival_s: float, input_tokens: int, output_tokens: int, deadline_s: float
+    ) -> None:
         self.request_id = request_id
         self.arrival_s = arrival_s
+        self.deadline_s = deadline_s  # latest first-token time wanted (inf: none; FCFS)
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
         self.state = _WAITING
@@ -206,6 +231,7 @@ class SimEngine:
         self._min_clock_mhz = perf.min_clock_mhz
         self._max_clock_mhz = perf.max_clock_mhz
         self._clock_mhz = 0.0
+        self._stall_until_s = start_s
         self.set_clock(clock_mhz)
         self._tp = perf.tp
         self._idle_total_w = perf.tp * perf.idle_power_w
@@ -257,6 +283,11 @@ class SimEngine:
         return self._now_s
 
     @property
+    def start_s(self) -> float:
+        """When the engine was created: its energy bins start here."""
+        return self._start_s
+
+    @property
     def clock_mhz(self) -> float:
         return self._clock_mhz
 
@@ -280,6 +311,19 @@ class SimEngine:
     def outstanding_tokens(self) -> int:
         """Prefill tokens still to compute plus output tokens still to produce, over all requests held."""
         return self._outstanding
+
+    @property
+    def earliest_deadline_s(self) -> float:
+        """Earliest TTFT deadline among the waiting requests not started yet (inf when none has one)."""
+        for req in self._waiting:
+            if req.generated == 0:
+                return req.deadline_s  # the fresh requests are in deadline order
+        return math.inf
+
+    @property
+    def stalled_until_s(self) -> float:
+        """End of the current clock-change stall (no iteration starts before it)."""
+        return self._stall_until_s
 
     @property
     def num_preemptions(self) -> int:
@@ -320,19 +364,35 @@ class SimEngine:
         return np.array(self._bins, dtype=np.float64)
 
     # ---------------------------------------------------------------- control
-    def set_clock(self, clock_mhz: float) -> None:
-        """Clock (MHz) of the iterations that start from now on."""
+    def set_clock(self, clock_mhz: float, stall_s: float = 0.0) -> None:
+        """Clock (MHz) of the iterations that start from now on. `stall_s`: the time the change itself
+        takes (DESIGN §7: 50-80 ms through nvidia-smi), during which no iteration starts and the GPUs draw
+        idle power; it begins when the current iteration ends (now_s)."""
         if not (self._min_clock_mhz <= clock_mhz <= self._max_clock_mhz):
             raise InvalidArgumentError(
                 "clock_mhz", clock_mhz, f"{self._min_clock_mhz}..{self._max_clock_mhz} MHz"
             )
+        if not (0.0 <= stall_s < math.inf):
+            raise InvalidArgumentError("stall_s", stall_s, "seconds >= 0")
         self._clock_mhz = float(clock_mhz)
+        if stall_s > 0.0:
+            self._stall_until_s = max(self._stall_until_s, self._now_s) + stall_s
 
-    def submit(self, request_id: int, arrival_s: float, input_tokens: int, output_tokens: int) -> None:
+    def submit(
+        self,
+        request_id: int,
+        arrival_s: float,
+        input_tokens: int,
+        output_tokens: int,
+        deadline_s: float = math.inf,
+    ) -> None:
         """Queue a request; it joins at the next iteration boundary.
 
         The caller advances the engine to arrival_s first; an arrival later than now_s advances the engine
-        to it here, so no iteration starting before the arrival can include the request.
+        to it here, so no iteration starting before the arrival can include the request. `deadline_s`
+        (its TTFT deadline) places it in earliest-deadline-first order among the waiting requests not
+        started yet; without one it queues last (FCFS). A request moved from another engine
+        (`take_waiting`) keeps its original arrival time, which may lie before now_s.
         """
         self._check_open()
         if not math.isfinite(arrival_s):
@@ -347,10 +407,43 @@ class SimEngine:
                 input_tokens + output_tokens,
                 f"<= {self.max_request_tokens} (KV cache of this instance)",
             )
+        if math.isnan(deadline_s):
+            raise InvalidArgumentError("deadline_s", deadline_s, "a time in seconds or inf")
         if arrival_s > self._now_s:
             self.advance_to(arrival_s)
-        self._waiting.append(_Request(request_id, arrival_s, input_tokens, output_tokens))
+        req = _Request(request_id, arrival_s, input_tokens, output_tokens, deadline_s)
+        waiting = self._waiting
+        if not waiting or waiting[-1].deadline_s <= deadline_s:
+            waiting.append(req)  # the common case: FCFS, or deadlines arriving in order
+        else:
+            # Deadlines differ by class, so a later arrival can be more urgent: walk back past the later
+            # deadlines (never past a preempted request, which keeps its place at the head).
+            k = len(waiting)
+            while k > 0 and waiting[k - 1].deadline_s > deadline_s and waiting[k - 1].generated == 0:
+                k -= 1
+            waiting.insert(k, req)
         self._outstanding += input_tokens + output_tokens
+
+    def take_waiting(self, max_deadline_s: float = math.inf) -> list[WaitingRequest]:
+        """Remove and return the waiting requests not started yet whose deadline is <= max_deadline_s
+        (all of them by default), in queue order, so they can be submitted elsewhere. Requests re-queued
+        by a preemption stay: their prompt and generated tokens would have to be recomputed anyway."""
+        self._check_open()
+        return [self._as_waiting(r) for r in self._remove_waiting(lambda r: r.deadline_s <= max_deadline_s)]
+
+    def reject_past_deadline(self, now_s: float) -> list[int]:
+        """Drop the waiting requests not started yet whose TTFT deadline is before now_s; their ids.
+        They never complete (the caller reports them as rejected)."""
+        self._check_open()
+        return [r.request_id for r in self._remove_waiting(lambda r: r.deadline_s < now_s)]
+
+    def drain(self, limit_s: float) -> float | None:
+        """Run the held work (the caller routes nothing new here) through iterations starting before
+        limit_s. The time the engine went idle (the end of its last iteration), or None if still busy."""
+        self.advance_to(limit_s)
+        if self._running or self._waiting:
+            return None
+        return max(self._last_end_s, self._start_s)
 
     def advance_to(self, t_s: float) -> None:
         """Run every iteration that starts before t_s (the last may end after it); idle until t_s if
@@ -359,6 +452,12 @@ class SimEngine:
         if math.isnan(t_s) or math.isinf(t_s):
             raise InvalidArgumentError("t_s", t_s, "a finite time in seconds")
         while self._now_s < t_s:
+            if self._now_s < self._stall_until_s:
+                stall_end_s = min(self._stall_until_s, t_s)
+                self._add_energy(self._now_s, stall_end_s, self._idle_total_w)
+                self._energy_j += self._idle_total_w * (stall_end_s - self._now_s)
+                self._now_s = stall_end_s
+                continue
             if not self._running and not self._waiting:
                 self._add_energy(self._now_s, t_s, self._idle_total_w)
                 self._energy_j += self._idle_total_w * (t_s - self._now_s)
@@ -399,6 +498,27 @@ class SimEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise InternalError("SimEngine used after close()")
+
+    def _remove_waiting(self, take: Callable[[_Request], bool]) -> list[_Request]:
+        """Remove the fresh (never started) waiting requests selected by `take`; the rest keep their order."""
+        if not self._waiting:
+            return []
+        taken: list[_Request] = []
+        kept: deque[_Request] = deque()
+        for req in self._waiting:
+            if req.generated == 0 and take(req):
+                taken.append(req)
+                self._outstanding -= req.input_tokens + req.output_tokens
+            else:
+                kept.append(req)
+        self._waiting = kept
+        return taken
+
+    @staticmethod
+    def _as_waiting(req: _Request) -> WaitingRequest:
+        return WaitingRequest(
+            req.request_id, req.arrival_s, req.input_tokens, req.output_tokens, req.deadline_s
+        )
 
     def _next_jitter(self) -> float:
         if self._jitter_pos >= len(self._jitter):

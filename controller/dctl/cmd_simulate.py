@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +27,12 @@ if TYPE_CHECKING:
     from controller.sim.carbon import CarbonSource, PriceSource
     from controller.sim.report import Pricing
 
-POLICIES = ("singlepool",)
-TRACE_FORMS = "a trace CSV file, synthetic:conversation, synthetic:coding"
+# Names of controller.policy.policies.POLICIES (listed here so that --help and validation need no heavy
+# import; tests/sim/test_cmd_simulate.py checks they agree).
+POLICIES = ("singlepool", "multipool", "scaleinst", "scaleshard", "scalefreq", "dynamollm", "oracle")
+TRACE_FORMS = "a trace CSV file, synthetic:conversation, synthetic:coding, azure-week:conv, azure-week:code"
+WEEK_PREFIX = "azure-week:"  # controller.sim.week.WEEK_SPEC_PREFIX, repeated to keep --help import-light
+DEFAULT_TRACE_DIR = Path("..") / "shared" / "data" / "traces"
 DEFAULT_MODEL = "llama2-70b"
 DEFAULT_GPU = "h100-sxm"
 # DESIGN §8 (after the DynamoLLM paper's cost model): rental of one 8-GPU H100 server for one hour.
@@ -53,8 +58,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "(dynamollm.simreport/v1). Definitions: docs/simulator.md."
         ),
     )
-    p.add_argument("--trace", required=True, metavar="PATH|synthetic:conversation|synthetic:coding")
-    p.add_argument("--policy", required=True, metavar="|".join(POLICIES))
+    p.add_argument(
+        "--trace", required=True, metavar="PATH|synthetic:conversation|synthetic:coding|azure-week:conv|code"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--policy", metavar="|".join(POLICIES))
+    which.add_argument(
+        "--compare",
+        nargs="*",
+        metavar="POLICY",
+        help="run these policies (none: all) and singlepool on the same trace; needs --out DIR",
+    )
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="with --compare: report.json, table.txt and PNG plots"
+    )
+    p.add_argument(
+        "--trace-dir",
+        default=str(DEFAULT_TRACE_DIR),
+        metavar="DIR",
+        help=f"where azure-week:conv|code finds its source files (default {DEFAULT_TRACE_DIR})",
+    )
+    p.add_argument(
+        "--sizing-window",
+        default=None,
+        metavar="S",
+        help="with --compare: size static policies on the busiest S seconds, then run once (week traces)",
+    )
     p.add_argument("--rate-scale", default="1.0", metavar="X", help="multiply the request rate (default 1)")
     p.add_argument("--start", default="0", metavar="S", help="window start in the trace, seconds (default 0)")
     p.add_argument(
@@ -113,6 +142,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="X",
         help=f"SLO attainment a static policy is sized to meet (default {DEFAULT_SLO_TARGET})",
     )
+    p.add_argument(
+        "--predictor-accuracy",
+        default=None,
+        metavar="X",
+        help="dynamic policies: route with the true output bin kept with probability X in [0, 1] "
+        "(default: the online learned predictor)",
+    )
+    p.add_argument(
+        "--periods",
+        default=None,
+        metavar="CLUSTER,POOL,INSTANCE",
+        help="dynamic policies: control periods in seconds (default 1800,300,5)",
+    )
+    p.add_argument(
+        "--fast-reshard",
+        action="store_true",
+        help="dynamic policies: TP changes by GPU-to-GPU re-shard (~50 ms) instead of drain + restart",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write the report here (atomically)")
     p.add_argument("--output", default="table", metavar="table|json", help="stdout format (default table)")
     p.add_argument(
@@ -126,7 +173,11 @@ class _Options:
     """The validated flags."""
 
     trace: str
-    policy: str
+    policy: str | None
+    compare: tuple[str, ...] | None
+    out: Path | None
+    trace_dir: Path
+    sizing_window_s: float | None
     rate_scale: float
     start_s: float
     duration_s: float | None
@@ -142,6 +193,9 @@ class _Options:
     max_drain_s: float
     instances: int | None
     slo_target: float
+    predictor_accuracy: float | None
+    periods: tuple[float, float, float] | None
+    fast_reshard: bool
     json_path: Path | None
     output: str
     progress: bool
@@ -166,6 +220,19 @@ def _existing_file(value: str | None, flag: str, what: str) -> Path | None:
     return path
 
 
+def _periods(value: str | None) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    allowed = "three seconds CLUSTER,POOL,INSTANCE with 0 < INSTANCE <= POOL <= CLUSTER"
+    parts = value.split(",")
+    if len(parts) != 3:
+        raise InvalidArgumentError("--periods", value, allowed)
+    cluster_s, pool_s, instance_s = (_number(x, "--periods", lambda v: v > 0, allowed) for x in parts)
+    if not instance_s <= pool_s <= cluster_s:
+        raise InvalidArgumentError("--periods", value, allowed)
+    return cluster_s, pool_s, instance_s
+
+
 def _writable_json(value: str | None) -> Path | None:
     if value is None:
         return None
@@ -183,8 +250,18 @@ def _writable_json(value: str | None) -> Path | None:
 
 def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: tuple[str, ...]) -> _Options:
     """Every flag checked before any work starts; InvalidArgumentError names the first bad one."""
-    if args.policy not in POLICIES:
+    if args.policy is not None and args.policy not in POLICIES:
         raise InvalidArgumentError("--policy", args.policy, POLICIES)
+    for name in args.compare or ():
+        if name not in POLICIES:
+            raise InvalidArgumentError("--compare", name, POLICIES)
+    if args.compare is not None and args.out is None:
+        raise InvalidArgumentError("--out", None, "a folder (required with --compare)")
+    if args.compare is None and args.out is not None:
+        raise InvalidArgumentError("--out", args.out, "only with --compare")
+    if args.compare is None and args.sizing_window is not None:
+        raise InvalidArgumentError("--sizing-window", args.sizing_window, "only with --compare")
+    trace_dir = Path(args.trace_dir)
     if args.model not in model_names:
         raise InvalidArgumentError("--model", args.model, model_names)
     if args.gpu not in gpu_names:
@@ -192,12 +269,20 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
     if args.output not in ("table", "json"):
         raise InvalidArgumentError("--output", args.output, ("table", "json"))
     trace = str(args.trace)
-    if not trace.startswith("synthetic:") and not Path(trace).is_file():
+    if trace.startswith(WEEK_PREFIX) and not trace_dir.is_dir():
+        raise InvalidArgumentError("--trace-dir", str(trace_dir), "a folder with the Azure trace files")
+    if not trace.startswith(("synthetic:", WEEK_PREFIX)) and not Path(trace).is_file():
         raise InvalidArgumentError("--trace", trace, TRACE_FORMS)
     seed = _number(args.seed, "--seed", lambda x: x >= 0 and x == int(x), "an integer >= 0")
     return _Options(
         trace=trace,
         policy=args.policy,
+        compare=None if args.compare is None else tuple(args.compare),
+        out=None if args.out is None else Path(args.out),
+        trace_dir=trace_dir,
+        sizing_window_s=None
+        if args.sizing_window is None
+        else _number(args.sizing_window, "--sizing-window", lambda x: x > 0, "seconds > 0"),
         rate_scale=_number(args.rate_scale, "--rate-scale", lambda x: x > 0, "a positive number"),
         start_s=_number(args.start, "--start", lambda x: x >= 0, "seconds >= 0"),
         duration_s=None
@@ -223,6 +308,13 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         if args.instances is None
         else int(_number(args.instances, "--instances", lambda x: 1 <= x <= 512 and x == int(x), "1..512")),
         slo_target=_number(args.slo_target, "--slo-target", lambda x: 0 < x <= 1, "a share in (0, 1]"),
+        predictor_accuracy=None
+        if args.predictor_accuracy is None
+        else _number(
+            args.predictor_accuracy, "--predictor-accuracy", lambda x: 0 <= x <= 1, "a share in [0, 1]"
+        ),
+        periods=_periods(args.periods),
+        fast_reshard=bool(args.fast_reshard),
         json_path=_writable_json(args.json),
         output=args.output,
         progress=not args.no_progress,
@@ -273,11 +365,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from controller.model.classes import CLASS_NAMES
-    from controller.policy.singlepool import SinglePool
+    from controller.model.state import Periods
+    from controller.policy.base import DynamicPolicy
+    from controller.policy.policies import make_policy
     from controller.sim.cluster import GPU_NAMES, MODEL_NAMES, SimConfig, check_profile_engine, run_policy
+    from controller.sim.compare import format_compare_table, resolve_trace, run_compare
     from controller.sim.profiling import default_profile, load_profile
     from controller.sim.report import build_report, check_pricing_covers, format_table, write_report
-    from controller.sim.traces import load_trace
 
     opts = validate(args, tuple(MODEL_NAMES), tuple(GPU_NAMES))
     profile = load_profile(opts.profile) if opts.profile else default_profile(opts.model, opts.gpu)
@@ -293,11 +387,19 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         allowed = f"a profile of all nine request classes (this one lacks {', '.join(missing)})"
         raise InvalidArgumentError("--profile", profile_name, allowed)
-    config = SimConfig(seed=opts.seed, max_drain_s=opts.max_drain_s)
+    periods = None if opts.periods is None else Periods(*opts.periods)
+    config = SimConfig(
+        seed=opts.seed,
+        max_drain_s=opts.max_drain_s,
+        predictor_accuracy=opts.predictor_accuracy,
+        periods=periods,
+        fast_reshard=opts.fast_reshard,
+    )
     check_profile_engine(profile, config.engine, profile_name)
     pricing = _pricing(opts)
-    trace = load_trace(
+    trace = resolve_trace(
         opts.trace,
+        trace_dir=opts.trace_dir,
         rate_scale=opts.rate_scale,
         start_s=opts.start_s,
         duration_s=opts.duration_s,
@@ -310,7 +412,25 @@ def run(args: argparse.Namespace) -> int:
         trace.duration_s + opts.max_drain_s + config.power_bin_s,
         config.power_bin_s,
     )
-    policy = {"singlepool": SinglePool()}[opts.policy]
+    if opts.compare is not None:
+        assert opts.out is not None  # validate() requires it
+        outcome = run_compare(
+            trace,
+            opts.compare,
+            profile,
+            config=config,
+            pricing=pricing,
+            out_dir=opts.out,
+            slo_target=opts.slo_target,
+            sizing_window_s=opts.sizing_window_s,
+            workload={"trace_spec": opts.trace, "rate_scale": opts.rate_scale, "start_s": opts.start_s},
+            registry={name: partial(make_policy, name, periods=periods) for name in POLICIES},
+        )
+        print(format_compare_table(outcome.reports))
+        return 0
+    assert opts.policy is not None  # argparse: --policy or --compare
+    policy = make_policy(opts.policy, periods=periods)
+    dynamic = isinstance(policy, DynamicPolicy)
 
     total_s = max(1, math.ceil(trace.duration_s))
     with tqdm(
@@ -335,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
             config=config,
             on_progress=progress,
             instances=opts.instances,
-            slo_target=None if opts.instances is not None else opts.slo_target,
+            slo_target=None if opts.instances is not None or dynamic else opts.slo_target,
         )
     result, stats = run.result, run.arrivals
 
@@ -349,6 +469,8 @@ def run(args: argparse.Namespace) -> int:
         "sizing": {
             "rule": "--instances as given"
             if opts.instances is not None
+            else "the dynamic policy's own initial plan"
+            if dynamic
             else f"smallest instance count whose simulation meets slo_attainment >= {opts.slo_target:g}",
             "peak_rule_instances": run.rule_plan.instances,
             "trials": [

@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import numpy.typing as npt
 from agent.api.errors import InvalidArgumentError
 from controller.model.classes import REQUEST_CLASSES, ClassSlo
 from controller.model.cluster import ClusterPlan, InstanceSpec
+from controller.model.state import Periods
 from controller.sim.carbon import (
     J_PER_KWH,
     CarbonSource,
@@ -53,6 +54,49 @@ class Pricing:
     energy_price: PriceSource
     energy_price_source: str
     gpu_usd_per_server_hour: float
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMixSeries:
+    """Instances of one pool by (TP, clock) over time: `counts[spec][i]` instances of `spec` (starting or
+    active) at `t_s[i]` (sampled at the start of each series bin; a step series)."""
+
+    pool: str
+    t_s: tuple[float, ...]
+    counts: Mapping[InstanceSpec, tuple[int, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class RunSeries:
+    """Per-bin series of a run for plots: mean GPUs held by instances and mean allocated servers per bin
+    of `bin_s` from t = 0, and each pool's instance mix (the power series comes from the energy bins)."""
+
+    bin_s: float
+    gpus: tuple[float, ...]
+    servers: tuple[float, ...]
+    pools: tuple[PoolMixSeries, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastScore:
+    """Per-class peak-forecast error over a run's epochs of `horizon_s` (`controller.policy.forecast`).
+    None where a class had no epoch with a realised peak."""
+
+    horizon_s: float
+    epochs: int
+    mape_by_class: Mapping[str, float | None]
+    bias_by_class: Mapping[str, float | None]
+
+
+@dataclass(frozen=True, slots=True)
+class PredictorScore:
+    """Output-bin predictions made by the router against the truth. `accuracy_knob`: the injected
+    accuracy (None: the online learned predictor)."""
+
+    accuracy_knob: float | None
+    accuracy: float
+    under_share: float  # predicted a smaller bin than the truth
+    over_share: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +125,13 @@ class SimResult:
     rejected: int  # never admitted: no instance for the class, empty prompt or answer, or over the KV cache
     reconfigurations: int
     engine_iterations: int
+    # Dynamic runs only (static runs keep the empty defaults, except the series).
+    reconfigurations_by_kind: Mapping[str, int] = field(default_factory=dict)
+    escalations: Mapping[str, int] = field(default_factory=dict)
+    predictor: PredictorScore | None = None
+    forecast: tuple[ForecastScore, ...] = ()
+    periods: Periods | None = None
+    series: RunSeries | None = None
 
     @property
     def energy_j(self) -> float:
@@ -214,6 +265,71 @@ def plan_json(plan: ClusterPlan) -> dict[str, Any]:
     }
 
 
+def power_series_w(result: SimResult, bin_s: float) -> list[float]:
+    """Mean cluster power per bin of `bin_s` (a whole multiple of the run's energy bins; the last bin
+    may be partial and is divided by its own length)."""
+    k = max(1, round(bin_s / result.power_bin_s))
+    energy = result.energy_by_bin_j
+    n_out = max(1, math.ceil(len(energy) / k))
+    padded = np.zeros(n_out * k)
+    padded[: len(energy)] = energy
+    length_s = np.full(n_out, k * result.power_bin_s)
+    length_s[-1] = max(result.duration_s - k * result.power_bin_s * (n_out - 1), 1e-12)
+    return [round(float(x), 1) for x in padded.reshape(n_out, k).sum(axis=1) / length_s]
+
+
+def _series_json(result: SimResult) -> dict[str, Any] | None:
+    s = result.series
+    if s is None:
+        return None
+    pools: dict[str, Any] = {}
+    for p in s.pools:
+        pools[p.pool] = {
+            "t_s": list(p.t_s),
+            "instances": [
+                {"tp": spec.tp, "clock_mhz": spec.clock_mhz, "counts": list(counts)}
+                for spec, counts in sorted(p.counts.items(), key=lambda kv: (kv[0].tp, kv[0].clock_mhz))
+            ],
+        }
+    return {
+        "bin_s": s.bin_s,
+        "power_w": power_series_w(result, s.bin_s),
+        "gpus": [round(x, 3) for x in s.gpus],
+        "servers": [round(x, 3) for x in s.servers],
+        "pools": pools,
+    }
+
+
+def _dynamic_json(result: SimResult) -> dict[str, Any]:
+    """The report fields of the dynamic control levels (null / empty for a static run)."""
+    pred = result.predictor
+    periods = result.periods
+    return {
+        "reconfigurations_by_kind": dict(result.reconfigurations_by_kind),
+        "escalations": dict(result.escalations),
+        "periods": None
+        if periods is None
+        else {"cluster_s": periods.cluster_s, "pool_s": periods.pool_s, "instance_s": periods.instance_s},
+        "predictor": None
+        if pred is None
+        else {
+            "accuracy_knob": pred.accuracy_knob,
+            "accuracy": pred.accuracy,
+            "under_share": pred.under_share,
+            "over_share": pred.over_share,
+        },
+        "forecast_error": [
+            {
+                "horizon_s": f.horizon_s,
+                "epochs": f.epochs,
+                "mape_by_class": dict(f.mape_by_class),
+                "bias_by_class": dict(f.bias_by_class),
+            }
+            for f in result.forecast
+        ],
+    }
+
+
 def build_report(
     result: SimResult,
     *,
@@ -267,6 +383,7 @@ def build_report(
         "slo_attainment": float(ok.sum()) / n if n else None,
         "per_class": _per_class(result, slos, ok),
         "reconfigurations": result.reconfigurations,
+        **_dynamic_json(result),
         "engine_iterations": result.engine_iterations,
         "carbon_g": carbon_g(result, pricing.carbon),
         "carbon_source": pricing.carbon_source,
@@ -280,6 +397,7 @@ def build_report(
         },
         "wall_s": wall_s,
         "plan": plan_json(result.plan),
+        "timeseries": _series_json(result),
     }
     if workload is not None:
         report["workload"] = dict(workload)
@@ -304,6 +422,37 @@ def _sizing_lines(sizing: Mapping[str, Any] | None) -> list[str]:
     return [f"sizing: {sizing['rule']}; peak rule gave {sizing['peak_rule_instances']}; tried {tried}"]
 
 
+def _kinds(by_kind: Mapping[str, int] | None) -> str:
+    if not by_kind:
+        return ""
+    return " (" + ", ".join(f"{k} {v}" for k, v in by_kind.items()) + ")"
+
+
+def _dynamic_lines(r: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    pred = r.get("predictor")
+    if pred is not None:
+        knob = "online" if pred["accuracy_knob"] is None else f"injected {pred['accuracy_knob']:g}"
+        lines.append(
+            f"output-bin predictor ({knob}): accuracy {_pct(pred['accuracy'])}"
+            f"  under {_pct(pred['under_share'])}  over {_pct(pred['over_share'])}"
+        )
+    esc = r.get("escalations")
+    if esc:
+        lines.append("escalations: " + ", ".join(f"{k} {v}" for k, v in esc.items()))
+    for f in r.get("forecast_error") or []:
+        if not f["epochs"]:
+            continue  # the run was shorter than one epoch of this horizon
+        mapes = [v for v in f["mape_by_class"].values() if v is not None]
+        worst = max(mapes) if mapes else None
+        lines.append(
+            f"forecast error ({_fmt(f['horizon_s'], ' s')} peaks, {f['epochs']} epochs): MAPE per class "
+            + " ".join(f"{c} {_pct(v)}" for c, v in f["mape_by_class"].items() if v is not None)
+            + ("" if worst is None else f"  worst {_pct(worst)}")
+        )
+    return lines
+
+
 def format_table(report: Mapping[str, Any]) -> str:
     """Summary block and per-class table of a report, for stdout."""
     r = report
@@ -311,7 +460,9 @@ def format_table(report: Mapping[str, Any]) -> str:
         f"trace {r['trace']}  policy {r['policy']}  model {r['model']} on {r['gpu']}  seed {r['seed']}",
         f"simulated {_fmt(r['duration_s'], ' s')}  requests {r['requests']}  completed {r['completed']}"
         f"  rejected {r['rejected']}"
-        f"  SLO attainment {_pct(r['slo_attainment'])}  reconfigurations {r['reconfigurations']}",
+        f"  SLO attainment {_pct(r['slo_attainment'])}  reconfigurations {r['reconfigurations']}"
+        + _kinds(r.get("reconfigurations_by_kind")),
+        *_dynamic_lines(r),
         f"energy {r['energy_kwh']:.3f} kWh  power p50 {_fmt(r['power_w_p50'], ' W')}"
         f"  p99 {_fmt(r['power_w_p99'], ' W')}  avg GPUs {r['avg_gpus']:.1f}"
         f"  avg servers {r['avg_servers']:.2f}",

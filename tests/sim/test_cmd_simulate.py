@@ -99,6 +99,8 @@ def test_json_on_stdout_and_pricing_flags(capsys: pytest.CaptureFixture[str]) ->
         (["--instances", "2.5"], "--instances"),
         (["--slo-target", "1.5"], "--slo-target"),
         (["--slo-target", "0"], "--slo-target"),
+        (["--out", "somewhere"], "--out: got 'somewhere'; allowed: only with --compare"),
+        (["--trace", "azure-week:conv", "--trace-dir", "/no/such/dir"], "--trace-dir"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag_and_write_nothing(
@@ -173,3 +175,27 @@ def test_a_profile_missing_classes_is_refused(tmp_path: Path, capsys: pytest.Cap
     save_profile(partial, path)
     code, _, err = _run(capsys, *SHORT, "--profile", str(path))
     assert code == 2 and "--profile" in err and "LL" in err
+
+
+def test_compare_writes_reports_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["simulate", "--trace", "synthetic:conversation", "--duration", "120", "--no-progress"]
+    code = main([*argv, "--compare", "scalefreq", "--out", str(tmp_path / "cmp")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    reports = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert [r["policy"] for r in reports] == ["singlepool", "scalefreq"]
+    assert "normalised to singlepool" in out
+    assert (tmp_path / "cmp" / "power.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--compare", "nope", "--out", "x"], "--compare: got 'nope'"),
+        (["--compare"], "--out: got None; allowed: a folder (required with --compare)"),
+        (["--compare", "--out", "x", "--sizing-window", "0"], "--sizing-window"),
+    ],
+)
+def test_bad_compare_flags_exit_2(flags: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["simulate", "--trace", "synthetic:conversation", "--no-progress", *flags])
+    assert code == 2 and named in capsys.readouterr().err

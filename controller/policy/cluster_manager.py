@@ -1,0 +1,145 @@
+"""Cluster manager (DESIGN §7, issue 3 item 3): which pools exist and how many GPUs each may use.
+
+Where it sits: every cluster period (default 30 min) `DynamoLLM.cluster_step`
+(`controller.policy.policies`) forecasts each class's peak rate for the coming epoch
+(`controller.policy.forecast`) and calls `plan_pools`; the pool manager (`controller.policy.pool`) then
+chooses each pool's instance mix within its GPU budget. Pure arithmetic on the profile.
+
+Rules:
+- Capacity is counted at maximum performance: one TP8 instance at the maximum clock takes cap_c
+  requests/s of class c within its SLO (`Profile.max_load_rps`). A class's forecast peak l_c needs
+  w_c = l_c / cap_c such instances ("work", in instances; work of different classes adds up, the
+  harmonic mix rule of `singlepool`).
+- Classes are taken from the lightest (largest cap_c) to the heaviest. A class whose load (plus what was
+  moved into it) stays below `merge_threshold_rps` does not get a pool: its load and its classes move up
+  to the next heavier class's pool, which is sized for them (a pool for a nearly idle class would hold a
+  whole instance for a trickle of requests). The heaviest class always keeps a pool and collects what
+  is left, so every class is served.
+- Budget: the pool's work rounded up to whole TP8 instances, times 8 GPUs. Only the pool of the heaviest
+  class over-provisions (x (1 + headroom)), the catch-all for load moved up and for forecast misses of
+  the light classes, whose requests may be moved up to it by the instance manager's escalation. A budget
+  is a cap for the pool manager, not an allocation: a pool uses what its MILP chooses, and the lighter
+  classes are served more cheaply on TP4/TP2 instances than counted here, which leaves them margin.
+- Within `total_gpus`: when the budgets add up to more, the largest budgets give up GPUs first, one TP8
+  instance (8 GPUs) at a time, down to one TP2 instance.
+
+Routing is per class (each class is served by exactly one pool), so a class's load moves up whole: the
+paper's split of one class's fractional leftover across two pools would need a router that spills, and
+the pool budgets' margin covers it instead.
+
+Start-ahead (the instances of the next epoch started before it begins) is the policy's part: in the
+last pool period before a cluster boundary, `DynamoLLM.pool_step` sizes each pool for the larger of
+this epoch's and the next epoch's forecast, so the new instances are up when the epoch turns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.api.errors import InvalidArgumentError
+from controller.model.classes import CLASS_NAMES
+from controller.model.cluster import GPUS_PER_SERVER
+from controller.model.profile import Profile
+
+# Pools smaller than this many GPUs are not trimmed further when the cluster's GPUs run out.
+MIN_POOL_GPUS = 2
+DEFAULT_MERGE_THRESHOLD_RPS = 0.1
+DEFAULT_LARGEST_HEADROOM = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class PoolBudget:
+    """One pool of the coming epoch: the classes it serves, its GPU cap, and its forecast peak load."""
+
+    name: str
+    class_names: tuple[str, ...]
+    gpu_budget: int
+    forecast_rps: float
+
+
+def class_order(profile: Profile) -> tuple[str, ...]:
+    """Classes from the lightest (most requests/s per TP8 instance at max clock) to the heaviest."""
+    clock = max(profile.clocks_mhz)
+    caps = {c: profile.max_load_rps(c, GPUS_PER_SERVER, clock) for c in CLASS_NAMES}
+    return tuple(sorted(CLASS_NAMES, key=lambda c: (-caps[c], CLASS_NAMES.index(c))))
+
+
+def plan_pools(
+    forecast_peak_rps_by_class: Sequence[float],
+    profile: Profile,
+    total_gpus: int | None,
+    *,
+    merge_threshold_rps: float = DEFAULT_MERGE_THRESHOLD_RPS,
+    largest_headroom: float = DEFAULT_LARGEST_HEADROOM,
+) -> tuple[PoolBudget, ...]:
+    """Pools and GPU budgets for forecast peaks given in CLASS_NAMES order (module docstring).
+
+    `total_gpus`: the cluster's GPUs (None: no limit). Pools are named after the heaviest class they
+    serve and listed from the lightest pool to the heaviest.
+    """
+    if len(forecast_peak_rps_by_class) != len(CLASS_NAMES):
+        raise InvalidArgumentError(
+            "forecast_peak_rps_by_class", len(forecast_peak_rps_by_class), f"{len(CLASS_NAMES)} classes"
+        )
+    for name, rate in zip(CLASS_NAMES, forecast_peak_rps_by_class, strict=True):
+        if not (math.isfinite(rate) and rate >= 0.0):
+            raise InvalidArgumentError(f"forecast_peak_rps_by_class[{name}]", rate, "a finite rate >= 0")
+    if not (math.isfinite(merge_threshold_rps) and merge_threshold_rps >= 0.0):
+        raise InvalidArgumentError("merge_threshold_rps", merge_threshold_rps, "a finite rate >= 0")
+    if not (math.isfinite(largest_headroom) and largest_headroom >= 0.0):
+        raise InvalidArgumentError("largest_headroom", largest_headroom, "a finite fraction >= 0")
+    if GPUS_PER_SERVER not in profile.tps:
+        raise InvalidArgumentError("profile.tps", profile.tps, f"a profile measuring TP{GPUS_PER_SERVER}")
+    clock = max(profile.clocks_mhz)
+    load = dict(zip(CLASS_NAMES, forecast_peak_rps_by_class, strict=True))
+    order = class_order(profile)
+
+    pools: list[tuple[tuple[str, ...], float, float]] = []  # (classes, work in instances, load rps)
+    carried_classes: tuple[str, ...] = ()
+    carried_work = 0.0
+    carried_rps = 0.0
+    for i, c in enumerate(order):
+        cap = profile.max_load_rps(c, GPUS_PER_SERVER, clock)
+        if cap <= 0.0:
+            raise InvalidArgumentError(
+                "profile",
+                f"class {c} at TP{GPUS_PER_SERVER}, {clock} MHz: max_load_rps 0",
+                "a profile in which every class meets its SLO at maximum performance",
+            )
+        classes = (*carried_classes, c)
+        work = carried_work + load[c] / cap
+        rps = carried_rps + load[c]
+        if i < len(order) - 1 and rps < merge_threshold_rps:
+            carried_classes, carried_work, carried_rps = classes, work, rps
+            continue
+        pools.append((classes, work, rps))
+        carried_classes, carried_work, carried_rps = (), 0.0, 0.0
+
+    budgets: list[int] = []
+    for i, (_, work, _) in enumerate(pools):
+        if i == len(pools) - 1:
+            work *= 1.0 + largest_headroom
+        # A rounding error above a whole instance does not buy another one.
+        budgets.append(GPUS_PER_SERVER * max(1, math.ceil(work * (1.0 - 1e-9))))
+    if total_gpus is not None:
+        budgets = _trim(budgets, total_gpus)
+    return tuple(
+        PoolBudget(name=classes[-1], class_names=classes, gpu_budget=gpus, forecast_rps=rps)
+        for (classes, _, rps), gpus in zip(pools, budgets, strict=True)
+    )
+
+
+def _trim(budgets: list[int], total_gpus: int) -> list[int]:
+    if total_gpus < MIN_POOL_GPUS * len(budgets):
+        raise InvalidArgumentError(
+            "total_gpus", total_gpus, f">= {MIN_POOL_GPUS * len(budgets)} ({len(budgets)} pools)"
+        )
+    out = list(budgets)
+    while sum(out) > total_gpus:
+        # The largest budget (the first such when tied) gives up one instance's worth.
+        i = max(range(len(out)), key=lambda k: (out[k], -k))
+        excess = sum(out) - total_gpus
+        out[i] -= min(GPUS_PER_SERVER, excess, out[i] - MIN_POOL_GPUS)
+    return out

@@ -1,0 +1,579 @@
+"""The cluster policies of `dctl simulate --policy` (DESIGN §8): DynamoLLM, its one-knob baselines, the
+static baselines and the oracle, as pure frozen values.
+
+Where it sits: the simulator (`controller.sim.cluster`) asks a policy for its initial plan, then, for
+dynamic policies, calls `cluster_step` / `pool_step` / `instance_step` at their periods with the
+observed state (`ClusterObs`); it turns each answer into actions with
+`controller.orchestrator.plan_reconfiguration` (using `instance_model` for capacities and power) and
+executes them. The same code will run in the live controller.
+
+- `dynamollm`: every knob. Cluster level: per-class peak forecasts (`forecast.forecast_next_peak_rps`)
+  -> pools and GPU budgets (`cluster_manager.plan_pools`). Pool level: per pool, the MILP
+  (`pool.solve_pool`) over TP in {2, 4, 8} x every profiled clock, for the pool's forecast peak over
+  the next pool period plus a start-up time (instances it adds are up before the load they are for),
+  with the current instances and the reconfiguration costs. Instance level: each active instance's
+  clock from its measured load (`frequency.choose_clock`).
+- `scaleinst`: one pool, TP8 at the maximum clock, only the instance count changes (the MILP
+  restricted to that one configuration, over the whole cluster's GPUs).
+- `scaleshard`: one pool holding singlepool's GPUs throughout, only the TP degree changes (all
+  instances of one TP; the least-power TP that covers the forecast), maximum clock.
+- `scalefreq`: singlepool's instances, only the clock changes (instance level, as in `dynamollm`).
+- `multipool`: static, one pool per class, TP8 at the maximum clock, each sized for its class's peak
+  (at least one instance, so a class with no requests still holds one: the fragmentation the paper
+  measures). Static like `singlepool`.
+- `oracle`: `dynamollm`'s optimisation fed the TRUE per-class peaks of the coming epoch
+  (`ClusterObs.true_next_peak_rps`) and no reconfiguration cost (`reconfiguration_free`: the simulator
+  applies its changes instantly): the lower bound the others are measured against.
+
+Consistency between levels without state: a pool step re-derives the pools and budgets of the epoch in
+force from the history up to the last cluster boundary (the same inputs the cluster step had), so both
+levels agree without the policy remembering anything. Start-ahead: when the next cluster boundary
+falls within the coming pool period plus a start-up time, the pool step forecasts up to the first
+pool period of the next epoch and takes the larger budget, so the next epoch's instances are running
+when it begins.
+
+The initial plan (t = 0, no history yet) of the dynamic policies comes from the workload's statistics,
+as `singlepool`'s does: the operator provisions for the expected load before the first decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+from agent.api.errors import InvalidArgumentError
+from controller.model.classes import CLASS_NAMES
+from controller.model.cluster import GPUS_PER_SERVER, ClusterPlan, InstanceSpec, PoolPlan
+from controller.model.profile import Profile
+from controller.model.state import ClusterObs, Periods, Phase
+from controller.orchestrator.plan import ReconfigCosts
+from controller.policy.base import ArrivalStats, SimPolicy
+from controller.policy.capacity import ConfigCapacity, capacities_by_clock, pool_capacities
+from controller.policy.cluster_manager import (
+    DEFAULT_LARGEST_HEADROOM,
+    DEFAULT_MERGE_THRESHOLD_RPS,
+    PoolBudget,
+    plan_pools,
+)
+from controller.policy.forecast import forecast_next_peak_rps
+from controller.policy.frequency import DEFAULT_CLOCK_HEADROOM, choose_clock
+from controller.policy.pool import (
+    DEFAULT_MIP_REL_GAP,
+    DEFAULT_TIME_LIMIT_S,
+    RECONFIG_KINDS,
+    reconfig_cost_j_per_gpu,
+    solve_pool,
+)
+from controller.policy.singlepool import POOL_NAME, SinglePool, singlepool_plan, size_singlepool
+
+# Class shares of a pool's mix are measured over this much recent history: long enough for a stable
+# mix at low rates, short against the daily cycle.
+DEFAULT_MIX_WINDOW_S = 900.0
+DEFAULT_PERIODS = Periods()
+DEFAULT_COSTS = ReconfigCosts()
+
+
+# ------------------------------------------------------------------ observations
+
+
+def recent_class_rates_rps(obs: ClusterObs, window_s: float) -> tuple[float, ...]:
+    """Mean arrival rate of each class (CLASS_NAMES order) over the last `window_s` of history."""
+    bins = max(1, round(window_s / obs.history_bin_s))
+    out: list[float] = []
+    for series in obs.class_rate_history_rps:
+        tail = series[-bins:]
+        out.append(sum(tail) / len(tail) if tail else 0.0)
+    return tuple(out)
+
+
+def _shares(class_names: Sequence[str], rates_rps: Sequence[float]) -> dict[str, float]:
+    return {c: rates_rps[CLASS_NAMES.index(c)] for c in class_names}
+
+
+def _live_counts(obs: ClusterObs, pool: str) -> dict[InstanceSpec, int]:
+    """Instances of `pool` that are running or starting (draining ones are already on their way out)."""
+    return dict(Counter(i.spec for i in obs.instances if i.pool == pool and i.phase is not Phase.DRAINING))
+
+
+def _history_len(obs: ClusterObs) -> int:
+    return len(obs.class_rate_history_rps[0])
+
+
+# ------------------------------------------------------------------ the planner's instance model
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInstanceModel:
+    """`controller.orchestrator.InstanceModel` from the profile: per pool, each spec's SLO-meeting
+    capacity for the pool's mix and its power at the pool's expected utilisation (capacity-weighted
+    routing loads every instance of a pool to the same fraction of its capacity)."""
+
+    capacities: Mapping[str, Mapping[InstanceSpec, ConfigCapacity]]
+    utilisation: Mapping[str, float]
+
+    def capacity_rps(self, pool: str, spec: InstanceSpec) -> float:
+        cap = self.capacities.get(pool, {}).get(spec)
+        return 0.0 if cap is None else cap.max_load_rps
+
+    def power_w(self, pool: str, spec: InstanceSpec) -> float:
+        cap = self.capacities.get(pool, {}).get(spec)
+        if cap is None:
+            return 0.0
+        return cap.power_w(self.utilisation.get(pool, 0.0) * cap.max_load_rps)
+
+
+def instance_model(
+    profile: Profile, plan: ClusterPlan, class_rates_rps: Sequence[float]
+) -> PoolInstanceModel:
+    """The planner's model for `plan` (the desired state) with the classes' current rates (CLASS_NAMES
+    order). Pools absent from `plan` have no capacity there (nothing routes to them)."""
+    if len(class_rates_rps) != len(CLASS_NAMES):
+        raise InvalidArgumentError("class_rates_rps", len(class_rates_rps), f"{len(CLASS_NAMES)} classes")
+    capacities: dict[str, dict[InstanceSpec, ConfigCapacity]] = {}
+    utilisation: dict[str, float] = {}
+    for pool in plan.pools:
+        table = {c.spec: c for c in pool_capacities(profile, _shares(pool.class_names, class_rates_rps))}
+        capacities[pool.name] = table
+        total_rps = sum(table[s].max_load_rps for s in pool.instances if s in table)
+        load_rps = sum(_shares(pool.class_names, class_rates_rps).values())
+        utilisation[pool.name] = min(1.0, load_rps / total_rps) if total_rps > 0 else 0.0
+    return PoolInstanceModel(capacities=capacities, utilisation=utilisation)
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def _reconfig_cost_j(costs: ReconfigCosts) -> dict[str, float]:
+    """The pool MILP's reconfiguration prices (J per GPU) from the planner's durations."""
+    return reconfig_cost_j_per_gpu(
+        costs.idle_power_w_per_gpu,
+        start_s=costs.start_s,
+        stop_s=0.0,
+        retp_s=costs.reshard_s,
+        clock_s=costs.clock_change_s,
+    )
+
+
+def _idle_instance(capacities: Sequence[ConfigCapacity]) -> InstanceSpec:
+    """The configuration drawing least at no load: what a pool forecast to be idle keeps running, so a
+    request that does arrive is served while the pool manager reacts."""
+    return min(capacities, key=lambda c: (c.power_idle_w, -c.max_load_rps)).spec
+
+
+def _choose_clocks(obs: ClusterObs, profile: Profile, headroom: float, mix_window_s: float) -> dict[int, int]:
+    """Instance level: the lowest-energy SLO-meeting clock of every active instance at its load."""
+    rates = recent_class_rates_rps(obs, mix_window_s)
+    pools = {p.name: p for p in obs.plan.pools}
+    tables: dict[tuple[str, int], dict[int, ConfigCapacity]] = {}
+    out: dict[int, int] = {}
+    for inst in obs.instances:
+        if inst.phase is not Phase.ACTIVE or inst.pool not in pools:
+            continue
+        key = (inst.pool, inst.spec.tp)
+        if key not in tables:
+            caps = pool_capacities(profile, _shares(pools[inst.pool].class_names, rates))
+            tables[key] = capacities_by_clock(caps, inst.spec.tp)
+        by_clock = tables[key]
+        out[inst.instance_id] = (
+            choose_clock(inst.load_rps, by_clock, headroom=headroom) if by_clock else inst.spec.clock_mhz
+        )
+    return out
+
+
+def _pool_forecast_rps(obs: ClusterObs, class_names: Sequence[str], horizon_s: float, bins: int) -> float:
+    """Peak forecast of the summed arrival rate of `class_names` from the first `bins` history bins."""
+    idx = [CLASS_NAMES.index(c) for c in class_names]
+    summed = [sum(obs.class_rate_history_rps[i][b] for i in idx) for b in range(bins)]
+    end_s = obs.now_s - (_history_len(obs) - bins) * obs.history_bin_s
+    now_unix = None if obs.start_unix_s is None else obs.start_unix_s + end_s
+    return forecast_next_peak_rps(summed, obs.history_bin_s, horizon_s, now_unix_s=now_unix)
+
+
+# ------------------------------------------------------------------ dynamollm and oracle
+
+
+@dataclass(frozen=True, slots=True)
+class DynamoLLM:
+    """`--policy dynamollm`: the full hierarchy (module docstring)."""
+
+    periods: Periods = DEFAULT_PERIODS
+    costs: ReconfigCosts = DEFAULT_COSTS
+    merge_threshold_rps: float = DEFAULT_MERGE_THRESHOLD_RPS
+    largest_headroom: float = DEFAULT_LARGEST_HEADROOM
+    clock_headroom: float = DEFAULT_CLOCK_HEADROOM
+    mip_rel_gap: float = DEFAULT_MIP_REL_GAP
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
+    mix_window_s: float = DEFAULT_MIX_WINDOW_S
+
+    @property
+    def name(self) -> str:
+        return "dynamollm"
+
+    @property
+    def reconfiguration_free(self) -> bool:
+        return False
+
+    # -- knobs the baselines and the oracle change
+    def _allowed_tps(self, profile: Profile) -> tuple[int, ...]:
+        return tuple(tp for tp in profile.tps if tp in (2, 4, 8))
+
+    def _reconfig_cost_j(self) -> dict[str, float]:
+        c = self.costs
+        return reconfig_cost_j_per_gpu(
+            c.idle_power_w_per_gpu,
+            start_s=c.start_s,
+            stop_s=0.0,
+            retp_s=c.reshard_s,
+            clock_s=c.clock_change_s,
+        )
+
+    def _class_peaks(self, obs: ClusterObs, horizon_s: float, bins: int) -> tuple[float, ...]:
+        """Per-class peak forecast over `horizon_s` from the first `bins` history bins."""
+        end_s = obs.now_s - (_history_len(obs) - bins) * obs.history_bin_s
+        now_unix = None if obs.start_unix_s is None else obs.start_unix_s + end_s
+        return tuple(
+            forecast_next_peak_rps(series[:bins], obs.history_bin_s, horizon_s, now_unix_s=now_unix)
+            for series in obs.class_rate_history_rps
+        )
+
+    def _pool_load_rps(self, obs: ClusterObs, class_names: Sequence[str], horizon_s: float) -> float:
+        return _pool_forecast_rps(obs, class_names, horizon_s, _history_len(obs))
+
+    # -- the levels
+    def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
+        budgets = plan_pools(
+            arrivals.peak_rate_rps_by_class,
+            profile,
+            None,
+            merge_threshold_rps=self.merge_threshold_rps,
+            largest_headroom=self.largest_headroom,
+        )
+        loads = {b.name: b.forecast_rps for b in budgets}
+        return self._solve(budgets, loads, arrivals.peak_rate_rps_by_class, {}, profile)
+
+    def cluster_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        return self._decide(obs, profile)
+
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        return self._decide(obs, profile)
+
+    def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
+        return _choose_clocks(obs, profile, self.clock_headroom, self.mix_window_s)
+
+    def _epoch_budgets(self, obs: ClusterObs, profile: Profile, bins: int) -> tuple[PoolBudget, ...]:
+        return plan_pools(
+            self._class_peaks(obs, self.periods.cluster_s, bins),
+            profile,
+            obs.total_gpus,
+            merge_threshold_rps=self.merge_threshold_rps,
+            largest_headroom=self.largest_headroom,
+        )
+
+    def _decide(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        n = _history_len(obs)
+        if n == 0 and obs.true_next_peak_rps is None:
+            return obs.plan  # nothing observed yet: the initial plan stands
+        p = self.periods
+        boundary_s = math.floor(obs.now_s / p.cluster_s + 1e-9) * p.cluster_s
+        since_bins = round((obs.now_s - boundary_s) / obs.history_bin_s)
+        # The epoch's pools come from the history the cluster step had; before any history existed at a
+        # boundary (the first epoch), from all history so far.
+        bins = n - since_bins if n - since_bins > 0 else n
+        budgets = self._epoch_budgets(obs, profile, bins)
+        horizon_s = p.pool_s + self.costs.start_s
+        next_boundary_s = boundary_s + p.cluster_s
+        if obs.now_s + horizon_s > next_boundary_s and obs.now_s > boundary_s:
+            # Start-ahead: size for the next epoch's first pool period too, within the larger budget.
+            horizon_s = next_boundary_s - obs.now_s + p.pool_s + self.costs.start_s
+            following = {b.name: b.gpu_budget for b in self._epoch_budgets(obs, profile, n)}
+            budgets = tuple(
+                replace(b, gpu_budget=max(b.gpu_budget, following.get(b.name, 0))) for b in budgets
+            )
+            budgets = _fit_total(budgets, obs.total_gpus)
+        loads = {b.name: self._pool_load_rps(obs, b.class_names, horizon_s) for b in budgets}
+        current = {b.name: _live_counts(obs, b.name) for b in budgets}
+        return self._solve(budgets, loads, recent_class_rates_rps(obs, self.mix_window_s), current, profile)
+
+    def _solve(
+        self,
+        budgets: Sequence[PoolBudget],
+        loads_rps: Mapping[str, float],
+        class_rates_rps: Sequence[float],
+        current: Mapping[str, Mapping[InstanceSpec, int]],
+        profile: Profile,
+    ) -> ClusterPlan:
+        pools: list[PoolPlan] = []
+        for b in budgets:
+            caps = pool_capacities(profile, _shares(b.class_names, class_rates_rps))
+            decision = solve_pool(
+                loads_rps[b.name],
+                b.gpu_budget,
+                caps,
+                current.get(b.name, {}),
+                reconfig_cost_j=self._reconfig_cost_j(),
+                epoch_s=self.periods.pool_s,
+                mip_rel_gap=self.mip_rel_gap,
+                time_limit_s=self.time_limit_s,
+                allowed_tps=self._allowed_tps(profile),
+            )
+            instances = decision.instances() or (_idle_instance(caps),)
+            pools.append(PoolPlan(name=b.name, class_names=b.class_names, instances=instances))
+        return ClusterPlan(pools=tuple(pools))
+
+
+def _fit_total(budgets: tuple[PoolBudget, ...], total_gpus: int) -> tuple[PoolBudget, ...]:
+    """Budgets raised for start-ahead, trimmed back (largest first) to the cluster's GPUs."""
+    gpus = [b.gpu_budget for b in budgets]
+    while sum(gpus) > total_gpus:
+        i = max(range(len(gpus)), key=lambda k: (gpus[k], -k))
+        step = min(GPUS_PER_SERVER, sum(gpus) - total_gpus, gpus[i] - 2)
+        if step <= 0:
+            break
+        gpus[i] -= step
+    return tuple(replace(b, gpu_budget=g) for b, g in zip(budgets, gpus, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Oracle(DynamoLLM):
+    """`--policy oracle`: DynamoLLM's optimisation with the true coming peaks and free reconfiguration."""
+
+    @property
+    def name(self) -> str:
+        return "oracle"
+
+    @property
+    def reconfiguration_free(self) -> bool:
+        return True
+
+    def _reconfig_cost_j(self) -> dict[str, float]:
+        return dict.fromkeys(RECONFIG_KINDS, 0.0)
+
+    def _true_peaks(self, obs: ClusterObs) -> tuple[float, ...]:
+        if obs.true_next_peak_rps is None:
+            raise InvalidArgumentError(
+                "obs.true_next_peak_rps",
+                None,
+                "the true per-class peaks (the simulator fills them for oracle)",
+            )
+        return obs.true_next_peak_rps
+
+    def _class_peaks(self, obs: ClusterObs, horizon_s: float, bins: int) -> tuple[float, ...]:
+        return self._true_peaks(obs)
+
+    def _pool_load_rps(self, obs: ClusterObs, class_names: Sequence[str], horizon_s: float) -> float:
+        # Per-class peaks may fall at different moments; their sum bounds the pool's peak from above.
+        peaks = self._true_peaks(obs)
+        return sum(peaks[CLASS_NAMES.index(c)] for c in class_names)
+
+
+# ------------------------------------------------------------------ one-knob baselines
+
+
+def _whole_cluster_forecast(obs: ClusterObs, horizon_s: float) -> float:
+    return _pool_forecast_rps(obs, CLASS_NAMES, horizon_s, _history_len(obs))
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleInst:
+    """`--policy scaleinst`: one pool of TP8 instances at the maximum clock; only their count changes."""
+
+    periods: Periods = DEFAULT_PERIODS
+    costs: ReconfigCosts = DEFAULT_COSTS
+    mix_window_s: float = DEFAULT_MIX_WINDOW_S
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
+
+    @property
+    def name(self) -> str:
+        return "scaleinst"
+
+    @property
+    def reconfiguration_free(self) -> bool:
+        return False
+
+    def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
+        return size_singlepool(arrivals, profile).plan
+
+    def cluster_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        return self.pool_step(obs, profile)
+
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        if _history_len(obs) == 0:
+            return obs.plan
+        load_rps = _whole_cluster_forecast(obs, self.periods.pool_s + self.costs.start_s)
+        caps = pool_capacities(profile, _shares(CLASS_NAMES, recent_class_rates_rps(obs, self.mix_window_s)))
+        clock = max(profile.clocks_mhz)
+        decision = solve_pool(
+            load_rps,
+            obs.total_gpus,
+            caps,
+            _live_counts(obs, POOL_NAME),
+            reconfig_cost_j=_reconfig_cost_j(self.costs),
+            epoch_s=self.periods.pool_s,
+            time_limit_s=self.time_limit_s,
+            allowed_tps=(GPUS_PER_SERVER,),
+            allowed_clocks=(clock,),
+        )
+        count = max(1, sum(decision.counts.values()))
+        return singlepool_plan(count, GPUS_PER_SERVER, clock)
+
+    def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
+        clock = max(profile.clocks_mhz)
+        return {i.instance_id: clock for i in obs.instances if i.phase is Phase.ACTIVE}
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleShard:
+    """`--policy scaleshard`: singlepool's GPUs held throughout, split into instances of one TP degree
+    (the least power at the forecast load among those covering it; else the most capacity), max clock."""
+
+    periods: Periods = DEFAULT_PERIODS
+    costs: ReconfigCosts = DEFAULT_COSTS
+    mix_window_s: float = DEFAULT_MIX_WINDOW_S
+
+    @property
+    def name(self) -> str:
+        return "scaleshard"
+
+    @property
+    def reconfiguration_free(self) -> bool:
+        return False
+
+    def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
+        return size_singlepool(arrivals, profile).plan
+
+    def plan_with(self, instances: int, profile: Profile) -> ClusterPlan:
+        """Singlepool's plan with `instances` TP8 instances: fixes the GPUs this policy re-shards."""
+        return SinglePool().plan_with(instances, profile)
+
+    def cluster_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        return self.pool_step(obs, profile)
+
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        gpus = obs.plan.gpus
+        if _history_len(obs) == 0 or gpus == 0:
+            return obs.plan
+        load_rps = _whole_cluster_forecast(obs, self.periods.pool_s + self.costs.start_s)
+        caps = pool_capacities(profile, _shares(CLASS_NAMES, recent_class_rates_rps(obs, self.mix_window_s)))
+        clock = max(profile.clocks_mhz)
+        options: list[tuple[bool, float, int]] = []  # (covers, power or -capacity, tp)
+        for cap in caps:
+            if cap.clock_mhz != clock or gpus % cap.tp:
+                continue
+            n = gpus // cap.tp
+            total_rps = n * cap.max_load_rps
+            if total_rps >= load_rps:
+                options.append((True, n * cap.power_w(load_rps / n), cap.tp))
+            else:
+                options.append((False, -total_rps, cap.tp))
+        if not options:
+            return obs.plan
+        covering = [o for o in options if o[0]]
+        _, _, tp = min(covering or options, key=lambda o: (o[1], -o[2]))
+        return singlepool_plan(gpus // tp, tp, clock)
+
+    def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
+        clock = max(profile.clocks_mhz)
+        return {i.instance_id: clock for i in obs.instances if i.phase is Phase.ACTIVE}
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleFreq:
+    """`--policy scalefreq`: singlepool's instances, never changed; only each instance's clock."""
+
+    periods: Periods = DEFAULT_PERIODS
+    clock_headroom: float = DEFAULT_CLOCK_HEADROOM
+    mix_window_s: float = DEFAULT_MIX_WINDOW_S
+
+    @property
+    def name(self) -> str:
+        return "scalefreq"
+
+    @property
+    def reconfiguration_free(self) -> bool:
+        return False
+
+    def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
+        return size_singlepool(arrivals, profile).plan
+
+    def plan_with(self, instances: int, profile: Profile) -> ClusterPlan:
+        """Singlepool's plan with `instances` instances: the fleet whose clocks this policy tunes."""
+        return SinglePool().plan_with(instances, profile)
+
+    def cluster_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        return obs.plan
+
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        return obs.plan
+
+    def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
+        return _choose_clocks(obs, profile, self.clock_headroom, self.mix_window_s)
+
+
+# ------------------------------------------------------------------ static multipool
+
+
+@dataclass(frozen=True, slots=True)
+class MultiPool:
+    """`--policy multipool`: static, a pool per class of TP8 instances at the maximum clock, each sized
+    for its class's peak (ceil(peak_c / cap_c), at least one)."""
+
+    @property
+    def name(self) -> str:
+        return "multipool"
+
+    def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
+        # A zero merge threshold keeps every class in its own pool; no headroom anywhere.
+        budgets = plan_pools(
+            arrivals.peak_rate_rps_by_class, profile, None, merge_threshold_rps=0.0, largest_headroom=0.0
+        )
+        spec = InstanceSpec(tp=GPUS_PER_SERVER, clock_mhz=max(profile.clocks_mhz))
+        return ClusterPlan(
+            pools=tuple(
+                PoolPlan(
+                    name=b.name,
+                    class_names=b.class_names,
+                    instances=(spec,) * (b.gpu_budget // GPUS_PER_SERVER),
+                )
+                for b in budgets
+            )
+        )
+
+
+# ------------------------------------------------------------------ registry
+
+PolicyFactory = Callable[[], SimPolicy]
+
+POLICIES: Mapping[str, PolicyFactory] = MappingProxyType(
+    {
+        "singlepool": SinglePool,
+        "multipool": MultiPool,
+        "scaleinst": ScaleInst,
+        "scaleshard": ScaleShard,
+        "scalefreq": ScaleFreq,
+        "dynamollm": DynamoLLM,
+        "oracle": Oracle,
+    }
+)
+
+
+def make_policy(
+    name: str, *, periods: Periods | None = None, costs: ReconfigCosts | None = None
+) -> SimPolicy:
+    """The policy called `name`, with the simulator's periods and reconfiguration costs where it has them.
+
+    Errors name the flag: `--policy` for an unknown name.
+    """
+    factory = POLICIES.get(name)
+    if factory is None:
+        raise InvalidArgumentError("--policy", name, tuple(POLICIES))
+    policy = factory()
+    fields = getattr(policy, "__dataclass_fields__", {})
+    changes: dict[str, object] = {}
+    if periods is not None and "periods" in fields:
+        changes["periods"] = periods
+    if costs is not None and "costs" in fields:
+        changes["costs"] = costs
+    return replace(policy, **changes) if changes else policy  # type: ignore[type-var]

@@ -1,0 +1,458 @@
+"""Pool manager (DESIGN §7): the instance mix of one pool for the next pool epoch, as a small MILP.
+
+Where it sits: every pool period (default 5 min) the policy (`controller.policy.policies`) calls
+`solve_pool` once per pool with the pool's expected load (a forecast peak), its GPU budget from the
+cluster manager, the mix's per-configuration capacities (`controller.policy.capacity.pool_capacities`)
+and the pool's current instances. The answer (instance counts per (TP, clock)) becomes the pool's
+`PoolPlan`; the orchestrator plan (`controller.orchestrator.plan`) turns the difference into actions.
+
+The problem, per configuration k = (tp_k, clock_k) with capacity cap_k (x (1 - headroom)), fitted power
+idle_k + slope_k * load and current count m_k:
+
+    minimise   epoch_s * sum_k (idle_k n_k + slope_k x_k)                       (serving energy)
+             + c_clock * sum_k tp_k u_k                                       (instances arriving at k)
+             + c_start * sum_t A_t + c_stop * sum_t R_t
+             + min(0, c_retp - c_start - c_stop) * Z                          (GPUs moved between TPs)
+    s.t.       sum_k tp_k n_k <= gpu_budget;  sum_k x_k >= load;  0 <= x_k <= cap_k n_k
+               u_k >= n_k - m_k;  A_t - R_t = t (N_t - M_t) per TP degree t;  Z <= sum A, Z <= sum R
+               n_k integer in [0, gpu_budget // tp_k];  u, A, R, Z >= 0
+
+N_t / M_t are the new / current instance counts at TP degree t (current ones include configurations no
+longer allowed, which must go). A_t / R_t are GPUs entering / leaving TP degree t; Z of them move from
+one TP degree to another: a re-shard (`retp`) instead of a stop plus a start, when cheaper. Every
+instance arriving at a configuration pays at least a clock change. Costs are J per GPU of the instance
+concerned (`reconfig_cost_j`, keys RECONFIG_KINDS; `reconfig_cost_j_per_gpu` derives them from
+durations). Solved with HiGHS through CVXPY with a relative MIP gap and a time limit; a time-limited run
+with an incumbent is accepted ("incumbent").
+
+Fallbacks, explicit in `PoolDecision.status`: when the load cannot be covered within the budget the MILP
+is infeasible ("fallback-infeasible"; also used if the solver fails outright), and when the time limit
+passes with no incumbent ("fallback-timeout"), a greedy answer is used instead: configurations in order of
+energy per request at full load, each taking as many instances as the remaining load needs and the
+remaining budget allows; if that leaves load uncovered, the budget is instead filled at maximum
+performance (most capacity per GPU first, i.e. TP8 at the top clock on the default profile) and the
+uncovered load is reported as `shortfall_rps`. The MILP itself always covers the load (shortfall 0).
+
+Pure: CVXPY is imported inside `solve_pool` (slow to import; `dctl` must not pay for it at start-up);
+`solve_s` is the solver's own reported run time, not a wall-clock reading.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from agent.api.errors import InvalidArgumentError
+from controller.model.cluster import InstanceSpec
+from controller.policy.capacity import ConfigCapacity
+
+PoolStatus = Literal["optimal", "incumbent", "fallback-infeasible", "fallback-timeout"]
+
+RECONFIG_KINDS = ("start", "stop", "retp", "clock")
+
+# The pool manager plans for a forecast PEAK of the epoch, so by default it keeps no extra margin; the
+# instance manager (`frequency.choose_clock`) keeps one against the load of the moment.
+DEFAULT_POOL_HEADROOM = 0.0
+DEFAULT_MIP_REL_GAP = 0.02
+DEFAULT_TIME_LIMIT_S = 0.5
+
+# Relative tolerance below which uncovered load counts as covered (float round-off in the greedy walk).
+_FEASIBILITY_RTOL = 1e-6
+# HiGHS primal_solution_status value meaning "a feasible solution is held".
+_HIGHS_SOLUTION_FEASIBLE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDecision:
+    """The pool's instance mix for the next epoch and how it was obtained.
+
+    `counts`: instances per spec (non-zero entries only, ordered by tp then clock). `load_shares_rps`:
+    load routed to all instances of each spec together. `energy_j_estimate`: serving energy over the
+    epoch from the fitted power lines; `reconfig_j_estimate`: the reconfiguration cost the MILP charged
+    for moving from the current counts (0 for fallbacks, which ignore it). `solve_s`: solver run time
+    (0 when no solver ran).
+    """
+
+    counts: Mapping[InstanceSpec, int]
+    load_shares_rps: Mapping[InstanceSpec, float]
+    energy_j_estimate: float
+    reconfig_j_estimate: float
+    status: PoolStatus
+    shortfall_rps: float
+    solve_s: float
+
+    @property
+    def gpus(self) -> int:
+        return sum(spec.tp * n for spec, n in self.counts.items())
+
+    def instances(self) -> tuple[InstanceSpec, ...]:
+        """One spec per instance (the `PoolPlan.instances` form), ordered by tp then clock."""
+        return tuple(spec for spec, n in self.counts.items() for _ in range(n))
+
+
+def reconfig_cost_j_per_gpu(
+    gpu_idle_power_w: float, *, start_s: float, stop_s: float, retp_s: float, clock_s: float
+) -> dict[str, float]:
+    """Reconfiguration costs in J per GPU: each kind holds the GPU idle (serving nothing) for its duration.
+
+    Durations come from the reconfiguration model (DESIGN §7: warm start ~60 s, restart re-shard ~90 s,
+    clock change ~0.065 s; stop ~0: a draining instance keeps serving its requests).
+    """
+    costs = {"start": start_s, "stop": stop_s, "retp": retp_s, "clock": clock_s}
+    for kind, duration_s in costs.items():
+        if not (math.isfinite(duration_s) and duration_s >= 0.0):
+            raise InvalidArgumentError(f"{kind}_s", duration_s, "a finite duration >= 0 s")
+    if not (math.isfinite(gpu_idle_power_w) and gpu_idle_power_w >= 0.0):
+        raise InvalidArgumentError("gpu_idle_power_w", gpu_idle_power_w, "a finite power >= 0 W")
+    return {kind: gpu_idle_power_w * duration_s for kind, duration_s in costs.items()}
+
+
+def _validate(
+    load_rps: float,
+    gpu_budget: int,
+    reconfig_cost_j: Mapping[str, float],
+    epoch_s: float,
+    mip_rel_gap: float,
+    time_limit_s: float,
+    headroom: float,
+    current_counts: Mapping[InstanceSpec, int],
+) -> None:
+    if not (math.isfinite(load_rps) and load_rps >= 0.0):
+        raise InvalidArgumentError("load_rps", load_rps, "a finite rate >= 0")
+    if isinstance(gpu_budget, bool) or not isinstance(gpu_budget, int) or gpu_budget < 0:
+        raise InvalidArgumentError("gpu_budget", gpu_budget, "an integer >= 0")
+    if set(reconfig_cost_j) != set(RECONFIG_KINDS):
+        raise InvalidArgumentError("reconfig_cost_j", sorted(reconfig_cost_j), RECONFIG_KINDS)
+    for kind, cost in reconfig_cost_j.items():
+        if not (math.isfinite(cost) and cost >= 0.0):
+            raise InvalidArgumentError(f"reconfig_cost_j[{kind}]", cost, "a finite cost >= 0 J")
+    if not (math.isfinite(epoch_s) and epoch_s > 0.0):
+        raise InvalidArgumentError("epoch_s", epoch_s, "a positive duration")
+    if not (0.0 <= mip_rel_gap < 1.0):
+        raise InvalidArgumentError("mip_rel_gap", mip_rel_gap, "0 <= gap < 1")
+    if not (math.isfinite(time_limit_s) and time_limit_s > 0.0):
+        raise InvalidArgumentError("time_limit_s", time_limit_s, "a positive number of seconds")
+    if not (0.0 <= headroom < 1.0):
+        raise InvalidArgumentError("headroom", headroom, "0 <= headroom < 1")
+    for spec, n in current_counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidArgumentError(f"current_counts[{spec}]", n, "an integer >= 0")
+
+
+def _allowed(
+    capacities: Sequence[ConfigCapacity], allowed_tps: Sequence[int], allowed_clocks: Sequence[int] | None
+) -> tuple[ConfigCapacity, ...]:
+    seen: set[tuple[int, int]] = set()
+    out: list[ConfigCapacity] = []
+    for c in sorted(capacities, key=lambda c: (c.tp, c.clock_mhz)):
+        key = (c.tp, c.clock_mhz)
+        if key in seen:
+            raise InvalidArgumentError("capacities", key, "one entry per (tp, clock_mhz)")
+        seen.add(key)
+        if c.tp in allowed_tps and (allowed_clocks is None or c.clock_mhz in allowed_clocks):
+            out.append(c)
+    return tuple(out)
+
+
+def _decision(
+    configs: Sequence[ConfigCapacity],
+    counts: Sequence[int],
+    shares_rps: Sequence[float],
+    *,
+    epoch_s: float,
+    reconfig_j: float,
+    status: PoolStatus,
+    shortfall_rps: float,
+    solve_s: float,
+) -> PoolDecision:
+    keep = [i for i, n in enumerate(counts) if n > 0]
+    energy_j = epoch_s * sum(
+        configs[i].power_idle_w * counts[i] + configs[i].power_slope_w_per_rps * shares_rps[i] for i in keep
+    )
+    return PoolDecision(
+        counts={configs[i].spec: counts[i] for i in keep},
+        load_shares_rps={configs[i].spec: shares_rps[i] for i in keep},
+        energy_j_estimate=energy_j,
+        reconfig_j_estimate=reconfig_j,
+        status=status,
+        shortfall_rps=shortfall_rps,
+        solve_s=solve_s,
+    )
+
+
+def _fill(
+    order: Sequence[int],
+    configs: Sequence[ConfigCapacity],
+    usable_rps: Sequence[float],
+    load_rps: float,
+    gpu_budget: int,
+) -> tuple[list[int], list[float], float]:
+    """Walk configurations in `order`, each taking the instances the remaining load needs, within budget.
+
+    Returns (counts, load per configuration, uncovered load).
+    """
+    counts = [0] * len(configs)
+    shares = [0.0] * len(configs)
+    remaining_rps = load_rps
+    budget = gpu_budget
+    for i in order:
+        if remaining_rps <= load_rps * _FEASIBILITY_RTOL:
+            break
+        n = min(math.ceil(remaining_rps / usable_rps[i] * (1.0 - _FEASIBILITY_RTOL)), budget // configs[i].tp)
+        if n <= 0:
+            continue
+        counts[i] = n
+        shares[i] = min(remaining_rps, n * usable_rps[i])
+        remaining_rps -= shares[i]
+        budget -= n * configs[i].tp
+    return counts, shares, max(0.0, remaining_rps)
+
+
+def greedy_pool(
+    load_rps: float, gpu_budget: int, configs: Sequence[ConfigCapacity], *, headroom: float
+) -> tuple[list[int], list[float], float]:
+    """The fallback: most energy-efficient per request first; if that cannot cover the load within the
+    budget, maximum performance (most capacity per GPU first). Returns (counts, load shares, shortfall)."""
+    usable = [c.max_load_rps * (1.0 - headroom) for c in configs]
+    efficient = sorted(range(len(configs)), key=lambda i: (configs[i].energy_per_request_j, i))
+    counts, shares, short = _fill(efficient, configs, usable, load_rps, gpu_budget)
+    if short <= load_rps * _FEASIBILITY_RTOL:
+        return counts, shares, 0.0
+    fastest = sorted(
+        range(len(configs)), key=lambda i: (-usable[i] / configs[i].tp, -configs[i].clock_mhz, i)
+    )
+    return _fill(fastest, configs, usable, load_rps, gpu_budget)
+
+
+def solve_pool(
+    load_rps: float,
+    gpu_budget: int,
+    capacities: Sequence[ConfigCapacity],
+    current_counts: Mapping[InstanceSpec, int],
+    *,
+    reconfig_cost_j: Mapping[str, float],
+    epoch_s: float,
+    mip_rel_gap: float = DEFAULT_MIP_REL_GAP,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    allowed_tps: Sequence[int] = (2, 4, 8),
+    allowed_clocks: Sequence[int] | None = None,
+    headroom: float = DEFAULT_POOL_HEADROOM,
+) -> PoolDecision:
+    """The pool's instance counts per (tp, clock) minimising epoch energy plus reconfiguration cost.
+
+    `capacities`: the mix's configurations (`pool_capacities`); only those with tp in `allowed_tps` and
+    clock in `allowed_clocks` (None: any) are used, which is how one-knob baselines restrict the search.
+    `current_counts`: the pool's instances now (any spec). `epoch_s`: the pool period the plan holds for.
+    """
+    _validate(
+        load_rps, gpu_budget, reconfig_cost_j, epoch_s, mip_rel_gap, time_limit_s, headroom, current_counts
+    )
+    configs = _allowed(capacities, allowed_tps, allowed_clocks)
+    if not configs:
+        raise InvalidArgumentError(
+            "capacities",
+            len(capacities),
+            f"at least one configuration with tp in {tuple(allowed_tps)}"
+            + ("" if allowed_clocks is None else f" and clock_mhz in {tuple(allowed_clocks)}"),
+        )
+    fits = [c for c in configs if c.tp <= gpu_budget]
+    if load_rps == 0.0 and not any(current_counts.values()):
+        return _decision(
+            configs,
+            [0] * len(configs),
+            [0.0] * len(configs),
+            epoch_s=epoch_s,
+            reconfig_j=0.0,
+            status="optimal",
+            shortfall_rps=0.0,
+            solve_s=0.0,
+        )
+    if not fits and load_rps == 0.0:
+        # No instance fits the budget and none is needed: stopping the current ones is the only answer.
+        zeros = [0] * len(configs)
+        return _decision(
+            configs,
+            zeros,
+            [0.0] * len(configs),
+            epoch_s=epoch_s,
+            reconfig_j=_reconfig_j(configs, zeros, current_counts, reconfig_cost_j),
+            status="optimal",
+            shortfall_rps=0.0,
+            solve_s=0.0,
+        )
+    if not fits:
+        return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", 0.0)
+    return _solve_milp(
+        load_rps,
+        gpu_budget,
+        configs,
+        current_counts,
+        reconfig_cost_j,
+        epoch_s,
+        mip_rel_gap,
+        time_limit_s,
+        headroom,
+    )
+
+
+def _fallback(
+    configs: Sequence[ConfigCapacity],
+    load_rps: float,
+    gpu_budget: int,
+    epoch_s: float,
+    headroom: float,
+    status: PoolStatus,
+    solve_s: float,
+) -> PoolDecision:
+    counts, shares, short = greedy_pool(load_rps, gpu_budget, configs, headroom=headroom)
+    return _decision(
+        configs,
+        counts,
+        shares,
+        epoch_s=epoch_s,
+        reconfig_j=0.0,
+        status=status,
+        shortfall_rps=short if short > load_rps * _FEASIBILITY_RTOL else 0.0,
+        solve_s=solve_s,
+    )
+
+
+def _solve_milp(
+    load_rps: float,
+    gpu_budget: int,
+    configs: Sequence[ConfigCapacity],
+    current_counts: Mapping[InstanceSpec, int],
+    reconfig_cost_j: Mapping[str, float],
+    epoch_s: float,
+    mip_rel_gap: float,
+    time_limit_s: float,
+    headroom: float,
+) -> PoolDecision:
+    import cvxpy as cp
+
+    k = len(configs)
+    tp_k = np.array([c.tp for c in configs], dtype=np.float64)
+    usable_k = np.array([c.max_load_rps * (1.0 - headroom) for c in configs])
+    idle_k = np.array([c.power_idle_w for c in configs])
+    slope_k = np.array([c.power_slope_w_per_rps for c in configs])
+    current_k = np.array([current_counts.get(c.spec, 0) for c in configs], dtype=np.float64)
+    tps = sorted({c.tp for c in configs} | {s.tp for s, n in current_counts.items() if n > 0})
+    # Instances per TP degree: new ones are member[t] @ n, current ones include specs no longer allowed.
+    member = np.array([[1.0 if c.tp == t else 0.0 for c in configs] for t in tps])
+    current_t = np.array([sum(n for s, n in current_counts.items() if s.tp == t) for t in tps], dtype=float)
+    tps_arr = np.array(tps, dtype=np.float64)
+    ones_t = np.ones(len(tps))
+
+    n = cp.Variable(k, integer=True, bounds=[np.zeros(k), np.floor(gpu_budget / tp_k)])
+    x = cp.Variable(k, nonneg=True)
+    u = cp.Variable(k, nonneg=True)
+    gpus_in = cp.Variable(len(tps), nonneg=True)
+    gpus_out = cp.Variable(len(tps), nonneg=True)
+    moved = cp.Variable(nonneg=True)
+
+    retp_saving_j = min(0.0, reconfig_cost_j["retp"] - reconfig_cost_j["start"] - reconfig_cost_j["stop"])
+    # Objective in kJ so HiGHS sees coefficients of moderate size.
+    scale = 1e-3
+    serving_j = epoch_s * (idle_k @ n + slope_k @ x)
+    reconfig_j = (
+        reconfig_cost_j["clock"] * (tp_k @ u)
+        + reconfig_cost_j["start"] * ones_t @ gpus_in
+        + reconfig_cost_j["stop"] * ones_t @ gpus_out
+        + retp_saving_j * moved
+    )
+    constraints = [
+        tp_k @ n <= gpu_budget,
+        np.ones(k) @ x >= load_rps,
+        x <= np.diag(usable_k) @ n,
+        u >= n - current_k,
+        gpus_in - gpus_out == np.diag(tps_arr) @ (member @ n - current_t),
+        moved <= ones_t @ gpus_in,
+        moved <= ones_t @ gpus_out,
+    ]
+    if load_rps > 0.0:
+        # Redundant for the exact problem, but it stops a tiny load from being "covered" by a count
+        # within HiGHS's integrality tolerance of zero.
+        constraints.append(np.ones(k) @ n >= 1)
+    problem = cp.Problem(cp.Minimize(scale * (serving_j + reconfig_j)), constraints)
+    try:
+        with warnings.catch_warnings():
+            # A time-limited run warns "may be inaccurate"; the status handling below says what happened.
+            warnings.simplefilter("ignore", UserWarning)
+            problem.solve(  # type: ignore[no-untyped-call]
+                solver=cp.HIGHS, mip_rel_gap=mip_rel_gap, time_limit=time_limit_s, random_seed=0, threads=1
+            )
+    except cp.error.SolverError:
+        return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", 0.0)
+    stats = problem.solver_stats
+    solve_s = float(stats.solve_time) if stats is not None and stats.solve_time is not None else 0.0
+    status: PoolStatus
+    if problem.status == cp.OPTIMAL:
+        status = "optimal"
+    elif problem.status == cp.USER_LIMIT and _has_incumbent(stats):
+        status = "incumbent"
+    elif problem.status == cp.USER_LIMIT:
+        return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-timeout", solve_s)
+    else:
+        return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", solve_s)
+    counts = [int(v) for v in np.rint(np.asarray(n.value)).ravel()]
+    shares = _split_load(load_rps, counts, usable_k)
+    return _decision(
+        configs,
+        counts,
+        shares,
+        epoch_s=epoch_s,
+        reconfig_j=_reconfig_j(configs, counts, current_counts, reconfig_cost_j),
+        status=status,
+        shortfall_rps=0.0,
+        solve_s=solve_s,
+    )
+
+
+def _has_incumbent(stats: Any) -> bool:
+    info = getattr(stats, "extra_stats", None)
+    return getattr(info, "primal_solution_status", 0) == _HIGHS_SOLUTION_FEASIBLE
+
+
+def _split_load(load_rps: float, counts: Sequence[int], usable_rps: Any) -> list[float]:
+    """Load per configuration in proportion to its usable capacity (what a capacity-weighted router does).
+
+    The LP's own x is one optimum among many when slopes tie; the proportional split is deterministic and
+    within every configuration's capacity whenever the counts cover the load.
+    """
+    cap = [n * float(c) for n, c in zip(counts, usable_rps, strict=True)]
+    total = sum(cap)
+    return [load_rps * c / total if total > 0 else 0.0 for c in cap]
+
+
+def _reconfig_j(
+    configs: Sequence[ConfigCapacity],
+    counts: Sequence[int],
+    current_counts: Mapping[InstanceSpec, int],
+    reconfig_cost_j: Mapping[str, float],
+) -> float:
+    """The MILP's reconfiguration cost of moving from current_counts to counts, recomputed exactly."""
+    new = {c.spec: n for c, n in zip(configs, counts, strict=True)}
+    arriving_gpus = sum(s.tp * max(0, n - current_counts.get(s, 0)) for s, n in new.items())
+    tps = {s.tp for s in new} | {s.tp for s in current_counts}
+    delta_t = {
+        t: t
+        * (
+            sum(n for s, n in new.items() if s.tp == t)
+            - sum(n for s, n in current_counts.items() if s.tp == t)
+        )
+        for t in tps
+    }
+    gpus_in = sum(max(0, d) for d in delta_t.values())
+    gpus_out = sum(max(0, -d) for d in delta_t.values())
+    retp_saving_j = min(0.0, reconfig_cost_j["retp"] - reconfig_cost_j["start"] - reconfig_cost_j["stop"])
+    return (
+        reconfig_cost_j["clock"] * arriving_gpus
+        + reconfig_cost_j["start"] * gpus_in
+        + reconfig_cost_j["stop"] * gpus_out
+        + retp_saving_j * min(gpus_in, gpus_out)
+    )

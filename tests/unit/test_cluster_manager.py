@@ -1,0 +1,80 @@
+"""Cluster manager (controller/policy/cluster_manager.py): pools, merges, budgets, the GPU cap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.api.errors import InvalidArgumentError
+from controller.model.classes import CLASS_NAMES
+from controller.model.profile import Profile
+from controller.policy.cluster_manager import class_order, plan_pools
+from controller.sim.profiling import default_profile
+
+PROFILE = default_profile("llama2-70b", "h100-sxm")
+MAX_CLOCK = max(PROFILE.clocks_mhz)
+
+
+def cap(profile: Profile, c: str) -> float:
+    return profile.max_load_rps(c, 8, MAX_CLOCK)
+
+
+def test_class_order_is_lightest_first() -> None:
+    order = class_order(PROFILE)
+    assert sorted(order) == sorted(CLASS_NAMES)
+    caps = [cap(PROFILE, c) for c in order]
+    assert caps == sorted(caps, reverse=True)
+
+
+def test_each_busy_class_gets_a_pool_sized_at_max_performance() -> None:
+    loads = [5.0] * len(CLASS_NAMES)
+    budgets = plan_pools(loads, PROFILE, None, merge_threshold_rps=0.1, largest_headroom=0.1)
+    assert [b.class_names for b in budgets] == [(c,) for c in class_order(PROFILE)]
+    for b in budgets[:-1]:
+        assert b.gpu_budget == 8 * math.ceil(5.0 / cap(PROFILE, b.name))
+    heaviest = budgets[-1]
+    assert heaviest.gpu_budget == 8 * math.ceil(5.0 * 1.1 / cap(PROFILE, heaviest.name))
+
+
+def test_nearly_idle_classes_merge_upward_and_every_class_is_served() -> None:
+    order = class_order(PROFILE)
+    loads = dict.fromkeys(CLASS_NAMES, 0.0)
+    loads[order[0]] = 0.01  # lightest: nearly idle, joins the next pool
+    loads[order[1]] = 3.0
+    loads[order[-1]] = 0.5
+    budgets = plan_pools([loads[c] for c in CLASS_NAMES], PROFILE, None, merge_threshold_rps=0.1)
+    assert budgets[0].class_names == (order[0], order[1])
+    assert budgets[0].name == order[1]
+    assert budgets[0].forecast_rps == pytest.approx(3.01)
+    served = [c for b in budgets for c in b.class_names]
+    assert sorted(served) == sorted(CLASS_NAMES)
+    # The idle middle classes all end up with the heaviest one, which keeps its pool.
+    assert budgets[-1].class_names == order[2:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=50.0), min_size=9, max_size=9),
+    st.integers(min_value=18, max_value=600),
+)
+def test_budgets_respect_the_cluster_and_cover_all_classes(loads: list[float], total: int) -> None:
+    budgets = plan_pools(loads, PROFILE, total)
+    assert sum(b.gpu_budget for b in budgets) <= total
+    assert all(b.gpu_budget >= 2 for b in budgets)
+    assert sorted(c for b in budgets for c in b.class_names) == sorted(CLASS_NAMES)
+    assert sum(b.forecast_rps for b in budgets) == pytest.approx(sum(loads))
+    unlimited = plan_pools(loads, PROFILE, None)
+    assert [b.class_names for b in unlimited] == [b.class_names for b in budgets]
+    assert all(u.gpu_budget >= b.gpu_budget for u, b in zip(unlimited, budgets, strict=True))
+
+
+def test_bad_input_names_the_field() -> None:
+    with pytest.raises(InvalidArgumentError, match="forecast_peak_rps_by_class"):
+        plan_pools([1.0] * 8, PROFILE, None)
+    with pytest.raises(InvalidArgumentError, match="forecast_peak_rps_by_class"):
+        plan_pools([1.0] * 8 + [-1.0], PROFILE, None)
+    with pytest.raises(InvalidArgumentError, match="total_gpus"):
+        plan_pools([5.0] * 9, PROFILE, 4, merge_threshold_rps=0.0)

@@ -1,0 +1,197 @@
+"""The policies (controller/policy/policies.py) on hand-built observations with the default profile."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from agent.api.errors import InvalidArgumentError
+from controller.model.classes import CLASS_NAMES
+from controller.model.cluster import ClusterPlan, InstanceSpec
+from controller.model.state import ClusterObs, InstanceObs, Periods, Phase
+from controller.orchestrator import ReconfigCosts
+from controller.policy.base import ArrivalStats, DynamicPolicy
+from controller.policy.policies import (
+    POLICIES,
+    DynamoLLM,
+    MultiPool,
+    Oracle,
+    ScaleFreq,
+    ScaleInst,
+    ScaleShard,
+    instance_model,
+    make_policy,
+)
+from controller.sim.profiling import default_profile
+
+PROFILE = default_profile("llama2-70b", "h100-sxm")
+MAX_CLOCK = max(PROFILE.clocks_mhz)
+RATES = (2.0, 1.0, 0.3, 0.8, 0.5, 0.2, 0.3, 0.2, 0.05)
+
+
+def stats(scale: float = 1.0) -> ArrivalStats:
+    return ArrivalStats(
+        duration_s=3600.0,
+        window_s=60.0,
+        requests_by_class=tuple(round(r * scale * 3600) for r in RATES),
+        peak_rate_rps=sum(RATES) * scale * 1.2,
+        peak_rate_rps_by_class=tuple(r * scale * 1.2 for r in RATES),
+    )
+
+
+def observe(
+    plan: ClusterPlan, *, now_s: float, bins: int, scale: float = 1.0, load_rps: float = 1.0
+) -> ClusterObs:
+    instances = tuple(
+        InstanceObs(k, pool.name, spec, Phase.ACTIVE, load_rps, 0, 0)
+        for k, (pool, spec) in enumerate((p, s) for p in plan.pools for s in p.instances)
+    )
+    # A steady load with a little alternating noise, so the forecaster sees some spread.
+    history = tuple(tuple(r * scale * (1.1 if b % 2 else 0.9) for b in range(bins)) for r in RATES)
+    return ClusterObs(
+        now_s=now_s,
+        start_unix_s=1.7e9,
+        plan=plan,
+        instances=instances,
+        history_bin_s=60.0,
+        class_rate_history_rps=history,
+        total_gpus=256,
+        true_next_peak_rps=tuple(r * scale * 1.2 for r in RATES),
+    )
+
+
+def assert_valid(plan: ClusterPlan, total_gpus: int) -> None:
+    assert sorted(plan.pool_of_class()) == sorted(CLASS_NAMES)
+    assert plan.gpus <= total_gpus
+    for pool in plan.pools:
+        assert pool.instances, pool.name
+        for spec in pool.instances:
+            assert spec.tp in PROFILE.tps
+            assert spec.clock_mhz in PROFILE.clocks_mhz
+
+
+def test_registry_and_factory() -> None:
+    assert set(POLICIES) == {
+        "singlepool",
+        "multipool",
+        "scaleinst",
+        "scaleshard",
+        "scalefreq",
+        "dynamollm",
+        "oracle",
+    }
+    for name in POLICIES:
+        policy = make_policy(name)
+        assert policy.name == name
+        if name not in ("singlepool", "multipool"):
+            assert isinstance(policy, DynamicPolicy)
+    with pytest.raises(InvalidArgumentError, match="--policy"):
+        make_policy("bogus")
+    fast = make_policy("dynamollm", periods=Periods(600.0, 60.0, 5.0), costs=ReconfigCosts(fast_reshard=True))
+    assert isinstance(fast, DynamoLLM)
+    assert fast.periods.pool_s == 60.0 and fast.costs.fast_reshard
+    assert make_policy("multipool", periods=Periods()) == MultiPool()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.mix_window_s = 1.0  # type: ignore[misc]
+
+
+def test_dynamollm_plans_are_valid_deterministic_and_follow_load() -> None:
+    policy = DynamoLLM()
+    start = policy.initial_plan(stats(), PROFILE)
+    assert_valid(start, 10**6)
+    low = policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
+    assert_valid(low, 256)
+    assert low == policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
+    high = policy.cluster_step(observe(start, now_s=1800.0, bins=30, scale=4.0), PROFILE)
+    assert_valid(high, 256)
+    assert high.gpus > low.gpus
+    # Empty history: the initial plan stands.
+    empty = dataclasses.replace(observe(start, now_s=0.0, bins=0), true_next_peak_rps=None)
+    assert policy.cluster_step(empty, PROFILE) == start
+
+
+def test_pool_step_keeps_the_epochs_pools() -> None:
+    policy = DynamoLLM(merge_threshold_rps=0.5)
+    start = policy.initial_plan(stats(), PROFILE)
+    at_boundary = policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
+    # Ten minutes later the load has quadrupled; pool composition stays what the boundary decided.
+    obs = observe(at_boundary, now_s=2400.0, bins=40)
+    busier = dataclasses.replace(
+        obs,
+        class_rate_history_rps=tuple(
+            s[:30] + tuple(4 * x for x in s[30:]) for s in obs.class_rate_history_rps
+        ),
+    )
+    mid = policy.pool_step(busier, PROFILE)
+    assert [(p.name, p.class_names) for p in mid.pools] == [
+        (p.name, p.class_names) for p in at_boundary.pools
+    ]
+    assert mid.gpus > at_boundary.gpus
+
+
+def test_instance_step_lowers_clocks_at_low_load() -> None:
+    policy = DynamoLLM()
+    plan = policy.initial_plan(stats(), PROFILE)
+    idle = policy.instance_step(observe(plan, now_s=60.0, bins=1, load_rps=0.01), PROFILE)
+    busy = policy.instance_step(observe(plan, now_s=60.0, bins=1, load_rps=50.0), PROFILE)
+    assert set(idle) == set(busy) == set(range(plan.instances))
+    assert all(idle[i] <= busy[i] for i in idle)
+    assert set(busy.values()) <= set(PROFILE.clocks_mhz)
+    assert min(idle.values()) < MAX_CLOCK
+
+
+def test_oracle_uses_true_peaks_and_is_free() -> None:
+    oracle = Oracle()
+    assert oracle.reconfiguration_free and not DynamoLLM().reconfiguration_free
+    plan = oracle.initial_plan(stats(), PROFILE)
+    obs = observe(plan, now_s=1800.0, bins=30)
+    small = oracle.cluster_step(obs, PROFILE)
+    big_peaks = tuple(4 * x for x in obs.true_next_peak_rps or ())
+    big = oracle.cluster_step(dataclasses.replace(obs, true_next_peak_rps=big_peaks), PROFILE)
+    assert_valid(big, 256)
+    assert big.gpus > small.gpus
+    with pytest.raises(InvalidArgumentError, match="true_next_peak_rps"):
+        oracle.pool_step(dataclasses.replace(obs, true_next_peak_rps=None), PROFILE)
+
+
+def test_one_knob_baselines_turn_only_their_knob() -> None:
+    plan = ScaleInst().initial_plan(stats(), PROFILE)
+    (pool,) = plan.pools
+    assert set(pool.instances) == {InstanceSpec(8, MAX_CLOCK)}
+
+    inst = ScaleInst().pool_step(observe(plan, now_s=600.0, bins=10, scale=3.0), PROFILE)
+    assert set(inst.pools[0].instances) == {InstanceSpec(8, MAX_CLOCK)}
+    assert inst.instances > plan.instances
+
+    shard = ScaleShard().pool_step(observe(plan, now_s=600.0, bins=10, scale=0.3), PROFILE)
+    assert shard.gpus == plan.gpus
+    assert len({s.tp for s in shard.pools[0].instances}) == 1
+    assert {s.clock_mhz for s in shard.pools[0].instances} == {MAX_CLOCK}
+
+    freq = ScaleFreq()
+    obs = observe(plan, now_s=600.0, bins=10, load_rps=0.5)
+    assert freq.pool_step(obs, PROFILE) == plan == freq.cluster_step(obs, PROFILE)
+    assert max(freq.instance_step(obs, PROFILE).values()) < MAX_CLOCK
+    assert ScaleFreq().plan_with(3, PROFILE).instances == 3
+
+
+def test_multipool_is_a_static_pool_per_class_at_max_performance() -> None:
+    plan = MultiPool().initial_plan(stats(), PROFILE)
+    assert sorted(p.class_names for p in plan.pools) == sorted((c,) for c in CLASS_NAMES)
+    for pool in plan.pools:
+        assert pool.instances and set(pool.instances) == {InstanceSpec(8, MAX_CLOCK)}
+    assert not isinstance(MultiPool(), DynamicPolicy)
+
+
+def test_instance_model_capacity_and_power() -> None:
+    plan = DynamoLLM().initial_plan(stats(), PROFILE)
+    pool = plan.pools[0]
+    quiet = instance_model(PROFILE, plan, [r * 0.1 for r in RATES])
+    busy = instance_model(PROFILE, plan, RATES)
+    spec = pool.instances[0]
+    assert busy.capacity_rps(pool.name, spec) > 0
+    assert busy.power_w(pool.name, spec) > quiet.power_w(pool.name, spec) > 0
+    assert busy.capacity_rps("no-such-pool", spec) == 0.0
+    with pytest.raises(InvalidArgumentError, match="class_rates_rps"):
+        instance_model(PROFILE, plan, [1.0])
