@@ -5,8 +5,8 @@ Flow of a control call: servicer -> `Authorizer.check` (token scope or loopback 
 method: generation check (agent.control.check_generation), validation into a plan (agent.control), then,
 under the scope's lock, the action (agent.safety for GPUs, agent.engine.driver for engines), the outcome
 recorded under the generation and persisted with the rest of the state (agent.safety.StateStore), an
-audit line, and the reply. Errors from our tree become gRPC statuses through `STATUS_BY_ERROR`, the one
-table (agent.api.client holds its inverse).
+audit line, and the reply. Errors from our tree become gRPC statuses through `agent.api.status`, the one
+table shared with the client.
 
 Outcomes recorded under a generation: replies, and errors raised while acting (an NVML error after
 rollback, an engine that did not start). Not recorded (the generation stays free, nothing changed):
@@ -30,18 +30,15 @@ from google.protobuf.message import Message
 from agent.api.clock import Clock
 from agent.api.errors import (
     ConflictError,
-    DataFileError,
     DynamoError,
     FailedPreconditionError,
-    InternalError,
     InvalidArgumentError,
     NotFoundError,
-    OutOfRangeError,
     PermissionDeniedError,
     UnauthenticatedError,
     UnavailableError,
-    UnsupportedError,
 )
+from agent.api.status import status_for
 from agent.api.v1 import common_pb2, control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
 from agent.control import (
     ApplyPlan,
@@ -75,19 +72,6 @@ M = TypeVar("M", bound=Message)
 P = TypeVar("P")
 
 # The one mapping from our error tree to gRPC status codes; first match wins (subclasses first).
-STATUS_BY_ERROR: tuple[tuple[type[DynamoError], grpc.StatusCode], ...] = (
-    (OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
-    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
-    (UnsupportedError, grpc.StatusCode.UNIMPLEMENTED),
-    (ConflictError, grpc.StatusCode.ABORTED),
-    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (DataFileError, grpc.StatusCode.FAILED_PRECONDITION),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (InternalError, grpc.StatusCode.INTERNAL),
-)
 # Refusals before any change: not recorded under the generation (see module docstring).
 _NOT_RECORDED = (InvalidArgumentError, FailedPreconditionError, NotFoundError, ConflictError)
 
@@ -104,13 +88,6 @@ _ENGINE_STATE_PB = {
     EngineState.FAILED: common_pb2.ENGINE_STATE_FAILED,
 }
 _LIVE = (EngineState.STARTING, EngineState.READY, EngineState.DRAINING)
-
-
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    for error_type, code in STATUS_BY_ERROR:
-        if isinstance(exc, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 class RecordedStatus(Exception):

@@ -2,7 +2,7 @@
 
 Where it sits: the controller and `dctl node` talk to an agent only through this module (and the
 generated messages it returns); it is the caller-side mirror of `agent.service`. gRPC status codes
-come back as our error tree through ONE table (`ERROR_FOR_STATUS`, the inverse of the service's), so
+come back as our error tree through the table shared with the agent (`agent.api.status`), so
 callers catch `ConflictError` for a stale generation, `UnavailableError` for an unreachable node, and
 so on, never `grpc.aio.AioRpcError`. Replies are the generated protobuf messages (typed by their .pyi).
 
@@ -25,40 +25,12 @@ import grpc
 from grpc import aio
 
 from agent.api.errors import (
-    ConflictError,
     DynamoError,
-    FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
-    NotFoundError,
-    OutOfRangeError,
-    PermissionDeniedError,
-    UnauthenticatedError,
-    UnavailableError,
-    UnsupportedError,
 )
+from agent.api.status import ERROR_FOR_STATUS
 from agent.api.v1 import control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
-
-# The inverse of the agent's error -> status table (agent.service). Several codes only a transport or
-# a foreign server produces (DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, ...) land on the nearest meaning.
-ERROR_FOR_STATUS: Final[Mapping[grpc.StatusCode, type[DynamoError]]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
-    grpc.StatusCode.UNIMPLEMENTED: UnsupportedError,
-    grpc.StatusCode.ABORTED: ConflictError,
-    grpc.StatusCode.ALREADY_EXISTS: ConflictError,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: UnavailableError,
-    grpc.StatusCode.CANCELLED: UnavailableError,
-    grpc.StatusCode.INTERNAL: InternalError,
-    grpc.StatusCode.UNKNOWN: InternalError,
-    grpc.StatusCode.DATA_LOSS: InternalError,
-}
 
 # How InvalidArgumentError renders itself on the agent ("FIELD: got VALUE; allowed: ALLOWED").
 _INVALID_ARGUMENT_RE: Final = re.compile(

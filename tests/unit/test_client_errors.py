@@ -218,7 +218,7 @@ def test_the_table_covers_the_agent_error_tree() -> None:
 
 def test_the_table_inverts_the_agent_service_table() -> None:
     from agent.api.errors import DataFileError
-    from agent.service import STATUS_BY_ERROR
+    from agent.api.status import STATUS_BY_ERROR
 
     for error_type, code in STATUS_BY_ERROR:
         if error_type is DataFileError:  # a broken file on the node: the caller sees a failed precondition
