@@ -6,9 +6,11 @@ cluster simulator's sizing. Pure data and interpolation: no file I/O (load/save 
 `controller.sim.profiling`). The format, field by field: docs/profile-format.md.
 
 A profile holds, per request class and per engine configuration (TP degree, SM clock), a list of
-measured load levels with p99 TTFT, p99 TBT (token-weighted), mean power per GPU and energy per
-request, plus the largest load that still meets the class SLO. Queries are linear in load between
-measured levels and never extrapolate: outside the measured range the answer is an OutOfRangeError.
+measured load levels with p99 TTFT, p99 TBT (token-weighted), SLO attainment (share of requests meeting
+the class SLO, judged per request as the cluster simulator's evaluation does), mean power per GPU and
+energy per request, plus the largest load whose SLO attainment reaches SLO_ATTAINMENT_TARGET. Queries
+are linear in load between measured levels and never extrapolate: outside the measured range the answer
+is an OutOfRangeError.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from controller.model.classes import CLASS_NAMES, ClassSlo
 
 PROFILE_FORMAT = "dynamollm.profile/v1"
 
-# Relative tolerance when checking a stored max_load_rps against the one its levels and SLO imply.
+# Share of requests that must meet the class SLO for a load to count as served: the same 99% the cluster
+# simulator sizes static baselines to (`dctl simulate --slo-target` default), so a profile's max load is
+# what the evaluation accepts.
+SLO_ATTAINMENT_TARGET = 0.99
+
+# Relative tolerance when checking a stored max_load_rps against the one its levels' attainment implies.
 _MAX_LOAD_RTOL = 1e-6
 
 ProvenanceValue = str | int | float | bool
@@ -37,11 +44,15 @@ class ProfilePoint:
 
     ttft_p99_s: float
     tbt_p99_s: float
+    # share of requests with TTFT <= the class's ttft_s and mean inter-token time <= its tbt_s
+    slo_attainment: float
     power_w: float  # mean per GPU, idle gaps included
     energy_per_request_j: float  # all GPUs of the instance, idle gaps included
 
-    def meets(self, slo: ClassSlo) -> bool:
-        return self.ttft_p99_s <= slo.ttft_s and self.tbt_p99_s <= slo.tbt_s
+    @property
+    def meets_slo(self) -> bool:
+        """Whether enough requests meet the class SLO (SLO_ATTAINMENT_TARGET) at this load."""
+        return self.slo_attainment >= SLO_ATTAINMENT_TARGET
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,39 +105,35 @@ class ConfigProfile:
         return ProfilePoint(
             ttft_p99_s=a.ttft_p99_s + w * (b.ttft_p99_s - a.ttft_p99_s),
             tbt_p99_s=a.tbt_p99_s + w * (b.tbt_p99_s - a.tbt_p99_s),
+            slo_attainment=a.slo_attainment + w * (b.slo_attainment - a.slo_attainment),
             power_w=a.power_w + w * (b.power_w - a.power_w),
             energy_per_request_j=a.energy_per_request_j
             + w * (b.energy_per_request_j - a.energy_per_request_j),
         )
 
 
-def max_load_meeting_slo(load_rps: Sequence[float], points: Sequence[ProfilePoint], slo: ClassSlo) -> float:
-    """Largest load at which the measured curve meets the SLO, with no extrapolation.
+def max_load_meeting_slo(load_rps: Sequence[float], points: Sequence[ProfilePoint]) -> float:
+    """Largest load at which the measured curve meets the SLO (attainment >= SLO_ATTAINMENT_TARGET).
 
-    Walks up the levels while they meet the SLO; at the first level that misses it, returns the load where
-    the linearly interpolated p99 TTFT or p99 TBT (whichever comes first) crosses its target. 0 if the
-    lowest level misses it already; the top level's load if every level meets it.
+    Walks up the levels while they meet it; at the first level that misses it, returns the load where the
+    linearly interpolated SLO attainment falls to the target between that level and the one below. 0 if
+    the lowest level misses it already; the top level's load if every level meets it (no extrapolation).
     """
-    if not load_rps or not points[0].meets(slo):
+    if not load_rps or not points[0].meets_slo:
         return 0.0
     for i in range(1, len(load_rps)):
         a, b = points[i - 1], points[i]
-        if b.meets(slo):
+        if b.meets_slo:
             continue
-        x = 1.0
-        for lo, hi, target in (
-            (a.ttft_p99_s, b.ttft_p99_s, slo.ttft_s),
-            (a.tbt_p99_s, b.tbt_p99_s, slo.tbt_s),
-        ):
-            if hi > target:
-                x = min(x, (target - lo) / (hi - lo))
+        x = (a.slo_attainment - SLO_ATTAINMENT_TARGET) / (a.slo_attainment - b.slo_attainment)
         return load_rps[i - 1] + x * (load_rps[i] - load_rps[i - 1])
     return load_rps[-1]
 
 
 @dataclass(frozen=True, slots=True)
 class ClassProfile:
-    """One request class: the lengths it was measured with, its SLO, and one ConfigProfile per (tp, clock)."""
+    """One request class: its representative lengths (the SLO reference), its SLO, one ConfigProfile per (tp,
+    clock). The load levels are measured with lengths spread over the class's bins, not these."""
 
     name: str
     input_tokens: int
@@ -186,7 +193,7 @@ class Profile:
         return self.config(class_name, tp, clock_mhz).point(load_rps)
 
     def max_load_rps(self, class_name: str, tp: int, clock_mhz: float) -> float:
-        """Largest load (requests/s) at which p99 TTFT and p99 TBT meet the class SLO; 0 if none does."""
+        """Largest load (requests/s) at which SLO attainment reaches SLO_ATTAINMENT_TARGET; 0 if none does."""
         return self.config(class_name, tp, clock_mhz).max_load_rps
 
     # ------------------------------------------------------------ serialisation
@@ -213,6 +220,7 @@ class Profile:
                             "load_rps": list(cfg.load_rps),
                             "ttft_p99_s": [p.ttft_p99_s for p in cfg.points],
                             "tbt_p99_s": [p.tbt_p99_s for p in cfg.points],
+                            "slo_attainment": [p.slo_attainment for p in cfg.points],
                             "power_w": [p.power_w for p in cfg.points],
                             "energy_per_request_j": [p.energy_per_request_j for p in cfg.points],
                         }
@@ -229,7 +237,8 @@ class Profile:
         return _Parser(source).profile(doc)
 
 
-_SERIES = ("ttft_p99_s", "tbt_p99_s", "power_w", "energy_per_request_j")
+# Per-level series that are strictly positive; slo_attainment (a share, may be 0) is checked apart.
+_POSITIVE_SERIES = ("ttft_p99_s", "tbt_p99_s", "power_w", "energy_per_request_j")
 
 
 class _Parser:
@@ -326,7 +335,7 @@ class _Parser:
         )
         configs: dict[tuple[int, int], ConfigProfile] = {}
         for j, raw_cfg in enumerate(self.lst(self.get(d, "configs", field), f"{field}.configs")):
-            cfg = self.config(raw_cfg, f"{field}.configs[{j}]", tps, clocks, slo)
+            cfg = self.config(raw_cfg, f"{field}.configs[{j}]", tps, clocks)
             key = (cfg.tp, cfg.clock_mhz)
             if key in configs:
                 raise self.fail(
@@ -341,9 +350,7 @@ class _Parser:
             name=name, input_tokens=input_tokens, output_tokens=output_tokens, slo=slo, configs=configs
         )
 
-    def config(
-        self, raw: object, field: str, tps: tuple[int, ...], clocks: tuple[int, ...], slo: ClassSlo
-    ) -> ConfigProfile:
+    def config(self, raw: object, field: str, tps: tuple[int, ...], clocks: tuple[int, ...]) -> ConfigProfile:
         d = self.obj(raw, field)
         tp = self.pos_int(self.get(d, "tp", field), f"{field}.tp")
         if tp not in tps:
@@ -362,28 +369,33 @@ class _Parser:
             if loads[k] <= loads[k - 1]:
                 raise self.fail(f"{field}.load_rps[{k}]", f"must be > the previous level {loads[k - 1]!r}")
         series: dict[str, tuple[float, ...]] = {}
-        for name in _SERIES:
+        for name in (*_POSITIVE_SERIES, "slo_attainment"):
             values = self.lst(self.get(d, name, field), f"{field}.{name}")
             if len(values) != len(loads):
                 raise self.fail(
                     f"{field}.{name}", f"must have one value per load level ({len(loads)}), got {len(values)}"
                 )
             series[name] = tuple(
-                self.number(v, f"{field}.{name}[{k}]", positive=True) for k, v in enumerate(values)
+                self.number(v, f"{field}.{name}[{k}]", positive=name in _POSITIVE_SERIES)
+                for k, v in enumerate(values)
             )
+        for k, share in enumerate(series["slo_attainment"]):
+            if share > 1.0:
+                raise self.fail(f"{field}.slo_attainment[{k}]", f"must be a share in 0..1, got {share!r}")
         points = tuple(
             ProfilePoint(
                 ttft_p99_s=series["ttft_p99_s"][k],
                 tbt_p99_s=series["tbt_p99_s"][k],
+                slo_attainment=series["slo_attainment"][k],
                 power_w=series["power_w"][k],
                 energy_per_request_j=series["energy_per_request_j"][k],
             )
             for k in range(len(loads))
         )
-        expected = max_load_meeting_slo(loads, points, slo)
+        expected = max_load_meeting_slo(loads, points)
         if not math.isclose(max_load, expected, rel_tol=_MAX_LOAD_RTOL, abs_tol=1e-12):
             raise self.fail(
                 f"{field}.max_load_rps",
-                f"{max_load!r} disagrees with the levels and the class SLO, which give {expected!r}",
+                f"{max_load!r} disagrees with the levels' SLO attainment, which gives {expected!r}",
             )
         return ConfigProfile(tp=tp, clock_mhz=clock, max_load_rps=max_load, load_rps=loads, points=points)

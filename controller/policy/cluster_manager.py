@@ -10,11 +10,18 @@ Rules:
   requests/s of class c within its SLO (`Profile.max_load_rps`). A class's forecast peak l_c needs
   w_c = l_c / cap_c such instances ("work", in instances; work of different classes adds up, the
   harmonic mix rule of `singlepool`).
-- Classes are taken from the lightest (largest cap_c) to the heaviest. A class whose load (plus what was
-  moved into it) stays below `merge_threshold_rps` does not get a pool: its load and its classes move up
-  to the next heavier class's pool, which is sized for them (a pool for a nearly idle class would hold a
-  whole instance for a trickle of requests). The heaviest class always keeps a pool and collects what
-  is left, so every class is served.
+- Classes are taken from the lightest (largest cap_c) to the heaviest. A pool is worth GPUs of its own
+  only if it fills them: a class whose load (plus what was moved into it) would fill less than
+  `merge_fill` (half) of ONE instance at the pool's best configuration does not get a pool; its load and
+  its classes move up to the next heavier class's pool. "Best configuration": the (TP, clock) with the
+  least energy per request at full load for the pool's mix (`capacity.pool_capacities`), the one the
+  pool manager fills first as load grows. Why half: a pool always holds at least one instance, and one
+  filled to less than half spends more than twice its full-load idle energy per request, while the same
+  requests on the next pool's instances ride on idle power that pool pays anyway (its instances are
+  rounded up too) and on instances that serve them within their SLO (a heavier class's pool serves
+  lighter requests faster than its own). The rule is relative to the pool's own capacity, so it means
+  the same at 0.1 req/s of long prompts and at 5 req/s of short ones, unlike an absolute rate. The
+  heaviest class always keeps a pool and collects what is left, so every class is served.
 - Budget: the pool's work rounded up to whole TP8 instances, times 8 GPUs. Only the pool of the heaviest
   class over-provisions (x (1 + headroom)), the catch-all for load moved up and for forecast misses of
   the light classes, whose requests may be moved up to it by the instance manager's escalation. A budget
@@ -42,10 +49,13 @@ from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import GPUS_PER_SERVER
 from controller.model.profile import Profile
+from controller.policy.capacity import pool_capacities
 
 # Pools smaller than this many GPUs are not trimmed further when the cluster's GPUs run out.
 MIN_POOL_GPUS = 2
-DEFAULT_MERGE_THRESHOLD_RPS = 0.1
+# A class (with what moved into it) gets its own pool only if its load fills at least this share of one
+# instance at the pool's best configuration (module docstring: why half).
+DEFAULT_MERGE_FILL = 0.5
 DEFAULT_LARGEST_HEADROOM = 0.1
 
 
@@ -71,7 +81,7 @@ def plan_pools(
     profile: Profile,
     total_gpus: int | None,
     *,
-    merge_threshold_rps: float = DEFAULT_MERGE_THRESHOLD_RPS,
+    merge_fill: float = DEFAULT_MERGE_FILL,
     largest_headroom: float = DEFAULT_LARGEST_HEADROOM,
 ) -> tuple[PoolBudget, ...]:
     """Pools and GPU budgets for forecast peaks given in CLASS_NAMES order (module docstring).
@@ -86,8 +96,8 @@ def plan_pools(
     for name, rate in zip(CLASS_NAMES, forecast_peak_rps_by_class, strict=True):
         if not (math.isfinite(rate) and rate >= 0.0):
             raise InvalidArgumentError(f"forecast_peak_rps_by_class[{name}]", rate, "a finite rate >= 0")
-    if not (math.isfinite(merge_threshold_rps) and merge_threshold_rps >= 0.0):
-        raise InvalidArgumentError("merge_threshold_rps", merge_threshold_rps, "a finite rate >= 0")
+    if not (math.isfinite(merge_fill) and merge_fill >= 0.0):
+        raise InvalidArgumentError("merge_fill", merge_fill, "a finite share of one instance >= 0")
     if not (math.isfinite(largest_headroom) and largest_headroom >= 0.0):
         raise InvalidArgumentError("largest_headroom", largest_headroom, "a finite fraction >= 0")
     if GPUS_PER_SERVER not in profile.tps:
@@ -111,7 +121,7 @@ def plan_pools(
         classes = (*carried_classes, c)
         work = carried_work + load[c] / cap
         rps = carried_rps + load[c]
-        if i < len(order) - 1 and rps < merge_threshold_rps:
+        if i < len(order) - 1 and rps < merge_fill * best_instance_rps(profile, classes, load):
             carried_classes, carried_work, carried_rps = classes, work, rps
             continue
         pools.append((classes, work, rps))
@@ -129,6 +139,13 @@ def plan_pools(
         PoolBudget(name=classes[-1], class_names=classes, gpu_budget=gpus, forecast_rps=rps)
         for (classes, _, rps), gpus in zip(pools, budgets, strict=True)
     )
+
+
+def best_instance_rps(profile: Profile, class_names: Sequence[str], load_rps: dict[str, float]) -> float:
+    """SLO-meeting load of one instance at the best configuration (least energy per request at full
+    load) for the mix of `class_names` weighted by their loads (evenly when all are 0)."""
+    caps = pool_capacities(profile, {c: load_rps[c] for c in class_names})
+    return min(caps, key=lambda c: (c.energy_per_request_j, -c.max_load_rps)).max_load_rps
 
 
 def _trim(budgets: list[int], total_gpus: int) -> list[int]:

@@ -12,7 +12,8 @@ executes them. The same code will run in the live controller.
   (`pool.solve_pool`) over TP in {2, 4, 8} x every profiled clock, for the pool's forecast peak over
   the next pool period plus a start-up time (instances it adds are up before the load they are for),
   with the current instances and the reconfiguration costs. Instance level: each active instance's
-  clock from its measured load (`frequency.choose_clock`).
+  clock from its measured and sustained load with a dead-band (`frequency.next_clock`); pool steps
+  keep the clocks of the instances they keep (`keep_current_clocks`).
 - `scaleinst`: one pool, TP8 at the maximum clock, only the instance count changes (the MILP
   restricted to that one configuration, over the whole cluster's GPUs).
 - `scaleshard`: one pool holding singlepool's GPUs throughout, only the TP degree changes (all
@@ -48,18 +49,18 @@ from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import GPUS_PER_SERVER, ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.profile import Profile
-from controller.model.state import ClusterObs, Periods, Phase
+from controller.model.state import ClusterObs, InstanceObs, Periods, Phase
 from controller.orchestrator.plan import ReconfigCosts
 from controller.policy.base import ArrivalStats, SimPolicy
 from controller.policy.capacity import ConfigCapacity, capacities_by_clock, pool_capacities
 from controller.policy.cluster_manager import (
     DEFAULT_LARGEST_HEADROOM,
-    DEFAULT_MERGE_THRESHOLD_RPS,
+    DEFAULT_MERGE_FILL,
     PoolBudget,
     plan_pools,
 )
 from controller.policy.forecast import forecast_next_peak_rps
-from controller.policy.frequency import DEFAULT_CLOCK_HEADROOM, choose_clock
+from controller.policy.frequency import DEFAULT_CLOCK_HEADROOM, next_clock
 from controller.policy.pool import (
     DEFAULT_MIP_REL_GAP,
     DEFAULT_TIME_LIMIT_S,
@@ -72,6 +73,12 @@ from controller.policy.singlepool import POOL_NAME, SinglePool, singlepool_plan,
 # Class shares of a pool's mix are measured over this much recent history: long enough for a stable
 # mix at low rates, short against the daily cycle.
 DEFAULT_MIX_WINDOW_S = 900.0
+# An instance's sustained load (what its clock follows, `frequency.next_clock`) is its share of its
+# pool's arrivals over this window: two history bins, ~100 requests per instance at 1 req/s (noise ~10%,
+# within the clock headroom), short against the pool period.
+DEFAULT_SUSTAINED_WINDOW_S = 120.0
+# Distinct (profile, pool mix) capacity tables kept by `_capacities`.
+_CAPACITY_CACHE_SIZE = 256
 DEFAULT_PERIODS = Periods()
 DEFAULT_COSTS = ReconfigCosts()
 
@@ -87,6 +94,35 @@ def recent_class_rates_rps(obs: ClusterObs, window_s: float) -> tuple[float, ...
         tail = series[-bins:]
         out.append(sum(tail) / len(tail) if tail else 0.0)
     return tuple(out)
+
+
+def _mix_rates_rps(obs: ClusterObs, window_s: float, pool_s: float) -> tuple[float, ...]:
+    """`recent_class_rates_rps` as of the last pool boundary: the mix the pool step planned with, fixed for
+    the whole pool period, so the instance steps in between reuse its capacity tables (`_capacities`)."""
+    n = _history_len(obs)
+    since_bins = round((obs.now_s - math.floor(obs.now_s / pool_s + 1e-9) * pool_s) / obs.history_bin_s)
+    if 0 < since_bins < n:
+        upto = tuple(s[: n - since_bins] for s in obs.class_rate_history_rps)
+        obs = replace(obs, class_rate_history_rps=upto)
+    return recent_class_rates_rps(obs, window_s)
+
+
+_CapacityKey = tuple[int, tuple[tuple[str, float], ...]]
+_capacity_cache: dict[_CapacityKey, tuple[Profile, tuple[ConfigCapacity, ...]]] = {}
+
+
+def _capacities(profile: Profile, class_shares: Mapping[str, float]) -> tuple[ConfigCapacity, ...]:
+    """`pool_capacities`, memoised: the instance level asks for the same mix every 5 s within a pool
+    period. A pure function's memo (keyed by the profile object, which is immutable, and the shares)."""
+    key = (id(profile), tuple(sorted(class_shares.items())))
+    hit = _capacity_cache.get(key)
+    if hit is not None and hit[0] is profile:
+        return hit[1]
+    caps = pool_capacities(profile, class_shares)
+    if len(_capacity_cache) >= _CAPACITY_CACHE_SIZE:
+        _capacity_cache.pop(next(iter(_capacity_cache)))  # oldest entry first (insertion order)
+    _capacity_cache[key] = (profile, caps)
+    return caps
 
 
 def _shares(class_names: Sequence[str], rates_rps: Sequence[float]) -> dict[str, float]:
@@ -163,22 +199,45 @@ def _idle_instance(capacities: Sequence[ConfigCapacity]) -> InstanceSpec:
     return min(capacities, key=lambda c: (c.power_idle_w, -c.max_load_rps)).spec
 
 
-def _choose_clocks(obs: ClusterObs, profile: Profile, headroom: float, mix_window_s: float) -> dict[int, int]:
-    """Instance level: the lowest-energy SLO-meeting clock of every active instance at its load."""
-    rates = recent_class_rates_rps(obs, mix_window_s)
+def _choose_clocks(
+    obs: ClusterObs, profile: Profile, headroom: float, mix_window_s: float, pool_s: float, sustained_s: float
+) -> dict[int, int]:
+    """Instance level: every active instance's clock from its load, with the dead-band of
+    `frequency.next_clock`. An instance's sustained load is its pool's arrival rate over the last
+    `sustained_s` times its share of the pool's capacity (the router weights instances by capacity)."""
+    rates = _mix_rates_rps(obs, mix_window_s, pool_s)
+    recent = recent_class_rates_rps(obs, sustained_s) if _history_len(obs) else None
     pools = {p.name: p for p in obs.plan.pools}
     tables: dict[tuple[str, int], dict[int, ConfigCapacity]] = {}
-    out: dict[int, int] = {}
-    for inst in obs.instances:
-        if inst.phase is not Phase.ACTIVE or inst.pool not in pools:
-            continue
+    active = [i for i in obs.instances if i.phase is Phase.ACTIVE and i.pool in pools]
+
+    def table(inst: InstanceObs) -> dict[int, ConfigCapacity]:
         key = (inst.pool, inst.spec.tp)
         if key not in tables:
-            caps = pool_capacities(profile, _shares(pools[inst.pool].class_names, rates))
+            caps = _capacities(profile, _shares(pools[inst.pool].class_names, rates))
             tables[key] = capacities_by_clock(caps, inst.spec.tp)
-        by_clock = tables[key]
-        out[inst.instance_id] = (
-            choose_clock(inst.load_rps, by_clock, headroom=headroom) if by_clock else inst.spec.clock_mhz
+        return tables[key]
+
+    def capacity_rps(inst: InstanceObs) -> float:
+        cap = table(inst).get(inst.spec.clock_mhz)
+        return 0.0 if cap is None else cap.max_load_rps
+
+    pool_capacity_rps: dict[str, float] = {}
+    for inst in active:
+        pool_capacity_rps[inst.pool] = pool_capacity_rps.get(inst.pool, 0.0) + capacity_rps(inst)
+    out: dict[int, int] = {}
+    for inst in active:
+        by_clock = table(inst)
+        if not by_clock:
+            out[inst.instance_id] = inst.spec.clock_mhz
+            continue
+        if recent is None or pool_capacity_rps.get(inst.pool, 0.0) <= 0.0:
+            sustained_rps = inst.load_rps  # no history yet: the last period is all there is
+        else:
+            pool_rps = sum(_shares(pools[inst.pool].class_names, recent).values())
+            sustained_rps = pool_rps * capacity_rps(inst) / pool_capacity_rps[inst.pool]
+        out[inst.instance_id] = next_clock(
+            inst.spec.clock_mhz, inst.load_rps, sustained_rps, by_clock, headroom=headroom
         )
     return out
 
@@ -201,12 +260,13 @@ class DynamoLLM:
 
     periods: Periods = DEFAULT_PERIODS
     costs: ReconfigCosts = DEFAULT_COSTS
-    merge_threshold_rps: float = DEFAULT_MERGE_THRESHOLD_RPS
+    merge_fill: float = DEFAULT_MERGE_FILL
     largest_headroom: float = DEFAULT_LARGEST_HEADROOM
     clock_headroom: float = DEFAULT_CLOCK_HEADROOM
     mip_rel_gap: float = DEFAULT_MIP_REL_GAP
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     mix_window_s: float = DEFAULT_MIX_WINDOW_S
+    sustained_window_s: float = DEFAULT_SUSTAINED_WINDOW_S
 
     @property
     def name(self) -> str:
@@ -248,7 +308,7 @@ class DynamoLLM:
             arrivals.peak_rate_rps_by_class,
             profile,
             None,
-            merge_threshold_rps=self.merge_threshold_rps,
+            merge_fill=self.merge_fill,
             largest_headroom=self.largest_headroom,
         )
         loads = {b.name: b.forecast_rps for b in budgets}
@@ -261,14 +321,21 @@ class DynamoLLM:
         return self._decide(obs, profile)
 
     def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
-        return _choose_clocks(obs, profile, self.clock_headroom, self.mix_window_s)
+        return _choose_clocks(
+            obs,
+            profile,
+            self.clock_headroom,
+            self.mix_window_s,
+            self.periods.pool_s,
+            self.sustained_window_s,
+        )
 
     def _epoch_budgets(self, obs: ClusterObs, profile: Profile, bins: int) -> tuple[PoolBudget, ...]:
         return plan_pools(
             self._class_peaks(obs, self.periods.cluster_s, bins),
             profile,
             obs.total_gpus,
-            merge_threshold_rps=self.merge_threshold_rps,
+            merge_fill=self.merge_fill,
             largest_headroom=self.largest_headroom,
         )
 
@@ -295,7 +362,8 @@ class DynamoLLM:
             budgets = _fit_total(budgets, obs.total_gpus)
         loads = {b.name: self._pool_load_rps(obs, b.class_names, horizon_s) for b in budgets}
         current = {b.name: _live_counts(obs, b.name) for b in budgets}
-        return self._solve(budgets, loads, recent_class_rates_rps(obs, self.mix_window_s), current, profile)
+        solved = self._solve(budgets, loads, recent_class_rates_rps(obs, self.mix_window_s), current, profile)
+        return keep_current_clocks(solved, obs)
 
     def _solve(
         self,
@@ -307,7 +375,7 @@ class DynamoLLM:
     ) -> ClusterPlan:
         pools: list[PoolPlan] = []
         for b in budgets:
-            caps = pool_capacities(profile, _shares(b.class_names, class_rates_rps))
+            caps = _capacities(profile, _shares(b.class_names, class_rates_rps))
             decision = solve_pool(
                 loads_rps[b.name],
                 b.gpu_budget,
@@ -322,6 +390,32 @@ class DynamoLLM:
             instances = decision.instances() or (_idle_instance(caps),)
             pools.append(PoolPlan(name=b.name, class_names=b.class_names, instances=instances))
         return ClusterPlan(pools=tuple(pools))
+
+
+def keep_current_clocks(plan: ClusterPlan, obs: ClusterObs) -> ClusterPlan:
+    """`plan` with each instance that stays keeping the clock it runs at now: clocks belong to the instance
+    level, which re-chooses them every few seconds from the measured load; a pool step that also set them
+    would undo that choice and the instance level would redo it (two clock changes for nothing).
+
+    Per pool and TP degree, the plan's count decides how many instances there are. Of the live
+    (not draining) instances of that TP, up to that many stay at their current clocks, the highest
+    clocks first (the ones the instance level found busiest); instances the plan adds take the plan's
+    clocks (highest first), which the instance level adjusts once they serve.
+    """
+    pools: list[PoolPlan] = []
+    for pool in plan.pools:
+        live = _live_counts(obs, pool.name)
+        specs: list[InstanceSpec] = []
+        for tp in sorted({s.tp for s in pool.instances}):
+            wanted = sorted((s for s in pool.instances if s.tp == tp), key=lambda s: -s.clock_mhz)
+            running = sorted(
+                (s for s, n in live.items() if s.tp == tp for _ in range(n)), key=lambda s: -s.clock_mhz
+            )
+            kept = running[: len(wanted)]
+            specs.extend(kept + wanted[: len(wanted) - len(kept)])
+        specs.sort(key=lambda s: (s.tp, s.clock_mhz))
+        pools.append(replace(pool, instances=tuple(specs)))
+    return replace(plan, pools=tuple(pools))
 
 
 def _fit_total(budgets: tuple[PoolBudget, ...], total_gpus: int) -> tuple[PoolBudget, ...]:
@@ -486,6 +580,7 @@ class ScaleFreq:
     periods: Periods = DEFAULT_PERIODS
     clock_headroom: float = DEFAULT_CLOCK_HEADROOM
     mix_window_s: float = DEFAULT_MIX_WINDOW_S
+    sustained_window_s: float = DEFAULT_SUSTAINED_WINDOW_S
 
     @property
     def name(self) -> str:
@@ -509,7 +604,14 @@ class ScaleFreq:
         return obs.plan
 
     def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
-        return _choose_clocks(obs, profile, self.clock_headroom, self.mix_window_s)
+        return _choose_clocks(
+            obs,
+            profile,
+            self.clock_headroom,
+            self.mix_window_s,
+            self.periods.pool_s,
+            self.sustained_window_s,
+        )
 
 
 # ------------------------------------------------------------------ static multipool
@@ -525,9 +627,9 @@ class MultiPool:
         return "multipool"
 
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
-        # A zero merge threshold keeps every class in its own pool; no headroom anywhere.
+        # No merging keeps every class in its own pool; no headroom anywhere.
         budgets = plan_pools(
-            arrivals.peak_rate_rps_by_class, profile, None, merge_threshold_rps=0.0, largest_headroom=0.0
+            arrivals.peak_rate_rps_by_class, profile, None, merge_fill=0.0, largest_headroom=0.0
         )
         spec = InstanceSpec(tp=GPUS_PER_SERVER, clock_mhz=max(profile.clocks_mhz))
         return ClusterPlan(

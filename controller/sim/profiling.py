@@ -12,15 +12,22 @@ class x TP degree x SM clock and records what a client and a power meter would s
 Measurement (docs/profile-format.md has the full description):
   * SLOs: DEFAULT_SLO_SCALE x the unloaded TTFT and mean TBT on TP8 at the GPU's maximum clock, from
     `reference_requests` isolated requests of the class's representative lengths.
+  * Request lengths under load: drawn from the Azure 2023 length model (`controller.sim.synthetic`,
+    conversation and coding pooled by their request rates) restricted to the class's bins, so a class is
+    measured with the spread of lengths its real requests have, not only its p90.
   * Saturation estimate per (class, TP, clock): 2 x max_num_seqs requests submitted at once; completed
     requests / makespan. Load levels are fixed fractions of it (from near zero to beyond saturation),
     extended upwards while the top level still meets the SLO, then bisected (`refine_steps` levels)
     between the last level meeting the SLO and the first one missing it.
   * Each level: Poisson arrivals at the level's rate; `warmup_requests` are discarded, the next
-    `requests_per_level` are measured. p99 TTFT over the measured requests; p99 TBT token-weighted over the
-    decode iterations between the first and the last measured arrival; power and energy over that window.
+    `requests_per_level` are measured. SLO attainment = share of the measured requests with TTFT <= the
+    class's ttft_s and mean inter-token time <= its tbt_s (the cluster simulator's per-request rule); a
+    level meets the SLO when it reaches SLO_ATTAINMENT_TARGET. Also recorded: p99 TTFT over the measured
+    requests; p99 TBT token-weighted over the decode iterations between the first and the last measured
+    arrival; power and energy over that window.
 Every run has its own seed derived from (seed, class, TP, clock, run), so results do not depend on the
-grid, the order of the runs or the number of worker processes.
+grid, the order of the runs or the number of worker processes. The request lengths are one sequence per
+(seed, class), replayed at every level and configuration of the class (common random numbers).
 """
 
 from __future__ import annotations
@@ -40,26 +47,36 @@ import numpy.typing as npt
 from agent.api.errors import DataFileError, InternalError, InvalidArgumentError, NotFoundError
 from agent.sim.engine_core import EngineConfig, SimEngine
 from agent.sim.physics import GPU_NAMES, MODEL_NAMES, PerfModel, load_perf_model
-from controller.model.classes import CLASS_NAMES, DEFAULT_SLO_SCALE, ClassSlo, class_by_name
+from controller.model.classes import CLASS_NAMES, DEFAULT_SLO_SCALE, ClassBins, ClassSlo, class_by_name
 from controller.model.profile import (
+    SLO_ATTAINMENT_TARGET,
     ClassProfile,
     ConfigProfile,
     Profile,
     ProfilePoint,
     max_load_meeting_slo,
 )
+from controller.sim.synthetic import WORKLOADS, _lengths
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 REFERENCE_TP = 8
 DEFAULT_TPS = (2, 4, 8)
 
 # Stream tags of the derived seeds, one per kind of run.
-_REFERENCE_RUN, _CAPACITY_RUN, _LEVEL_RUN = 0, 1, 2
+_REFERENCE_RUN, _CAPACITY_RUN, _LEVEL_RUN, _LENGTHS_RUN = 0, 1, 2, 3
+# The lengths stream is keyed by class only (TP and clock 0): every configuration and every load level of a
+# class replays the same length sequence (common random numbers), so the rare very long requests that
+# decide a 99% attainment do not differ between levels and configurations by chance.
+_ANY_TP = _ANY_CLOCK_MHZ = 0
 # Measured values are stored with 6 significant digits (far below the run-to-run noise), SLOs with 4.
 _MEASURED_DIGITS = 6
 _SLO_DIGITS = 4
 # Drain step after the last arrival; the engine idles to each step's end once empty.
 _DRAIN_STEP_S = 30.0
+# Candidate lengths drawn per round of rejection sampling (the rarest class, SL, keeps ~1.5% of them).
+_LENGTH_BATCH = 4096
+# The classes are defined on the default bins (DESIGN §5), so profiles are too.
+_BINS = ClassBins()
 
 
 _DEFAULT_ENGINE = EngineConfig()
@@ -117,6 +134,28 @@ def weighted_quantile(values: npt.NDArray[np.float64], weights: npt.NDArray[np.i
     return float(values[order][np.searchsorted(cum, q * cum[-1], side="left")])
 
 
+def sample_class_lengths(
+    class_name: str, n: int, rng: np.random.Generator
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """n (input, output) token lengths of requests of the class: the Azure 2023 conversation and coding
+    length models pooled by their request rates, rejection-sampled into the class's bins."""
+    index = class_by_name(class_name).index
+    services = list(WORKLOADS.values())
+    rates_rps = np.array([w.rate_rps for w in services])
+    inputs: list[npt.NDArray[np.int32]] = []
+    outputs: list[npt.NDArray[np.int32]] = []
+    kept = 0
+    while kept < n:
+        counts = rng.multinomial(_LENGTH_BATCH, rates_rps / rates_rps.sum())
+        for params, count in zip(services, counts.tolist(), strict=True):
+            n_in, n_out = _lengths(params, count, rng)
+            mine = _BINS.class_indices(n_in, n_out) == index
+            inputs.append(n_in[mine])
+            outputs.append(n_out[mine])
+            kept += int(mine.sum())
+    return np.concatenate(inputs)[:n], np.concatenate(outputs)[:n]
+
+
 def _drain(eng: SimEngine) -> None:
     while eng.num_running or eng.num_waiting:
         eng.advance_to(eng.now_s + _DRAIN_STEP_S)
@@ -145,52 +184,75 @@ def measure_unloaded(
 
 
 def estimate_saturation_rps(
-    perf: PerfModel, class_name: str, clock_mhz: int, rng: np.random.Generator, config: EngineConfig
+    perf: PerfModel,
+    clock_mhz: int,
+    input_tokens: Sequence[int],
+    output_tokens: Sequence[int],
+    rng: np.random.Generator,
+    config: EngineConfig,
 ) -> float:
-    """Throughput (requests/s) of the engine kept full: 2 x max_num_seqs requests at once / makespan."""
-    cls = class_by_name(class_name)
-    eng = SimEngine(perf, clock_mhz, rng, config)
+    """Throughput (requests/s) of the engine kept full: the first 2 x max_num_seqs requests of the given
+    lengths at once / makespan."""
     n = 2 * config.max_num_seqs
-    for k in range(n):
-        eng.submit(k, 0.0, cls.representative_input_tokens, cls.representative_output_tokens)
+    if len(input_tokens) < n:
+        raise InternalError(f"saturation estimate needs {n} request lengths, got {len(input_tokens)}")
+    eng = SimEngine(perf, clock_mhz, rng, config)
+    fitting = [
+        (i, o)
+        for i, o in zip(input_tokens[:n], output_tokens[:n], strict=True)
+        if i + o <= eng.max_request_tokens
+    ]
+    for k, (i, o) in enumerate(fitting):
+        eng.submit(k, 0.0, i, o)
     _drain(eng)
     makespan_s = max(r.finish_s for r in eng.pop_completed())
-    return n / makespan_s
+    return len(fitting) / makespan_s
 
 
 def measure_level(
     perf: PerfModel,
-    class_name: str,
     clock_mhz: int,
     load_rps: float,
+    slo: ClassSlo,
+    input_tokens: Sequence[int],
+    output_tokens: Sequence[int],
     rng: np.random.Generator,
     settings: ProfilingSettings,
 ) -> ProfilePoint:
-    """One load level: Poisson arrivals, warm-up discarded, p99s / power / energy of the measured window."""
-    cls = class_by_name(class_name)
-    n_in, n_out = cls.representative_input_tokens, cls.representative_output_tokens
+    """One load level: Poisson arrivals of requests with the given lengths (warm-up first), warm-up
+    discarded; SLO attainment, p99s, power and energy of the measured window. A request too large for the
+    KV cache is not submitted and counts as a miss, as the cluster simulator's router rejects it."""
     w, n = settings.warmup_requests, settings.requests_per_level
+    if len(input_tokens) != w + n or len(output_tokens) != w + n:
+        raise InternalError(f"a level needs {w + n} request lengths, got {len(input_tokens)}")
     arrivals_s = np.cumsum(rng.exponential(1.0 / load_rps, w + n)).tolist()
     eng = SimEngine(perf, clock_mhz, rng, settings.engine)
+    limit = eng.max_request_tokens
     e0_j = t0_s = 0.0
-    hist0 = 0
-    for k, t in enumerate(arrivals_s):
+    hist0 = submitted = 0
+    for k, (t, i, o) in enumerate(zip(arrivals_s, input_tokens, output_tokens, strict=True)):
         eng.advance_to(t)
         if k == w:
             e0_j, t0_s, hist0 = eng.energy_j, eng.now_s, len(eng.tbt_histogram[1])
-        eng.submit(k, t, n_in, n_out)
+        if i + o <= limit:
+            eng.submit(k, t, i, o)
+            submitted += int(k >= w)
     e1_j, t1_s = eng.energy_j, eng.now_s
     gaps_s, tokens = eng.tbt_histogram
     _drain(eng)
-    ttft_s = np.array([r.ttft_s for r in eng.pop_completed() if r.request_id >= w])
-    if len(ttft_s) != n:
-        raise InternalError(f"profiling run lost requests: {len(ttft_s)} of {n} completed")
+    done = [r for r in eng.pop_completed() if r.request_id >= w]
+    if len(done) != submitted or not done:
+        raise InternalError(f"profiling run lost requests: {len(done)} of {submitted} completed")
+    ttft_s = np.array([r.ttft_s for r in done])
+    # the evaluation's per-request rule (controller.sim.report): a one-token answer has no gap to judge
+    met = sum(r.ttft_s <= slo.ttft_s and (r.output_tokens <= 1 or r.tbt_mean_s <= slo.tbt_s) for r in done)
     power_w = (e1_j - e0_j) / (t1_s - t0_s) / perf.tp
     # energy of the window / requests arriving in it (the realised rate, not the nominal one)
     arrival_rate_rps = (n - 1) / (arrivals_s[-1] - arrivals_s[w])
     return ProfilePoint(
         ttft_p99_s=_round(float(np.percentile(ttft_s, 99)), _MEASURED_DIGITS),
         tbt_p99_s=_round(weighted_quantile(gaps_s[hist0:], tokens[hist0:], 0.99), _MEASURED_DIGITS),
+        slo_attainment=_round(met / n, _MEASURED_DIGITS),
         power_w=_round(power_w, _MEASURED_DIGITS),
         energy_per_request_j=_round(power_w * perf.tp / arrival_rate_rps, _MEASURED_DIGITS),
     )
@@ -210,7 +272,9 @@ class _ConfigTask:
 
 def measure_config(task: _ConfigTask) -> ConfigProfile:
     """All load levels of one (class, TP, clock): the fixed fractions of saturation, extended upwards while
-    the top level meets the SLO, plus `refine_steps` bisection levels around the first SLO miss."""
+    the top level meets the SLO, plus `refine_steps` bisection levels around the first SLO miss.
+
+    A class whose representative request does not fit in the KV cache is not servable here (no levels)."""
     s = task.settings
     cls = class_by_name(task.class_name)
     perf = load_perf_model(model=task.model, gpu=task.gpu, tp=task.tp)
@@ -224,38 +288,45 @@ def measure_config(task: _ConfigTask) -> ConfigProfile:
     def rng(run: int, index: int) -> np.random.Generator:
         return _rng(task.seed, task.class_name, task.tp, task.clock_mhz, run, index)
 
+    n_lengths = max(s.warmup_requests + s.requests_per_level, 2 * s.engine.max_num_seqs)
+    lengths_rng = _rng(task.seed, task.class_name, _ANY_TP, _ANY_CLOCK_MHZ, _LENGTHS_RUN, 0)
+    n_in, n_out = (a.tolist() for a in sample_class_lengths(task.class_name, n_lengths, lengths_rng))
+    level_in = n_in[: s.warmup_requests + s.requests_per_level]
+    level_out = n_out[: s.warmup_requests + s.requests_per_level]
     saturation_rps = estimate_saturation_rps(
-        perf, task.class_name, task.clock_mhz, rng(_CAPACITY_RUN, 0), s.engine
+        perf, task.clock_mhz, n_in, n_out, rng(_CAPACITY_RUN, 0), s.engine
     )
     levels: dict[float, ProfilePoint] = {}
 
     def measure(load: float) -> ProfilePoint:
-        point = measure_level(perf, task.class_name, task.clock_mhz, load, rng(_LEVEL_RUN, len(levels)), s)
+        point = measure_level(
+            perf, task.clock_mhz, load, task.slo, level_in, level_out, rng(_LEVEL_RUN, len(levels)), s
+        )
         levels[load] = point
         return point
 
     for fraction in s.level_fractions:
         top = measure(_round(fraction * saturation_rps, 4))
     extra = 0
-    while top.meets(task.slo) and extra < s.max_extra_levels:
+    while top.meets_slo and extra < s.max_extra_levels:
         extra += 1
         top = measure(_round(s.level_fractions[-1] * 1.15**extra * saturation_rps, 4))
     # Bisect the bracket of the first SLO miss: that is where max_load_rps is read off the curve.
     loads = sorted(levels)
-    first_miss = next((k for k, x in enumerate(loads) if not levels[x].meets(task.slo)), None)
+    first_miss = next((k for k, x in enumerate(loads) if not levels[x].meets_slo), None)
     if first_miss is not None and first_miss > 0:
         lo, hi = loads[first_miss - 1], loads[first_miss]
         for _ in range(s.refine_steps):
             mid = _round((lo + hi) / 2.0, 4)
             if mid in (lo, hi):
                 break
-            if measure(mid).meets(task.slo):
+            if measure(mid).meets_slo:
                 lo = mid
             else:
                 hi = mid
     loads = sorted(levels)
     points = [levels[x] for x in loads]
-    max_load = max_load_meeting_slo(loads, points, task.slo)
+    max_load = max_load_meeting_slo(loads, points)
     return ConfigProfile(
         tp=task.tp,
         clock_mhz=task.clock_mhz,
@@ -371,7 +442,15 @@ def generate_profile(
         "level_fractions_of_saturation": ",".join(f"{f:g}" for f in settings.level_fractions),
         "max_extra_levels": settings.max_extra_levels,
         "refine_steps": settings.refine_steps,
-        "lengths": "each class at its representative (p90) input and output lengths",
+        "lengths": (
+            "SLO reference at the class's representative (p90) lengths; load levels with lengths drawn "
+            "from the Azure 2023 conversation + coding length models (pooled by request rate) within "
+            "the class's bins"
+        ),
+        "max_load_rule": (
+            f"largest load with SLO attainment >= {SLO_ATTAINMENT_TARGET:g} "
+            "(TTFT <= ttft_s and mean inter-token time <= tbt_s per request)"
+        ),
         "max_num_batched_tokens": e.max_num_batched_tokens,
         "max_num_seqs": e.max_num_seqs,
         "jitter_cv": e.jitter_cv,

@@ -5,19 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError
 from controller.dctl.main import main
-from controller.model.classes import CLASS_NAMES
-from controller.model.profile import Profile
+from controller.model.classes import CLASS_NAMES, ClassBins, class_by_name
+from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
+from controller.model.profile import SLO_ATTAINMENT_TARGET, Profile
+from controller.sim.cluster import simulate
 from controller.sim.profiling import (
     PROFILES_DIR,
     default_profile,
     generate_profile,
     load_profile,
+    sample_class_lengths,
     save_profile,
 )
+from controller.sim.report import meets_slo
+from controller.sim.traces import Trace
 
 MODEL, GPU = "llama2-70b", "h100-sxm"
 
@@ -47,6 +53,37 @@ def test_committed_default_profile_is_what_the_generator_measures(small: Profile
         assert default.config("SS", 8, clock) == small.config("SS", 8, clock)
 
 
+@pytest.mark.parametrize("name", ["SS", "ML", "LL"])
+def test_lengths_spread_over_the_class_bins(name: str) -> None:
+    inputs, outputs = sample_class_lengths(name, 2000, np.random.default_rng(7))
+    assert len(inputs) == len(outputs) == 2000
+    assert set(ClassBins().class_indices(inputs, outputs).tolist()) == {class_by_name(name).index}
+    again = sample_class_lengths(name, 2000, np.random.default_rng(7))
+    assert np.array_equal(again[0], inputs) and np.array_equal(again[1], outputs)
+    # the representative lengths are the bins' p90s (over all classes): most requests are shorter
+    cls = class_by_name(name)
+    assert 0.75 < np.mean(inputs <= cls.representative_input_tokens) < 0.97
+    assert 0.75 < np.mean(outputs <= cls.representative_output_tokens) < 0.97
+    assert len(np.unique(inputs)) > 100 and len(np.unique(outputs)) > 50
+
+
+def test_max_load_is_what_the_simulators_slo_attainment_accepts(small: Profile) -> None:
+    """One instance replaying class-SS Poisson traffic in the cluster simulator, judged by the report's
+    per-request rule: below the profile's max load it meets the 99% target, clearly above it it does not."""
+    slo = small.slo("SS")
+    max_load_rps = small.max_load_rps("SS", 8, 1980)
+    plan = ClusterPlan(pools=(PoolPlan("ss", ("SS",), (InstanceSpec(tp=8, clock_mhz=1980),)),))
+    attainment = {}
+    for factor in (0.8, 1.3):
+        rng = np.random.default_rng(11)
+        arrival_s = np.cumsum(rng.exponential(1.0 / (factor * max_load_rps), 3000))
+        inputs, outputs = sample_class_lengths("SS", 3000, rng)
+        trace = Trace("ss", arrival_s, inputs, outputs, None, None)
+        result = simulate(trace, plan, model=MODEL, gpu=GPU)
+        attainment[factor] = float(np.mean(meets_slo(result, dict.fromkeys(CLASS_NAMES, slo))))
+    assert attainment[0.8] >= SLO_ATTAINMENT_TARGET > attainment[1.3], attainment
+
+
 def test_default_profile_covers_the_full_grid(default: Profile) -> None:
     assert (default.model, default.gpu) == (MODEL, GPU)
     assert default.class_names == CLASS_NAMES
@@ -56,6 +93,13 @@ def test_default_profile_covers_the_full_grid(default: Profile) -> None:
         slo = default.slo(name)
         assert 0 < slo.tbt_s < 1 and 0 < slo.ttft_s < 5
         assert default.max_load_rps(name, 8, 1980) > 0
+        # the SLO reference configuration meets the SLO at near-zero load
+        assert default.config(name, 8, 1980).points[0].meets_slo
+        for tp in default.tps:
+            for clock in default.clocks_mhz:
+                cfg = default.config(name, tp, clock)
+                # the levels reach beyond the max load, so it is read off the curve, not its top end
+                assert not cfg.points or not cfg.points[-1].meets_slo, (name, tp, clock)
 
 
 def test_higher_clock_gives_lower_ttft(default: Profile) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
 from controller.model.profile import Profile
-from controller.policy.cluster_manager import class_order, plan_pools
+from controller.policy.cluster_manager import best_instance_rps, class_order, plan_pools
 from controller.sim.profiling import default_profile
 
 PROFILE = default_profile("llama2-70b", "h100-sxm")
@@ -30,13 +30,15 @@ def test_class_order_is_lightest_first() -> None:
 
 
 def test_each_busy_class_gets_a_pool_sized_at_max_performance() -> None:
-    loads = [5.0] * len(CLASS_NAMES)
-    budgets = plan_pools(loads, PROFILE, None, merge_threshold_rps=0.1, largest_headroom=0.1)
+    # Each class fills a whole instance of its best configuration: no merging.
+    loads = [best_instance_rps(PROFILE, (c,), {c: 1.0}) for c in CLASS_NAMES]
+    load_of = dict(zip(CLASS_NAMES, loads, strict=True))
+    budgets = plan_pools(loads, PROFILE, None, merge_fill=0.5, largest_headroom=0.1)
     assert [b.class_names for b in budgets] == [(c,) for c in class_order(PROFILE)]
     for b in budgets[:-1]:
-        assert b.gpu_budget == 8 * math.ceil(5.0 / cap(PROFILE, b.name))
+        assert b.gpu_budget == 8 * math.ceil(load_of[b.name] / cap(PROFILE, b.name) * (1 - 1e-9))
     heaviest = budgets[-1]
-    assert heaviest.gpu_budget == 8 * math.ceil(5.0 * 1.1 / cap(PROFILE, heaviest.name))
+    assert heaviest.gpu_budget == 8 * math.ceil(load_of[heaviest.name] * 1.1 / cap(PROFILE, heaviest.name))
 
 
 def test_nearly_idle_classes_merge_upward_and_every_class_is_served() -> None:
@@ -45,7 +47,7 @@ def test_nearly_idle_classes_merge_upward_and_every_class_is_served() -> None:
     loads[order[0]] = 0.01  # lightest: nearly idle, joins the next pool
     loads[order[1]] = 3.0
     loads[order[-1]] = 0.5
-    budgets = plan_pools([loads[c] for c in CLASS_NAMES], PROFILE, None, merge_threshold_rps=0.1)
+    budgets = plan_pools([loads[c] for c in CLASS_NAMES], PROFILE, None, merge_fill=0.5)
     assert budgets[0].class_names == (order[0], order[1])
     assert budgets[0].name == order[1]
     assert budgets[0].forecast_rps == pytest.approx(3.01)
@@ -53,6 +55,26 @@ def test_nearly_idle_classes_merge_upward_and_every_class_is_served() -> None:
     assert sorted(served) == sorted(CLASS_NAMES)
     # The idle middle classes all end up with the heaviest one, which keeps its pool.
     assert budgets[-1].class_names == order[2:]
+
+
+def test_a_class_merges_below_half_an_instance_of_its_best_configuration() -> None:
+    order = class_order(PROFILE)
+    light, next_one = order[0], order[1]
+    one_instance_rps = best_instance_rps(PROFILE, (light,), {light: 1.0})
+    loads = dict.fromkeys(CLASS_NAMES, 0.0)
+    loads[next_one] = 3.0
+    loads[order[-1]] = 5.0
+    for fill, own_pool in ((0.45, False), (0.55, True)):
+        loads[light] = fill * one_instance_rps
+        budgets = plan_pools([loads[c] for c in CLASS_NAMES], PROFILE, None, merge_fill=0.5)
+        assert (budgets[0].class_names == (light,)) is own_pool, fill
+    # The same rate is "nearly idle" for a class with a large instance capacity, and a pool's worth
+    # for the heaviest classes: the threshold is relative, not a rate.
+    heavy = order[-2]
+    assert best_instance_rps(PROFILE, (heavy,), {heavy: 1.0}) < one_instance_rps
+    # No merging at all with a zero fill (multipool's static split).
+    unmerged = plan_pools([0.01] * len(CLASS_NAMES), PROFILE, None, merge_fill=0.0)
+    assert len(unmerged) == len(CLASS_NAMES)
 
 
 @settings(max_examples=60, deadline=None)
@@ -76,5 +98,7 @@ def test_bad_input_names_the_field() -> None:
         plan_pools([1.0] * 8, PROFILE, None)
     with pytest.raises(InvalidArgumentError, match="forecast_peak_rps_by_class"):
         plan_pools([1.0] * 8 + [-1.0], PROFILE, None)
+    with pytest.raises(InvalidArgumentError, match="merge_fill"):
+        plan_pools([1.0] * 9, PROFILE, None, merge_fill=-0.5)
     with pytest.raises(InvalidArgumentError, match="total_gpus"):
-        plan_pools([5.0] * 9, PROFILE, 4, merge_threshold_rps=0.0)
+        plan_pools([5.0] * 9, PROFILE, 4, merge_fill=0.0)

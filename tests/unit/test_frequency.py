@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agent.api.errors import InvalidArgumentError
 from controller.policy.capacity import ConfigCapacity, capacities_by_clock, pool_capacities
-from controller.policy.frequency import choose_clock, escalate
+from controller.policy.frequency import choose_clock, escalate, next_clock
 from controller.sim.profiling import default_profile
 
 
@@ -106,3 +106,38 @@ def test_escalate_goes_to_max_clock_only_on_deadline_misses() -> None:
         escalate(-1, 1200, 1980)
     with pytest.raises(InvalidArgumentError):
         escalate(0, 2000, 1980)
+
+
+def test_dead_band_goes_up_at_once_and_down_only_when_both_loads_agree() -> None:
+    # Up at once when the sustained load needs more, or the last period overran the current capacity.
+    assert next_clock(800, 0.5, 3.0, LADDER, headroom=0.1) == 1400
+    assert next_clock(800, 2.5, 0.5, LADDER, headroom=0.1) == 1400
+    # A busy period within the current capacity changes nothing.
+    assert next_clock(800, 1.9, 0.5, LADDER, headroom=0.1) == 800
+    # Down only when the lower clock covers the sustained load AND the last period's load.
+    assert next_clock(1980, 3.0, 0.5, LADDER, headroom=0.1) == 1980  # the last period disagrees
+    assert next_clock(1980, 0.0, 4.0, LADDER, headroom=0.1) == 1980  # the sustained load disagrees
+    assert next_clock(1980, 0.5, 0.5, LADDER, headroom=0.1) == 800
+    # A clock outside the table is replaced by the larger of the two loads' choices.
+    assert next_clock(1100, 0.1, 3.0, LADDER, headroom=0.1) == 1400
+    with pytest.raises(InvalidArgumentError) as err:
+        next_clock(800, 1.0, -1.0, LADDER)
+    assert err.value.field == "sustained_load_rps"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    clock=st.sampled_from(sorted(LADDER)),
+    load_rps=st.floats(0.0, 8.0),
+    sustained_rps=st.floats(0.0, 8.0),
+)
+def test_dead_band_never_leaves_the_load_short(clock: int, load_rps: float, sustained_rps: float) -> None:
+    chosen = next_clock(clock, load_rps, sustained_rps, LADDER, headroom=0.1)
+    top = max(c.max_load_rps for c in LADDER.values())
+    cap = LADDER[chosen].max_load_rps
+    # Never below what the sustained load's own choice offers, nor short of the last period's load.
+    assert cap >= LADDER[choose_clock(sustained_rps, LADDER, headroom=0.1)].max_load_rps
+    assert cap >= min(load_rps, top)
+    # It is the current clock, or a move both loads support.
+    if chosen != clock and cap < LADDER[clock].max_load_rps:
+        assert cap * 0.9 >= load_rps

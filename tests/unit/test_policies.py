@@ -8,7 +8,7 @@ import pytest
 
 from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
-from controller.model.cluster import ClusterPlan, InstanceSpec
+from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.state import ClusterObs, InstanceObs, Periods, Phase
 from controller.orchestrator import ReconfigCosts
 from controller.policy.base import ArrivalStats, DynamicPolicy
@@ -21,6 +21,7 @@ from controller.policy.policies import (
     ScaleInst,
     ScaleShard,
     instance_model,
+    keep_current_clocks,
     make_policy,
 )
 from controller.sim.profiling import default_profile
@@ -112,7 +113,7 @@ def test_dynamollm_plans_are_valid_deterministic_and_follow_load() -> None:
 
 
 def test_pool_step_keeps_the_epochs_pools() -> None:
-    policy = DynamoLLM(merge_threshold_rps=0.5)
+    policy = DynamoLLM(merge_fill=0.5)
     start = policy.initial_plan(stats(), PROFILE)
     at_boundary = policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
     # Ten minutes later the load has quadrupled; pool composition stays what the boundary decided.
@@ -195,3 +196,76 @@ def test_instance_model_capacity_and_power() -> None:
     assert busy.capacity_rps("no-such-pool", spec) == 0.0
     with pytest.raises(InvalidArgumentError, match="class_rates_rps"):
         instance_model(PROFILE, plan, [1.0])
+
+
+def at_clock(plan: ClusterPlan, clock_mhz: int) -> ClusterPlan:
+    return dataclasses.replace(
+        plan,
+        pools=tuple(
+            dataclasses.replace(p, instances=tuple(InstanceSpec(s.tp, clock_mhz) for s in p.instances))
+            for p in plan.pools
+        ),
+    )
+
+
+def test_pool_step_leaves_clocks_to_the_instance_level() -> None:
+    running = (InstanceSpec(4, 800), InstanceSpec(4, 1400), InstanceSpec(2, 1000))
+    plan = ClusterPlan(pools=(PoolPlan("LL", CLASS_NAMES, running),))
+    obs = observe(plan, now_s=600.0, bins=10)
+    # The plan asks for one TP4 fewer, a new TP2 and every clock at the maximum.
+    wanted = ClusterPlan(
+        pools=(
+            PoolPlan("LL", CLASS_NAMES, (InstanceSpec(2, MAX_CLOCK),) * 2 + (InstanceSpec(4, MAX_CLOCK),)),
+        )
+    )
+    kept = keep_current_clocks(wanted, obs)
+    # The TP4 that stays keeps its (highest) clock; the TP2 keeps its clock; only the new one is at the
+    # plan's clock.
+    assert sorted(kept.pools[0].instances, key=lambda s: (s.tp, s.clock_mhz)) == [
+        InstanceSpec(2, 1000),
+        InstanceSpec(2, MAX_CLOCK),
+        InstanceSpec(4, 1400),
+    ]
+    # The whole pool step: every instance it keeps is at the clock it runs now.
+    policy = DynamoLLM()
+    start = policy.initial_plan(stats(), PROFILE)
+    low = dataclasses.replace(
+        start,
+        pools=tuple(
+            dataclasses.replace(p, instances=tuple(InstanceSpec(s.tp, 800) for s in p.instances))
+            for p in start.pools
+        ),
+    )
+    step = policy.pool_step(observe(low, now_s=600.0, bins=10), PROFILE)
+    for before, after in zip(low.pools, step.pools, strict=True):
+        for tp in {s.tp for s in before.instances}:
+            stay = min(
+                before.instances.count(InstanceSpec(tp, 800)), sum(s.tp == tp for s in after.instances)
+            )
+            assert after.instances.count(InstanceSpec(tp, 800)) >= stay
+
+
+def test_instance_step_follows_the_sustained_load_not_one_quiet_period() -> None:
+    policy = DynamoLLM()
+    plan = policy.initial_plan(stats(), PROFILE)
+    busy = observe(plan, now_s=600.0, bins=10, scale=3.0, load_rps=50.0)
+    high = policy.instance_step(busy, PROFILE)
+    at_high = dataclasses.replace(
+        plan,
+        pools=tuple(
+            dataclasses.replace(p, instances=tuple(InstanceSpec(s.tp, MAX_CLOCK) for s in p.instances))
+            for p in plan.pools
+        ),
+    )
+    # One quiet 5-s period after a busy history: the clocks stay where the sustained load needs them.
+    quiet = observe(at_high, now_s=600.0, bins=10, scale=3.0, load_rps=0.0)
+    assert policy.instance_step(quiet, PROFILE) == policy.instance_step(
+        observe(at_high, now_s=600.0, bins=10, scale=3.0, load_rps=0.5), PROFILE
+    )
+    assert set(high.values()) <= set(PROFILE.clocks_mhz)
+    # Quiet history and a quiet period: the clocks come down.
+    calm = observe(at_high, now_s=600.0, bins=10, scale=0.01, load_rps=0.0)
+    calm_clocks = policy.instance_step(calm, PROFILE)
+    assert min(calm_clocks.values()) < MAX_CLOCK
+    # The same quiet period decides differently after a busy history than after a calm one.
+    assert policy.instance_step(quiet, PROFILE) != calm_clocks

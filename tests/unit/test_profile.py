@@ -12,6 +12,7 @@ from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeErro
 from controller.model.classes import ClassSlo
 from controller.model.profile import (
     PROFILE_FORMAT,
+    SLO_ATTAINMENT_TARGET,
     ClassProfile,
     ConfigProfile,
     Profile,
@@ -22,30 +23,39 @@ from controller.model.profile import (
 SLO = ClassSlo(ttft_s=1.0, tbt_s=0.1)
 
 
-def pt(ttft: float, tbt: float, power: float = 300.0, energy: float = 1000.0) -> ProfilePoint:
-    return ProfilePoint(ttft_p99_s=ttft, tbt_p99_s=tbt, power_w=power, energy_per_request_j=energy)
+def pt(
+    attainment: float, ttft: float = 0.2, tbt: float = 0.05, power: float = 300.0, energy: float = 1000.0
+) -> ProfilePoint:
+    return ProfilePoint(
+        ttft_p99_s=ttft, tbt_p99_s=tbt, slo_attainment=attainment, power_w=power, energy_per_request_j=energy
+    )
 
 
 def cfg(tp: int, clock: int, loads: tuple[float, ...], points: tuple[ProfilePoint, ...]) -> ConfigProfile:
     return ConfigProfile(
         tp=tp,
         clock_mhz=clock,
-        max_load_rps=max_load_meeting_slo(loads, points, SLO),
+        max_load_rps=max_load_meeting_slo(loads, points),
         load_rps=loads,
         points=points,
     )
 
 
 LOADS = (0.1, 1.0, 2.0)
-POINTS = (pt(0.2, 0.05, 200.0, 5000.0), pt(0.4, 0.06, 300.0, 900.0), pt(2.0, 0.08, 400.0, 600.0))
+# p99 TTFT above the 1 s target at 2 rps does not decide by itself: the share of requests meeting it does
+POINTS = (
+    pt(1.0, 0.2, 0.05, 200.0, 5000.0),
+    pt(0.995, 0.4, 0.06, 300.0, 900.0),
+    pt(0.95, 2.0, 0.08, 400.0, 600.0),
+)
 
 
 def make_profile() -> Profile:
     configs = {
         (4, 1200): cfg(4, 1200, (), ()),  # not servable
         (4, 1980): cfg(4, 1980, LOADS, POINTS),
-        (8, 1200): cfg(8, 1200, (0.5, 1.5), (pt(0.5, 0.05), pt(0.9, 0.09))),
-        (8, 1980): cfg(8, 1980, (0.5, 3.0), (pt(0.3, 0.04), pt(0.6, 0.2))),
+        (8, 1200): cfg(8, 1200, (0.5, 1.5), (pt(1.0), pt(0.99, 1.5, 0.2))),
+        (8, 1980): cfg(8, 1980, (0.5, 3.0), (pt(1.0), pt(0.9))),
     }
     cls = ClassProfile(name="SS", input_tokens=224, output_tokens=90, slo=SLO, configs=configs)
     return Profile(
@@ -75,10 +85,12 @@ def test_interpolation_is_linear_in_load_between_levels() -> None:
     mid = p.point("SS", 4, 1980, 1.5)
     assert mid.ttft_p99_s == pytest.approx(1.2)
     assert mid.tbt_p99_s == pytest.approx(0.07)
+    assert mid.slo_attainment == pytest.approx(0.9725)
     assert mid.power_w == pytest.approx(350.0)
     assert mid.energy_per_request_j == pytest.approx(750.0)
     q = p.point("SS", 4, 1980.0, 0.55)  # a float clock equal to a profiled one is accepted
     assert q.ttft_p99_s == pytest.approx(0.3)
+    assert q.slo_attainment == pytest.approx(0.9975)
 
 
 @pytest.mark.parametrize("load", [0.0, 0.0999, 2.0001, 100.0, -1.0])
@@ -111,20 +123,21 @@ def test_unprofiled_class_tp_or_clock_is_refused() -> None:
     assert (p.tps, p.clocks_mhz, p.class_names) == ((4, 8), (1200, 1980), ("SS",))
 
 
-def test_max_load_interpolates_the_first_slo_crossing() -> None:
-    # TTFT crosses 1.0 between 1.0 (0.4 s) and 2.0 rps (2.0 s): at 1.0 + 0.6/1.6
-    assert max_load_meeting_slo(LOADS, POINTS, SLO) == pytest.approx(1.375)
+def test_max_load_interpolates_the_first_attainment_crossing() -> None:
+    assert SLO_ATTAINMENT_TARGET == 0.99
+    assert POINTS[1].meets_slo and not POINTS[2].meets_slo
+    # attainment falls from 0.995 (1 rps) to 0.95 (2 rps): 0.99 is crossed at 1 + 0.005 / 0.045
+    assert max_load_meeting_slo(LOADS, POINTS) == pytest.approx(1.0 + 1.0 / 9.0)
     p = make_profile()
-    assert p.max_load_rps("SS", 4, 1980) == pytest.approx(1.375)
-    assert p.max_load_rps("SS", 8, 1200) == 1.5  # every level meets the SLO: the top level, no further
-    # TBT crosses 0.1 between 0.04 and 0.2 at 0.5 + 0.06/0.16 * 2.5; TTFT never crosses
-    assert p.max_load_rps("SS", 8, 1980) == pytest.approx(0.5 + 0.375 * 2.5)
-    assert max_load_meeting_slo((0.1, 1.0), (pt(1.5, 0.05), pt(2.0, 0.05)), SLO) == 0.0
-    assert max_load_meeting_slo((), (), SLO) == 0.0
+    assert p.max_load_rps("SS", 4, 1980) == pytest.approx(1.0 + 1.0 / 9.0)
+    # every level reaches the target (0.99 exactly counts, whatever the p99s): the top level, no further
+    assert p.max_load_rps("SS", 8, 1200) == 1.5
+    assert p.max_load_rps("SS", 8, 1980) == pytest.approx(0.5 + 0.1 * 2.5)
+    assert max_load_meeting_slo((0.1, 1.0), (pt(0.98), pt(1.0))) == 0.0
+    assert max_load_meeting_slo((), ()) == 0.0
     # a level recovering after a miss does not count: the first miss decides
-    loads = (0.1, 1.0, 2.0)
-    wobbly = (pt(0.2, 0.05), pt(1.2, 0.05), pt(0.5, 0.05))
-    assert max_load_meeting_slo(loads, wobbly, SLO) == pytest.approx(0.1 + 0.8 / 1.0 * 0.9)
+    wobbly = (pt(1.0), pt(0.97), pt(1.0))
+    assert max_load_meeting_slo(LOADS, wobbly) == pytest.approx(0.1 + 0.9 / 3.0)
 
 
 def _set(doc: dict[str, Any], path: list[str | int], value: object) -> None:
@@ -174,6 +187,12 @@ K1 = [*C0, "configs", 1]  # TP4 at 1980 MHz: three levels
         ([*K1, "load_rps", 0], "0.1", "classes[0].configs[1].load_rps[0]"),
         ([*K1, "ttft_p99_s", 2], 0.0, "classes[0].configs[1].ttft_p99_s[2]"),
         ([*K1, "tbt_p99_s"], [0.05, 0.06], "classes[0].configs[1].tbt_p99_s"),
+        ([*K1, "slo_attainment"], _DELETE, "classes[0].configs[1].slo_attainment"),
+        ([*K1, "slo_attainment", 0], 1.01, "classes[0].configs[1].slo_attainment[0]"),
+        ([*K1, "slo_attainment", 1], -0.1, "classes[0].configs[1].slo_attainment[1]"),
+        ([*K1, "slo_attainment", 2], "0.9", "classes[0].configs[1].slo_attainment[2]"),
+        # a share of 0 is a valid value, but it moves the crossing the stored max load was read off
+        ([*K1, "slo_attainment", 2], 0.0, "classes[0].configs[1].max_load_rps"),
         ([*K1, "power_w", 0], None, "classes[0].configs[1].power_w[0]"),
         ([*K1, "energy_per_request_j"], _DELETE, "classes[0].configs[1].energy_per_request_j"),
         ([*K1, "energy_per_request_j", 1], float("inf"), "classes[0].configs[1].energy_per_request_j[1]"),
@@ -212,12 +231,10 @@ def test_not_an_object() -> None:
 
 def test_constructors_check_their_invariants() -> None:
     with pytest.raises(InvalidArgumentError) as err:
-        ConfigProfile(
-            tp=8, clock_mhz=1980, max_load_rps=0.0, load_rps=(1.0, 0.5), points=(pt(1, 1), pt(1, 1))
-        )
+        ConfigProfile(tp=8, clock_mhz=1980, max_load_rps=0.0, load_rps=(1.0, 0.5), points=(pt(1.0), pt(1.0)))
     assert err.value.field == "load_rps"
     with pytest.raises(InvalidArgumentError) as err:
-        ConfigProfile(tp=8, clock_mhz=1980, max_load_rps=3.0, load_rps=(1.0,), points=(pt(1, 1),))
+        ConfigProfile(tp=8, clock_mhz=1980, max_load_rps=3.0, load_rps=(1.0,), points=(pt(1.0),))
     assert err.value.field == "max_load_rps"
     p = make_profile()
     configs = dict(p.classes["SS"].configs)

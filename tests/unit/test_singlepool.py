@@ -22,7 +22,9 @@ CLOCKS = (1400, 1980)
 def _config(tp: int, clock: int, cap_rps: float) -> ConfigProfile:
     if cap_rps == 0:
         return ConfigProfile(tp, clock, 0.0, (), ())
-    point = ProfilePoint(ttft_p99_s=0.1, tbt_p99_s=0.05, power_w=300.0, energy_per_request_j=100.0)
+    point = ProfilePoint(
+        ttft_p99_s=0.1, tbt_p99_s=0.05, slo_attainment=1.0, power_w=300.0, energy_per_request_j=100.0
+    )
     return ConfigProfile(tp, clock, cap_rps, (0.0, cap_rps), (point, point))
 
 
