@@ -56,7 +56,7 @@ from controller.model.profile import (
     ProfilePoint,
     max_load_meeting_slo,
 )
-from controller.sim.synthetic import WORKLOADS, _lengths
+from controller.sim.synthetic import WORKLOADS, sample_lengths
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 REFERENCE_TP = 8
@@ -148,7 +148,7 @@ def sample_class_lengths(
     while kept < n:
         counts = rng.multinomial(_LENGTH_BATCH, rates_rps / rates_rps.sum())
         for params, count in zip(services, counts.tolist(), strict=True):
-            n_in, n_out = _lengths(params, count, rng)
+            n_in, n_out = sample_lengths(params, count, rng)
             mine = _BINS.class_indices(n_in, n_out) == index
             inputs.append(n_in[mine])
             outputs.append(n_out[mine])

@@ -192,7 +192,7 @@ def synthetic_trace(
     mean_rate_rps = params.rate_rps if rate_rps is None else rate_rps
     on_rate_rps = params.on_rate_rps * mean_rate_rps / params.rate_rps
     arrival_s = _arrivals(params, on_rate_rps, duration_s, rng)
-    input_tokens, output_tokens = _lengths(params, len(arrival_s), rng)
+    input_tokens, output_tokens = sample_lengths(params, len(arrival_s), rng)
     return Trace(f"synthetic:{kind}", arrival_s, input_tokens, output_tokens, params.start_unix_s, duration_s)
 
 
@@ -232,9 +232,11 @@ def _arrivals(
     return np.sort(arrivals)
 
 
-def _lengths(
+def sample_lengths(
     params: WorkloadParams, n: int, rng: np.random.Generator
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """`n` (input, output) token-length pairs of the service `params` describes (also used by profiling,
+    which samples the Azure length mix within each request class's bins)."""
     z_in = rng.standard_normal(n)
     z_out = params.copula_rho * z_in + math.sqrt(1.0 - params.copula_rho**2) * rng.standard_normal(n)
     levels = np.asarray(QUANTILE_LEVELS)
