@@ -7,12 +7,18 @@ whole observed state and returns the whole desired state (`ClusterPlan`, clocks)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec
+
+# Windows over which the simulator (and the live controller) measures each class's short-term arrival
+# peaks (`ClusterObs.class_burst_history_rps`): from the trace's one-second granularity up to a third of
+# a 60-s history bin, beyond which the per-bin rates themselves show a burst.
+DEFAULT_BURST_WINDOWS_S = (1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,12 @@ class ClusterObs:
     `class_rate_history_rps[c]` is the observed arrival rate of class c (index order of CLASS_NAMES) in
     consecutive bins of `history_bin_s`, oldest first, ending at `now_s`. `true_next_peak_rps` is filled
     only for the `oracle` policy: the real peak rate per class over the coming cluster epoch.
+
+    `class_burst_history_rps[k][c][b]`: the short-term peak of class c in history bin b, measured over
+    window `burst_windows_s[k]`: the most arrivals of the class within any window of that length ending
+    at an arrival in the bin, divided by the window (rps). The 60-s rates hide sub-minute bursts, which
+    a queue absorbs only within the class's TTFT target; the policies size for them from this
+    (docs/control.md, "Burst-aware provisioning"). Empty (both fields) when not measured.
     """
 
     now_s: float
@@ -67,9 +79,28 @@ class ClusterObs:
     class_rate_history_rps: tuple[tuple[float, ...], ...]
     total_gpus: int  # GPUs the cluster may use at most
     true_next_peak_rps: tuple[float, ...] | None = None
+    burst_windows_s: tuple[float, ...] = ()
+    class_burst_history_rps: tuple[tuple[tuple[float, ...], ...], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.class_rate_history_rps) != len(CLASS_NAMES):
             raise InvalidArgumentError(
                 "class_rate_history_rps", len(self.class_rate_history_rps), f"{len(CLASS_NAMES)} classes"
             )
+        windows = self.burst_windows_s
+        if not all(math.isfinite(w) and w > 0 for w in windows) or list(windows) != sorted(set(windows)):
+            raise InvalidArgumentError("burst_windows_s", windows, "increasing positive seconds")
+        if len(self.class_burst_history_rps) != len(windows):
+            raise InvalidArgumentError(
+                "class_burst_history_rps",
+                len(self.class_burst_history_rps),
+                f"one per window ({len(windows)})",
+            )
+        bins = tuple(len(row) for row in self.class_rate_history_rps)
+        for per_window in self.class_burst_history_rps:
+            if tuple(len(row) for row in per_window) != bins:
+                raise InvalidArgumentError(
+                    "class_burst_history_rps",
+                    tuple(len(row) for row in per_window),
+                    f"the shape of class_rate_history_rps ({len(bins)} classes of {bins} bins)",
+                )

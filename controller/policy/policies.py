@@ -13,7 +13,10 @@ executes them. The same code will run in the live controller.
   the next pool period plus a start-up time (instances it adds are up before the load they are for),
   with the current instances and the reconfiguration costs. Instance level: each active instance's
   clock from its measured and sustained load with a dead-band (`frequency.next_clock`); pool steps
-  keep the clocks of the instances they keep (`keep_current_clocks`).
+  keep the clocks of the instances they keep (`keep_current_clocks`). Bursts: each class's forecast
+  is raised by the service rate that drains its largest recent sub-minute burst beyond Poisson within
+  its TTFT target (`class_burst_rps`, from `ClusterObs.class_burst_history_rps`), in the budgets and
+  in the pool loads (docs/control.md, "Burst-aware provisioning").
 - `scaleinst`: one pool, TP8 at the maximum clock, only the instance count changes (the MILP
   restricted to that one configuration, over the whole cluster's GPUs).
 - `scaleshard`: one pool holding singlepool's GPUs throughout, only the TP degree changes (all
@@ -24,7 +27,8 @@ executes them. The same code will run in the live controller.
   measures). Static like `singlepool`.
 - `oracle`: `dynamollm`'s optimisation fed the TRUE per-class peaks of the coming epoch
   (`ClusterObs.true_next_peak_rps`) and no reconfiguration cost (`reconfiguration_free`: the simulator
-  applies its changes instantly): the lower bound the others are measured against.
+  applies its changes instantly): the lower bound the others are measured against. It adds the same
+  observed burst term as `dynamollm` (the true peaks are 60-s peaks; no true future bursts).
 
 Consistency between levels without state: a pool step re-derives the pools and budgets of the epoch in
 force from the history up to the last cluster boundary (the same inputs the cluster step had), so both
@@ -43,6 +47,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from statistics import NormalDist
 from types import MappingProxyType
 
 from agent.api.errors import InvalidArgumentError
@@ -103,7 +108,8 @@ def _mix_rates_rps(obs: ClusterObs, window_s: float, pool_s: float) -> tuple[flo
     since_bins = round((obs.now_s - math.floor(obs.now_s / pool_s + 1e-9) * pool_s) / obs.history_bin_s)
     if 0 < since_bins < n:
         upto = tuple(s[: n - since_bins] for s in obs.class_rate_history_rps)
-        obs = replace(obs, class_rate_history_rps=upto)
+        bursts = tuple(tuple(s[: n - since_bins] for s in w) for w in obs.class_burst_history_rps)
+        obs = replace(obs, class_rate_history_rps=upto, class_burst_history_rps=bursts)
     return recent_class_rates_rps(obs, window_s)
 
 
@@ -242,6 +248,57 @@ def _choose_clocks(
     return out
 
 
+def class_burst_rps(
+    obs: ClusterObs, profile: Profile, bins: int, memory_s: float, provisioned_rps: Sequence[float]
+) -> tuple[float, ...]:
+    """Per class (CLASS_NAMES order), the service rate to add to `provisioned_rps` (what the class is
+    sized for, its forecast peak) so that the largest short-term burst of the last `memory_s` of the
+    first `bins` history bins drains within the class's TTFT target (docs/control.md, "Burst-aware
+    provisioning"): max over bins and windows w of max(0, N_w - poisson_peak_w) / (w + ttft), N_w the
+    most arrivals in a window w. `poisson_peak_w` is the largest count a Poisson stream at the
+    provisioned rate reaches in one of the memory's windows (its 1 - w / memory quantile): the profile's
+    capacities are measured under Poisson arrivals, so capacity for that rate already absorbs that
+    much. 0 without burst observations."""
+    if len(provisioned_rps) != len(CLASS_NAMES):
+        raise InvalidArgumentError("provisioned_rps", len(provisioned_rps), f"{len(CLASS_NAMES)} classes")
+    if not obs.burst_windows_s or bins <= 0:
+        return (0.0,) * len(CLASS_NAMES)
+    lo = max(0, bins - max(1, round(memory_s / obs.history_bin_s)))
+    span_s = (bins - lo) * obs.history_bin_s
+    out: list[float] = []
+    for c, name in enumerate(CLASS_NAMES):
+        ttft_s = profile.slo(name).ttft_s
+        extra_rps = 0.0
+        for window_s, per_class in zip(obs.burst_windows_s, obs.class_burst_history_rps, strict=True):
+            peak = poisson_quantile(provisioned_rps[c] * window_s, 1.0 - min(1.0, window_s / span_s))
+            count = max(per_class[c][lo:bins], default=0.0) * window_s
+            extra_rps = max(extra_rps, (count - peak) / (window_s + ttft_s))
+        out.append(extra_rps)
+    return tuple(out)
+
+
+# Above this mean a Poisson count is taken as normal (its quantile within one count of the exact one).
+_POISSON_NORMAL_MEAN = 200.0
+
+
+def poisson_quantile(mean: float, quantile: float) -> int:
+    """Smallest k with P(Poisson(mean) <= k) >= quantile."""
+    if not (math.isfinite(mean) and mean >= 0.0):
+        raise InvalidArgumentError("mean", mean, "a finite number >= 0")
+    if not 0.0 <= quantile < 1.0:
+        raise InvalidArgumentError("quantile", quantile, "a probability in [0, 1)")
+    if mean > _POISSON_NORMAL_MEAN:
+        return math.ceil(mean + NormalDist().inv_cdf(max(quantile, 0.5)) * math.sqrt(mean))
+    k = 0
+    pmf = math.exp(-mean)
+    cdf = pmf
+    while cdf < quantile:
+        k += 1
+        pmf *= mean / k
+        cdf += pmf
+    return k
+
+
 def _pool_forecast_rps(obs: ClusterObs, class_names: Sequence[str], horizon_s: float, bins: int) -> float:
     """Peak forecast of the summed arrival rate of `class_names` from the first `bins` history bins."""
     idx = [CLASS_NAMES.index(c) for c in class_names]
@@ -331,8 +388,10 @@ class DynamoLLM:
         )
 
     def _epoch_budgets(self, obs: ClusterObs, profile: Profile, bins: int) -> tuple[PoolBudget, ...]:
+        peaks = self._class_peaks(obs, self.periods.cluster_s, bins)
+        bursts = class_burst_rps(obs, profile, bins, self.periods.cluster_s, peaks)
         return plan_pools(
-            self._class_peaks(obs, self.periods.cluster_s, bins),
+            tuple(p + b for p, b in zip(peaks, bursts, strict=True)),
             profile,
             obs.total_gpus,
             merge_fill=self.merge_fill,
@@ -360,7 +419,12 @@ class DynamoLLM:
                 replace(b, gpu_budget=max(b.gpu_budget, following.get(b.name, 0))) for b in budgets
             )
             budgets = _fit_total(budgets, obs.total_gpus)
-        loads = {b.name: self._pool_load_rps(obs, b.class_names, horizon_s) for b in budgets}
+        bursts = class_burst_rps(obs, profile, n, p.cluster_s, self._class_peaks(obs, horizon_s, n))
+        loads = {
+            b.name: self._pool_load_rps(obs, b.class_names, horizon_s)
+            + sum(bursts[CLASS_NAMES.index(c)] for c in b.class_names)
+            for b in budgets
+        }
         current = {b.name: _live_counts(obs, b.name) for b in budgets}
         solved = self._solve(budgets, loads, recent_class_rates_rps(obs, self.mix_window_s), current, profile)
         return keep_current_clocks(solved, obs)

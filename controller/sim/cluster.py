@@ -30,7 +30,7 @@ from agent.sim.physics import GPU_NAMES, MODEL_NAMES, load_perf_model
 from controller.model.classes import CLASS_NAMES, REQUEST_CLASSES, ClassBins, ClassSlo
 from controller.model.cluster import GPUS_PER_SERVER, ClusterPlan, InstanceSpec
 from controller.model.profile import Profile
-from controller.model.state import ClusterObs, InstanceObs, Periods, Phase
+from controller.model.state import DEFAULT_BURST_WINDOWS_S, ClusterObs, InstanceObs, Periods, Phase
 from controller.orchestrator.plan import ACTION_KINDS, Action, Hysteresis, ReconfigCosts, plan_reconfiguration
 from controller.policy.base import (
     DEFAULT_PEAK_WINDOW_S,
@@ -933,13 +933,34 @@ def simulate_dynamic(
     counted_upto = 0
     max_hist_bins = max(1, round(cfg.history_max_s / cfg.history_bin_s))
     history_cache: tuple[tuple[float, ...], ...] = tuple(() for _ in REQUEST_CLASSES)
+    burst_cache: tuple[tuple[tuple[float, ...], ...], ...] = tuple(
+        tuple(() for _ in REQUEST_CLASSES) for _ in DEFAULT_BURST_WINDOWS_S
+    )
     true_arrivals = [trace.arrival_s[true_class == c.index] for c in REQUEST_CLASSES]
+
+    # Short-term peaks per (window, class, bin): the most arrivals of a class in a window ENDING at one of
+    # its arrivals in the bin, so a finished bin's value needs no arrival after it (causal). Each class
+    # keeps only the arrival times within the longest window of its newest arrival.
+    burst_windows = np.asarray(DEFAULT_BURST_WINDOWS_S, dtype=np.float64)
+    burst = np.zeros((len(burst_windows), len(REQUEST_CLASSES), hist_bins), dtype=np.int64)
+    burst_tail = [np.empty(0, dtype=np.float64) for _ in REQUEST_CLASSES]
 
     def count_arrivals(upto: int) -> None:
         nonlocal counted_upto
         if upto > counted_upto:
-            b = (trace.arrival_s[counted_upto:upto] // cfg.history_bin_s).astype(np.int64)
-            np.add.at(hist, (pred_class[counted_upto:upto], np.minimum(b, hist_bins - 1)), 1)
+            times = trace.arrival_s[counted_upto:upto]
+            classes = pred_class[counted_upto:upto]
+            b = np.minimum((times // cfg.history_bin_s).astype(np.int64), hist_bins - 1)
+            np.add.at(hist, (classes, b), 1)
+            for c in np.unique(classes).tolist():
+                mine = classes == c
+                new_s = times[mine]
+                seen = np.concatenate((burst_tail[c], new_s))
+                ends = np.arange(len(seen) - len(new_s), len(seen)) + 1
+                for k, w in enumerate(burst_windows):
+                    counts = ends - np.searchsorted(seen, new_s - w, side="right")
+                    np.maximum.at(burst[k, c], b[mine], counts)
+                burst_tail[c] = seen[seen > seen[-1] - burst_windows[-1]]
             counted_upto = upto
 
     def history(t_s: float) -> tuple[tuple[float, ...], ...]:
@@ -947,6 +968,15 @@ def simulate_dynamic(
         lo = max(0, done_bins - max_hist_bins)
         rates = hist[:, lo:done_bins] / cfg.history_bin_s
         return tuple(tuple(row) for row in rates.tolist())
+
+    def burst_history(n_bins: int, t_s: float) -> tuple[tuple[tuple[float, ...], ...], ...]:
+        """The short-term peaks (rps) of the `n_bins` history bins ending at `t_s`, per window."""
+        done_bins = min(hist_bins, int(t_s // cfg.history_bin_s))
+        lo = done_bins - n_bins
+        return tuple(
+            tuple(tuple(row) for row in (burst[k, :, lo:done_bins] / w).tolist())
+            for k, w in enumerate(burst_windows.tolist())
+        )
 
     def observe(t_s: float, horizon_s: float, hist_rows: tuple[tuple[float, ...], ...]) -> ClusterObs:
         obs_instances = []
@@ -976,6 +1006,8 @@ def simulate_dynamic(
             class_rate_history_rps=hist_rows,
             total_gpus=cfg.total_gpus,
             true_next_peak_rps=truth,
+            burst_windows_s=DEFAULT_BURST_WINDOWS_S,
+            class_burst_history_rps=burst_cache,
         )
 
     # ---- forecast scoring (the forecaster the policy uses, on the same observed history)
@@ -1024,8 +1056,8 @@ def simulate_dynamic(
     next_pool_s = periods.pool_s
 
     def decide(t_s: float, i_next: int) -> None:
-        nonlocal plan, rank, generation, history_cache, next_cluster_s, next_pool_s, rejected, predictor
-        nonlocal completed_batch
+        nonlocal plan, rank, generation, history_cache, burst_cache, next_cluster_s, next_pool_s, rejected
+        nonlocal predictor, completed_batch
         for inst in instance_engines():
             assert inst.engine is not None
             if inst.phase is Phase.DRAINING:
@@ -1047,6 +1079,7 @@ def simulate_dynamic(
         cluster_step = t_s >= next_cluster_s - 1e-9
         if pool_step or cluster_step:
             history_cache = history(t_s)
+            burst_cache = burst_history(len(history_cache[0]), t_s)
             live: Counter[str] = Counter(i.pool for i in instances.values() if i.phase is not Phase.DRAINING)
             recent = [sum(row[-5:]) / max(1, len(row[-5:])) for row in history_cache]
             if cluster_step:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ from agent.sim.engine_core import EngineConfig, SimEngine
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.profile import Profile
-from controller.model.state import ClusterObs, Periods, Phase
+from controller.model.state import DEFAULT_BURST_WINDOWS_S, ClusterObs, Periods, Phase
 from controller.policy.base import ArrivalStats
 from controller.sim.cluster import SimConfig, run_policy, simulate_dynamic
 from controller.sim.profiling import default_profile
@@ -215,3 +215,46 @@ def test_drain_reports_when_the_engine_went_idle() -> None:
     assert e.drain(0.01) is None
     idle_s = e.drain(10.0)
     assert idle_s is not None and idle_s == pytest.approx(3 * DECODE_S + 1e-3)
+
+
+@dataclass(frozen=True, slots=True)
+class Recording(Scripted):
+    """`Scripted`, keeping every pool-step observation it is given."""
+
+    seen: list[ClusterObs] = field(default_factory=list)
+
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+        self.seen.append(obs)
+        return Scripted.pool_step(self, obs, profile)
+
+
+def test_observations_carry_causal_short_window_peaks() -> None:
+    steady = _trace(1.0, 180.0)
+    # 30 requests within 0.3 s at t = 70 s: a burst the 60-s rates show only as +0.5 req/s.
+    burst_s = 70.0 + np.linspace(0.0, 0.3, 30)
+    arrival = np.sort(np.concatenate((steady.arrival_s, burst_s)))
+    n = len(arrival)
+    trace = Trace("bursty", arrival, np.full(n, 500, np.int32), np.full(n, 50, np.int32), None, 180.0)
+    policy = Recording(first=2, later=2)
+    _run(policy, trace)
+    assert policy.seen
+    for obs in policy.seen:
+        assert obs.burst_windows_s == DEFAULT_BURST_WINDOWS_S
+        assert len(obs.class_burst_history_rps) == len(DEFAULT_BURST_WINDOWS_S)
+    last = policy.seen[-1]
+    one_s = DEFAULT_BURST_WINDOWS_S.index(1.0)
+    per_class = np.array(last.class_burst_history_rps[one_s])  # (class, bin) peaks in 1-s windows
+    # Exact most arrivals in a 1-s window ending at an arrival, per minute, all classes together.
+    counts = np.arange(1, n + 1) - np.searchsorted(arrival, arrival - 1.0, side="right")
+    minute = (arrival // 60).astype(int)
+    for b in range(per_class.shape[1]):
+        exact = counts[minute == b].max()
+        # Classes split a window's arrivals: each sees at most all of them, together at least all.
+        assert per_class[:, b].max() <= exact
+        assert per_class[:, b].sum() >= exact
+    assert per_class.shape == (len(CLASS_NAMES), 3)  # the last pool step, at 180 s, saw three minutes
+    assert per_class[:, 1].sum() >= 30  # the burst's minute
+    assert per_class[:, 0].sum() < 30
+    # The 60-s rates of the same minutes barely move.
+    rates = np.array(last.class_rate_history_rps).sum(axis=0)
+    assert rates[1] < 2.0

@@ -20,9 +20,11 @@ from controller.policy.policies import (
     ScaleFreq,
     ScaleInst,
     ScaleShard,
+    class_burst_rps,
     instance_model,
     keep_current_clocks,
     make_policy,
+    poisson_quantile,
 )
 from controller.sim.profiling import default_profile
 
@@ -269,3 +271,77 @@ def test_instance_step_follows_the_sustained_load_not_one_quiet_period() -> None
     assert min(calm_clocks.values()) < MAX_CLOCK
     # The same quiet period decides differently after a busy history than after a calm one.
     assert policy.instance_step(quiet, PROFILE) != calm_clocks
+
+
+def with_burst(obs: ClusterObs, class_index: int, bin_index: int, count: int) -> ClusterObs:
+    """`obs` with one short-term burst: `count` arrivals of one class within 1 s in one bin."""
+    bins = len(obs.class_rate_history_rps[0])
+    rows = tuple(
+        tuple(float(count) if (c == class_index and b == bin_index) else 0.0 for b in range(bins))
+        for c in range(len(CLASS_NAMES))
+    )
+    return dataclasses.replace(obs, burst_windows_s=(1.0,), class_burst_history_rps=(rows,))
+
+
+def test_poisson_quantile() -> None:
+    assert poisson_quantile(0.0, 0.99) == 0
+    assert poisson_quantile(1.0, 0.5) == 1  # P(N <= 0) = 0.37, P(N <= 1) = 0.74
+    assert poisson_quantile(1.0, 0.99) == 4  # P(N <= 3) = 0.981, P(N <= 4) = 0.996
+    # The normal approximation above its threshold stays within a count or two of the exact quantile.
+    assert abs(poisson_quantile(201.0, 0.99) - poisson_quantile(199.0, 0.99)) <= 6
+    with pytest.raises(InvalidArgumentError, match="quantile"):
+        poisson_quantile(1.0, 1.0)
+    with pytest.raises(InvalidArgumentError, match="mean"):
+        poisson_quantile(-1.0, 0.5)
+
+
+def test_burst_rps_is_the_excess_over_poisson_drained_within_the_ttft_target() -> None:
+    plan = DynamoLLM().initial_plan(stats(), PROFILE)
+    obs = observe(plan, now_s=1800.0, bins=30)
+    provisioned = tuple(r * 1.2 for r in RATES)
+    # Not measured: nothing to add.
+    assert class_burst_rps(obs, PROFILE, 30, 1800.0, provisioned) == (0.0,) * len(CLASS_NAMES)
+    ms = CLASS_NAMES.index("MS")
+    bursty = with_burst(obs, ms, 25, 40)
+    extra = class_burst_rps(bursty, PROFILE, 30, 1800.0, provisioned)
+    poisson_peak = poisson_quantile(provisioned[ms] * 1.0, 1.0 - 1.0 / 1800.0)
+    assert extra[ms] == pytest.approx((40 - poisson_peak) / (1.0 + PROFILE.slo("MS").ttft_s))
+    assert all(e == 0.0 for c, e in enumerate(extra) if c != ms)
+    # A burst no larger than Poisson's own peak at the provisioned rate asks for nothing more.
+    assert class_burst_rps(with_burst(obs, ms, 25, poisson_peak), PROFILE, 30, 1800.0, provisioned)[ms] == 0.0
+    # Outside the memory (the last 10 bins) a burst is forgotten.
+    assert class_burst_rps(bursty, PROFILE, 30, 600.0, provisioned)[ms] > 0.0
+    assert class_burst_rps(with_burst(obs, ms, 15, 40), PROFILE, 30, 600.0, provisioned)[ms] == 0.0
+    with pytest.raises(InvalidArgumentError, match="provisioned_rps"):
+        class_burst_rps(bursty, PROFILE, 30, 1800.0, provisioned[:3])
+
+
+def test_dynamollm_provisions_for_an_observed_burst() -> None:
+    policy = DynamoLLM()
+    start = policy.initial_plan(stats(), PROFILE)
+    obs = observe(start, now_s=1800.0, bins=30)
+    smooth = policy.cluster_step(with_burst(obs, CLASS_NAMES.index("MS"), 25, 0), PROFILE)
+    bursty = policy.cluster_step(with_burst(obs, CLASS_NAMES.index("MS"), 25, 80), PROFILE)
+    assert_valid(bursty, 256)
+    assert smooth == policy.cluster_step(obs, PROFILE)
+    assert bursty.gpus > smooth.gpus
+    # The oracle sees the same observed bursts on top of its true 60-s peaks.
+    oracle = Oracle()
+    assert (
+        oracle.cluster_step(with_burst(obs, CLASS_NAMES.index("MS"), 25, 80), PROFILE).gpus
+        > oracle.cluster_step(obs, PROFILE).gpus
+    )
+
+
+def test_cluster_obs_checks_the_burst_history() -> None:
+    plan = DynamoLLM().initial_plan(stats(), PROFILE)
+    obs = with_burst(observe(plan, now_s=1800.0, bins=30), 0, 0, 3)
+    rows = obs.class_burst_history_rps[0]
+    with pytest.raises(InvalidArgumentError, match="class_burst_history_rps"):
+        dataclasses.replace(obs, class_burst_history_rps=())
+    with pytest.raises(InvalidArgumentError, match="class_burst_history_rps"):
+        dataclasses.replace(obs, class_burst_history_rps=(tuple(r[:-1] for r in rows),))
+    with pytest.raises(InvalidArgumentError, match="burst_windows_s"):
+        dataclasses.replace(obs, burst_windows_s=(5.0, 1.0), class_burst_history_rps=(rows, rows))
+    with pytest.raises(InvalidArgumentError, match="burst_windows_s"):
+        dataclasses.replace(obs, burst_windows_s=(0.0,))
