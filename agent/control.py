@@ -135,7 +135,6 @@ class ApplyPlan:
     generation: int
     lease_s: float
     gpus: tuple[GpuPlan, ...]  # ascending index
-    dry_run: bool
 
 
 def validate_apply(
@@ -173,9 +172,7 @@ def validate_apply(
             if not info.min_power_limit_w <= power_limit_w <= info.max_power_limit_w:
                 raise InvalidArgumentError(f"gpus[{i}].power_limit_w", power_limit_w, allowed)
         plans.append(GpuPlan(setting.gpu_index, setting.min_clock_mhz, setting.max_clock_mhz, power_limit_w))
-    return ApplyPlan(
-        request.generation, lease_s, tuple(sorted(plans, key=lambda p: p.index)), request.dry_run
-    )
+    return ApplyPlan(request.generation, lease_s, tuple(sorted(plans, key=lambda p: p.index)))
 
 
 def validate_renew(request: control_pb2.RenewLeaseRequest, *, max_lease_s: float) -> float:

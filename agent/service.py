@@ -57,7 +57,7 @@ from agent.control import (
     validate_stop,
     validate_stream,
 )
-from agent.engine.driver import EngineDriver, EngineSpec, EngineState, EngineStatus
+from agent.engine.driver import LIVE_STATES, EngineDriver, EngineSpec, EngineState, EngineStatus
 from agent.gpu.worker import GpuWorkers
 from agent.lease import LeaseBook, LeaseView, LeaseWatcher
 from agent.safety import AgentStateDoc, GpuSafety, StateStore
@@ -71,7 +71,6 @@ AGENT_VERSION = "0.1.0"
 M = TypeVar("M", bound=Message)
 P = TypeVar("P")
 
-# The one mapping from our error tree to gRPC status codes; first match wins (subclasses first).
 # Refusals before any change: not recorded under the generation (see module docstring).
 _NOT_RECORDED = (InvalidArgumentError, FailedPreconditionError, NotFoundError, ConflictError)
 
@@ -87,7 +86,6 @@ _ENGINE_STATE_PB = {
     EngineState.STOPPED: common_pb2.ENGINE_STATE_STOPPED,
     EngineState.FAILED: common_pb2.ENGINE_STATE_FAILED,
 }
-_LIVE = (EngineState.STARTING, EngineState.READY, EngineState.DRAINING)
 
 
 class RecordedStatus(Exception):
@@ -235,9 +233,6 @@ class NodeAgent:
     # ---- persistence and audit ---------------------------------------------------------------------
 
     def state_doc(self) -> AgentStateDoc:
-        expires_ns = self.lease.view(
-            now_s=self.clock.monotonic_s(), now_unix_ns=self.clock.wall_ns()
-        ).expires_unix_ns
         return AgentStateDoc(
             defaults=dict(self.safety.defaults),
             applied=dict(self.safety.applied),
@@ -245,7 +240,7 @@ class NodeAgent:
             engine_scopes={k: s.record for k, s in self._engine_scopes.items() if s.record is not None},
             lease_holder=self.lease.holder,
             lease_generation=self.lease.generation,
-            lease_expires_unix_ns=expires_ns,
+            lease_expires_unix_ns=self.lease_view().expires_unix_ns,
         )
 
     async def persist(self) -> None:
@@ -292,7 +287,7 @@ class NodeAgent:
                 self.lease.expire()
                 self.safety.defaults = {}
             await self.persist()
-        live = [s.spec.engine_id for s in self.driver.engines() if s.state in _LIVE]
+        live = [s.spec.engine_id for s in self.driver.engines() if s.state in LIVE_STATES]
         if live:
             await asyncio.gather(
                 *(self.driver.drain(e, drain_timeout_s) for e in live), return_exceptions=True
@@ -365,7 +360,6 @@ class NodeAgent:
                 gpu_index=info.index,
                 uuid=info.uuid,
                 name=info.name,
-                # agent.gpu.base.GpuInfo has no PCI bus id yet (lead asked to add it); empty until then
                 pci_bus_id=info.pci_bus_id,
                 supported_sm_clocks_mhz=list(info.supported_sm_clocks_mhz),
                 min_power_limit_w=info.min_power_limit_w,
@@ -392,7 +386,7 @@ class NodeAgent:
 
     async def scrape_engines(self) -> list[common_pb2.EngineMetrics]:
         """Metrics of every live engine; one that cannot be read is left out of this sample."""
-        live = [s for s in self.driver.engines() if s.state in _LIVE]
+        live = [s for s in self.driver.engines() if s.state in LIVE_STATES]
         results = await asyncio.gather(
             *(self.driver.metrics(s.spec.engine_id) for s in live), return_exceptions=True
         )
@@ -611,7 +605,7 @@ class NodeAgent:
             holders = {
                 i: s.spec.engine_id
                 for s in self.driver.engines()
-                if s.state in _LIVE and s.spec.engine_id != engine_id
+                if s.state in LIVE_STATES and s.spec.engine_id != engine_id
                 for i in s.spec.gpu_indices
             }
             return validate_reconfigure(
@@ -753,7 +747,6 @@ class ControlServicer(control_pb2_grpc.NodeControlServicer):
     async def _call(
         self,
         rpc: str,
-        request: Message,
         generation: int,
         context: grpc.aio.ServicerContext[object, object],
         handler: Callable[[str], Awaitable[M]],
@@ -780,7 +773,6 @@ class ControlServicer(control_pb2_grpc.NodeControlServicer):
     ) -> control_pb2.ApplyGpuConfigResponse:
         return await self._call(
             "ApplyGpuConfig",
-            request,
             request.generation,
             context,  # type: ignore[arg-type]
             lambda who: self._agent.apply_gpu_config(request, who),
@@ -795,7 +787,6 @@ class ControlServicer(control_pb2_grpc.NodeControlServicer):
     ) -> control_pb2.ReconfigureEngineResponse:
         return await self._call(
             "ReconfigureEngine",
-            request,
             request.generation,
             context,  # type: ignore[arg-type]
             lambda who: self._agent.reconfigure_engine(request, who),
@@ -808,7 +799,6 @@ class ControlServicer(control_pb2_grpc.NodeControlServicer):
     ) -> control_pb2.StopEngineResponse:
         return await self._call(
             "StopEngine",
-            request,
             request.generation,
             context,  # type: ignore[arg-type]
             lambda who: self._agent.stop_engine(request, who),
@@ -821,7 +811,6 @@ class ControlServicer(control_pb2_grpc.NodeControlServicer):
     ) -> control_pb2.RenewLeaseResponse:
         return await self._call(
             "RenewLease",
-            request,
             request.generation,
             context,  # type: ignore[arg-type]
             lambda who: self._agent.renew_lease(request, who),
@@ -836,7 +825,6 @@ class ControlServicer(control_pb2_grpc.NodeControlServicer):
     ) -> control_pb2.RestoreDefaultsResponse:
         return await self._call(
             "RestoreDefaults",
-            request,
             request.generation,
             context,  # type: ignore[arg-type]
             lambda who: self._agent.restore_defaults(request, who),

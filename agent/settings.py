@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.api.errors import InvalidArgumentError
+from agent.engine.driver import VLLM_COMMAND_TEMPLATE
 
 ENV_PREFIX = "DYNAMOLLM_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/dynamollm/agent.toml")
@@ -31,9 +32,6 @@ TOKEN_SCOPES = ("read", "control")
 SIMULATED_ENGINE_COMMAND = (
     "{python} -m agent.sim.engine --model {model} --gpu {gpu} --tp {tp} --port {port} --gpus {gpus} "
     "--node-dir {node_dir}"
-)
-VLLM_ENGINE_COMMAND = (
-    "vllm serve {model} --tensor-parallel-size {tp} --pipeline-parallel-size {pp} --port {port}"
 )
 SIMULATED_MODELS = ("llama2-70b", "llama3.1-8b", "llama3.1-70b")
 VLLM_ENGINE_OPTIONS = ("max-num-seqs", "max-num-batched-tokens", "gpu-memory-utilization", "max-model-len")
@@ -235,12 +233,14 @@ KEYS: tuple[_Key, ...] = (
 )
 KEY_NAMES = tuple(k.name for k in KEYS)
 _BY_NAME = {k.name: k for k in KEYS}
-_BY_ENV = {ENV_PREFIX + k.name.upper().replace(".", "_"): k for k in KEYS}
 
 
 def env_name(key: str) -> str:
     """The environment variable overriding `key`."""
     return ENV_PREFIX + key.upper().replace(".", "_")
+
+
+_BY_ENV = {env_name(k.name): k for k in KEYS}
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -385,7 +385,7 @@ def merge_settings(
     if engine_kind == "simulated" and backend != "simulated":
         raise InvalidArgumentError("engine.kind", engine_kind, "vllm with gpu.backend nvml")
     command = values["engine.command"] or (
-        SIMULATED_ENGINE_COMMAND if engine_kind == "simulated" else VLLM_ENGINE_COMMAND
+        SIMULATED_ENGINE_COMMAND if engine_kind == "simulated" else VLLM_COMMAND_TEMPLATE
     )
     models = values["engine.models"]
     if models is None:

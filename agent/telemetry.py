@@ -101,6 +101,7 @@ class Subscription:
     def __init__(self, plan: StreamPlan, maxlen: int) -> None:
         self.plan = plan
         self.dropped_count = 0
+        self._wanted = frozenset(plan.gpu_indices)
         self._queue: deque[NodeSample] = deque(maxlen=maxlen)
         self._offered = 0
         self._ready = asyncio.Event()
@@ -122,11 +123,10 @@ class Subscription:
         return self._queue.popleft()
 
     def to_pb(self, sample: NodeSample) -> telemetry_pb2.TelemetrySample:
-        wanted = set(self.plan.gpu_indices)
         return telemetry_pb2.TelemetrySample(
             ts_unix_ns=sample.ts_unix_ns,
             period_s=self.plan.period_s,
-            gpus=[gpu_sample_pb(i, r) for i, r in sample.readings if i in wanted],
+            gpus=[gpu_sample_pb(i, r) for i, r in sample.readings if i in self._wanted],
             engines=list(sample.engines) if self.plan.include_engines else [],
             dropped_samples_count=self.dropped_count,
         )

@@ -71,7 +71,7 @@ class EngineState(enum.Enum):
     FAILED = "failed"
 
 
-_LIVE_STATES = (EngineState.STARTING, EngineState.READY, EngineState.DRAINING)
+LIVE_STATES = (EngineState.STARTING, EngineState.READY, EngineState.DRAINING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +240,7 @@ class _Engine:
     watcher: asyncio.Task[None] | None = None
 
     def holds_resources(self) -> bool:
-        return self.busy or self.state in _LIVE_STATES
+        return self.busy or self.state in LIVE_STATES
 
 
 def _template_fields(argv_template: Sequence[str]) -> set[str]:
@@ -412,7 +412,7 @@ class EngineDriver:
         _check_ready_timeout(ready_timeout_s)
         rec = self._record_for(spec)
         async with rec.lock:
-            if rec.state in _LIVE_STATES:
+            if rec.state in LIVE_STATES:
                 raise FailedPreconditionError(
                     f"engine {spec.engine_id} is {rec.state.value}; reconfigure it or stop it first"
                 )
@@ -463,7 +463,7 @@ class EngineDriver:
             alive = rec.process is not None and rec.process.returncode is None
             if rec.state is EngineState.READY and rec.spec == spec and alive:
                 return ReconfigureTimings(drain_s=0.0, stop_s=0.0, start_s=0.0, restarted=False)
-            previous = rec.spec if rec.state in _LIVE_STATES else None
+            previous = rec.spec if rec.state in LIVE_STATES else None
             rec.busy = True
             rec.reserved_gpus = rec.reserved_gpus | frozenset(spec.gpu_indices)
             rec.reserved_ports = rec.reserved_ports | {spec.http_port}

@@ -176,11 +176,13 @@ _LABEL_CHARS = _LABEL_FIRST + "0123456789"
 _LABEL_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
 
 
+_SPECIAL_VALUES = {"nan": math.nan, "+inf": math.inf, "inf": math.inf, "-inf": -math.inf}
+
+
 def _parse_value(text: str, cur: _Cursor, field: str) -> float:
-    special = {"nan": math.nan, "+inf": math.inf, "inf": math.inf, "-inf": -math.inf}
     lowered = text.lower()
-    if lowered in special:
-        return special[lowered]
+    if lowered in _SPECIAL_VALUES:
+        return _SPECIAL_VALUES[lowered]
     try:
         return float(text)
     except ValueError:

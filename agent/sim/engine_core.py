@@ -118,6 +118,11 @@ class EngineConfig:
         if not (0.0 <= self.kv_watermark_fraction < 0.5):
             raise InvalidArgumentError("kv_watermark_fraction", self.kv_watermark_fraction, "0 <= x < 0.5")
 
+    def max_request_tokens(self, kv_capacity_tokens: int) -> int:
+        """Largest input + output a request may have on an engine with this KV cache: alone on the engine
+        it must fit below the admission watermark."""
+        return kv_capacity_tokens - math.ceil(self.kv_watermark_fraction * kv_capacity_tokens)
+
 
 _DEFAULT_CONFIG = EngineConfig()
 
@@ -224,7 +229,6 @@ class SimEngine:
             raise InvalidArgumentError("start_s", start_s, "a finite time in seconds")
         if not (power_bin_s > 0 and math.isfinite(power_bin_s)):
             raise InvalidArgumentError("power_bin_s", power_bin_s, "positive seconds")
-        self._perf = perf
         self._iteration = perf.iteration
         self._config = config
         self._rng = rng
@@ -236,7 +240,7 @@ class SimEngine:
         self._tp = perf.tp
         self._idle_total_w = perf.tp * perf.idle_power_w
         self._kv_capacity_tokens = perf.kv_capacity_tokens
-        self._kv_watermark_tokens = math.ceil(config.kv_watermark_fraction * perf.kv_capacity_tokens)
+        self._max_request_tokens = config.max_request_tokens(perf.kv_capacity_tokens)
         self._max_batched = config.max_num_batched_tokens
         self._max_seqs = config.max_num_seqs
         sigma2 = math.log1p(config.jitter_cv**2)
@@ -321,11 +325,6 @@ class SimEngine:
         return math.inf
 
     @property
-    def stalled_until_s(self) -> float:
-        """End of the current clock-change stall (no iteration starts before it)."""
-        return self._stall_until_s
-
-    @property
     def num_preemptions(self) -> int:
         return self._num_preemptions
 
@@ -337,7 +336,7 @@ class SimEngine:
     @property
     def max_request_tokens(self) -> int:
         """Largest input + output a request may have: alone on the engine it must fit in the KV cache."""
-        return self._kv_capacity_tokens - self._kv_watermark_tokens
+        return self._max_request_tokens
 
     @property
     def energy_j(self) -> float:
@@ -608,7 +607,8 @@ class SimEngine:
         waiting = self._waiting
         if budget > 0 and waiting:
             running = self._running
-            kv_free = cap - self._kv_watermark_tokens - self._prefill_alloc - self._ctx_sum
+            # the KV cache above the admission watermark
+            kv_free = self._max_request_tokens - self._prefill_alloc - self._ctx_sum
             while budget > 0 and waiting and len(running) < self._max_seqs:
                 req = waiting[0]
                 if req.target > kv_free:

@@ -306,6 +306,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         max_drain_s=_number(args.max_drain, "--max-drain", lambda x: x > 0, "seconds > 0"),
         instances=None
         if args.instances is None
+        # 512 = controller.sim.cluster.MAX_SEARCH_INSTANCES, repeated to keep --help import-light
         else int(_number(args.instances, "--instances", lambda x: 1 <= x <= 512 and x == int(x), "1..512")),
         slo_target=_number(args.slo_target, "--slo-target", lambda x: 0 < x <= 1, "a share in (0, 1]"),
         predictor_accuracy=None
@@ -369,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     from controller.policy.base import DynamicPolicy
     from controller.policy.policies import make_policy
     from controller.sim.cluster import GPU_NAMES, MODEL_NAMES, SimConfig, check_profile_engine, run_policy
-    from controller.sim.compare import format_compare_table, resolve_trace, run_compare
+    from controller.sim.compare import format_compare_table, resolve_trace, run_compare, sizing_json
     from controller.sim.profiling import default_profile, load_profile
     from controller.sim.report import build_report, check_pricing_covers, format_table, write_report
 
@@ -466,17 +467,14 @@ def run(args: argparse.Namespace) -> int:
         "peak_window_s": stats.window_s,
         "peak_rate_rps": stats.peak_rate_rps,
         "mean_rate_rps": stats.mean_rate_rps,
-        "sizing": {
-            "rule": "--instances as given"
+        "sizing": sizing_json(
+            "--instances as given"
             if opts.instances is not None
             else "the dynamic policy's own initial plan"
             if dynamic
             else f"smallest instance count whose simulation meets slo_attainment >= {opts.slo_target:g}",
-            "peak_rule_instances": run.rule_plan.instances,
-            "trials": [
-                {"instances": t.instances, "slo_attainment": t.slo_attainment} for t in run.sizing_trials
-            ],
-        },
+            run,
+        ),
     }
     report = build_report(
         result,

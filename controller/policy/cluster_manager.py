@@ -134,7 +134,7 @@ def plan_pools(
         # A rounding error above a whole instance does not buy another one.
         budgets.append(GPUS_PER_SERVER * max(1, math.ceil(work * (1.0 - 1e-9))))
     if total_gpus is not None:
-        budgets = _trim(budgets, total_gpus)
+        budgets = trim_budgets(budgets, total_gpus)
     return tuple(
         PoolBudget(name=classes[-1], class_names=classes, gpu_budget=gpus, forecast_rps=rps)
         for (classes, _, rps), gpus in zip(pools, budgets, strict=True)
@@ -148,7 +148,9 @@ def best_instance_rps(profile: Profile, class_names: Sequence[str], load_rps: di
     return min(caps, key=lambda c: (c.energy_per_request_j, -c.max_load_rps)).max_load_rps
 
 
-def _trim(budgets: list[int], total_gpus: int) -> list[int]:
+def trim_budgets(budgets: list[int], total_gpus: int) -> list[int]:
+    """GPU budgets cut back, largest first and an instance's worth at a time, to `total_gpus` (none
+    below MIN_POOL_GPUS)."""
     if total_gpus < MIN_POOL_GPUS * len(budgets):
         raise InvalidArgumentError(
             "total_gpus", total_gpus, f">= {MIN_POOL_GPUS * len(budgets)} ({len(budgets)} pools)"

@@ -63,6 +63,7 @@ from controller.policy.cluster_manager import (
     DEFAULT_MERGE_FILL,
     PoolBudget,
     plan_pools,
+    trim_budgets,
 )
 from controller.policy.forecast import forecast_next_peak_rps
 from controller.policy.frequency import DEFAULT_CLOCK_HEADROOM, next_clock
@@ -303,9 +304,15 @@ def _pool_forecast_rps(obs: ClusterObs, class_names: Sequence[str], horizon_s: f
     """Peak forecast of the summed arrival rate of `class_names` from the first `bins` history bins."""
     idx = [CLASS_NAMES.index(c) for c in class_names]
     summed = [sum(obs.class_rate_history_rps[i][b] for i in idx) for b in range(bins)]
+    return forecast_next_peak_rps(
+        summed, obs.history_bin_s, horizon_s, now_unix_s=_forecast_now_unix_s(obs, bins)
+    )
+
+
+def _forecast_now_unix_s(obs: ClusterObs, bins: int) -> float | None:
+    """Unix time at the end of the first `bins` history bins (None without a trace start time)."""
     end_s = obs.now_s - (_history_len(obs) - bins) * obs.history_bin_s
-    now_unix = None if obs.start_unix_s is None else obs.start_unix_s + end_s
-    return forecast_next_peak_rps(summed, obs.history_bin_s, horizon_s, now_unix_s=now_unix)
+    return None if obs.start_unix_s is None else obs.start_unix_s + end_s
 
 
 # ------------------------------------------------------------------ dynamollm and oracle
@@ -338,19 +345,11 @@ class DynamoLLM:
         return tuple(tp for tp in profile.tps if tp in (2, 4, 8))
 
     def _reconfig_cost_j(self) -> dict[str, float]:
-        c = self.costs
-        return reconfig_cost_j_per_gpu(
-            c.idle_power_w_per_gpu,
-            start_s=c.start_s,
-            stop_s=0.0,
-            retp_s=c.reshard_s,
-            clock_s=c.clock_change_s,
-        )
+        return _reconfig_cost_j(self.costs)
 
     def _class_peaks(self, obs: ClusterObs, horizon_s: float, bins: int) -> tuple[float, ...]:
         """Per-class peak forecast over `horizon_s` from the first `bins` history bins."""
-        end_s = obs.now_s - (_history_len(obs) - bins) * obs.history_bin_s
-        now_unix = None if obs.start_unix_s is None else obs.start_unix_s + end_s
+        now_unix = _forecast_now_unix_s(obs, bins)
         return tuple(
             forecast_next_peak_rps(series[:bins], obs.history_bin_s, horizon_s, now_unix_s=now_unix)
             for series in obs.class_rate_history_rps
@@ -484,13 +483,7 @@ def keep_current_clocks(plan: ClusterPlan, obs: ClusterObs) -> ClusterPlan:
 
 def _fit_total(budgets: tuple[PoolBudget, ...], total_gpus: int) -> tuple[PoolBudget, ...]:
     """Budgets raised for start-ahead, trimmed back (largest first) to the cluster's GPUs."""
-    gpus = [b.gpu_budget for b in budgets]
-    while sum(gpus) > total_gpus:
-        i = max(range(len(gpus)), key=lambda k: (gpus[k], -k))
-        step = min(GPUS_PER_SERVER, sum(gpus) - total_gpus, gpus[i] - 2)
-        if step <= 0:
-            break
-        gpus[i] -= step
+    gpus = trim_budgets([b.gpu_budget for b in budgets], total_gpus)
     return tuple(replace(b, gpu_budget=g) for b, g in zip(budgets, gpus, strict=True))
 
 
@@ -532,6 +525,12 @@ class Oracle(DynamoLLM):
 
 def _whole_cluster_forecast(obs: ClusterObs, horizon_s: float) -> float:
     return _pool_forecast_rps(obs, CLASS_NAMES, horizon_s, _history_len(obs))
+
+
+def _max_clocks(obs: ClusterObs, profile: Profile) -> dict[int, int]:
+    """Instance level of the one-knob baselines that keep every active instance at the maximum clock."""
+    clock = max(profile.clocks_mhz)
+    return {i.instance_id: clock for i in obs.instances if i.phase is Phase.ACTIVE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,8 +577,7 @@ class ScaleInst:
         return singlepool_plan(count, GPUS_PER_SERVER, clock)
 
     def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
-        clock = max(profile.clocks_mhz)
-        return {i.instance_id: clock for i in obs.instances if i.phase is Phase.ACTIVE}
+        return _max_clocks(obs, profile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,8 +631,7 @@ class ScaleShard:
         return singlepool_plan(gpus // tp, tp, clock)
 
     def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
-        clock = max(profile.clocks_mhz)
-        return {i.instance_id: clock for i in obs.instances if i.phase is Phase.ACTIVE}
+        return _max_clocks(obs, profile)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1349,8 +1349,9 @@ def _dynamic_result(
     s_gpu, s_server, _ = servers.integrals(series_edges)
     lengths_s = np.maximum(np.diff(series_edges), 1e-12)
 
-    gaps = [np.asarray(e.tbt_histogram[0], dtype=np.float64) for e in engines]
-    tokens = [np.asarray(e.tbt_histogram[1], dtype=np.int64) for e in engines]
+    histograms = [e.tbt_histogram for e in engines]  # each call builds both arrays: once per engine
+    gaps = [np.asarray(gap_s, dtype=np.float64) for gap_s, _ in histograms]
+    tokens = [np.asarray(n_tokens, dtype=np.int64) for _, n_tokens in histograms]
     n_out = len(REQUEST_CLASSES) // 3
     score = accuracy_of(class_index % n_out, pred_class % n_out)
     return SimResult(

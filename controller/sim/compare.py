@@ -129,11 +129,7 @@ def run_compare(
             run = run_policy(
                 trace, policy, profile, config=config, on_progress=progress, instances=baseline_instances
             )
-            sizing = {
-                "rule": f"the {baseline} baseline's instance count",
-                "peak_rule_instances": run.rule_plan.instances,
-                "trials": [],
-            }
+            sizing = sizing_json(f"the {baseline} baseline's instance count", run)
         elif sizable and sizing_window_s is not None and trace.duration_s > sizing_window_s:
             window_start_s = busiest_window_start_s(trace.arrival_s, sizing_window_s)
             sized = run_policy(
@@ -152,7 +148,7 @@ def run_compare(
                 on_progress=progress,
                 instances=sized.result.plan.instances,
             )
-            sizing = _sizing_json(
+            sizing = sizing_json(
                 f"smallest instance count whose simulation of the busiest {sizing_window_s:g} s "
                 f"(from {window_start_s:g} s) meets slo_attainment >= {slo_target:g}",
                 sized,
@@ -167,7 +163,7 @@ def run_compare(
                 slo_target=slo_target if sizable else None,
             )
             if sizable:
-                sizing = _sizing_json(
+                sizing = sizing_json(
                     f"smallest instance count whose simulation meets slo_attainment >= {slo_target:g}", run
                 )
         stats = run.arrivals
@@ -199,7 +195,8 @@ def run_compare(
     return CompareOutcome(baseline=baseline, reports=tuple(reports), files=files)
 
 
-def _sizing_json(rule: str, run: PolicyRun) -> dict[str, Any]:
+def sizing_json(rule: str, run: PolicyRun) -> dict[str, Any]:
+    """A report's `workload.sizing`: how the run's size was chosen, and every sizing trial."""
     return {
         "rule": rule,
         "peak_rule_instances": run.rule_plan.instances,

@@ -278,9 +278,7 @@ def measure_config(task: _ConfigTask) -> ConfigProfile:
     s = task.settings
     cls = class_by_name(task.class_name)
     perf = load_perf_model(model=task.model, gpu=task.gpu, tp=task.tp)
-    engine_limit = perf.kv_capacity_tokens - int(
-        np.ceil(s.engine.kv_watermark_fraction * perf.kv_capacity_tokens)
-    )
+    engine_limit = s.engine.max_request_tokens(perf.kv_capacity_tokens)
     if cls.representative_input_tokens + cls.representative_output_tokens > engine_limit:
         # a single request of this class does not fit in the KV cache: the class cannot be served here
         return ConfigProfile(tp=task.tp, clock_mhz=task.clock_mhz, max_load_rps=0.0, load_rps=(), points=())
