@@ -1,5 +1,5 @@
 # Two entry points, both doing their own set-up on a fresh machine:
-#   make demo   simulate the embedded synthetic conversation workload and print the report table
+#   make demo   dynamollm against singlepool on the embedded synthetic conversation workload
 #   make test   lint, type checks, import layering, wire-contract freshness, tests
 PYTHON ?= python3
 VENV   := .venv
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dctl simulate --trace synthetic:conversation --policy singlepool --json demo-out/report.json
+	$(BIN)/dctl simulate --trace synthetic:conversation --compare dynamollm --out demo-out
 
 test: lint typecheck layering proto-check pytest
 
