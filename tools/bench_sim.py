@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Speed of the cluster simulator: wall time of `dctl simulate` on the one-hour Azure conversation trace.
+"""Speed of the cluster simulator: `dctl simulate` on the one-hour Azure conversation trace and on a
+slice of the Azure week.
 
     PYTHONPATH=. .venv/bin/python tools/bench_sim.py [--data-dir ../shared/data] [--mode both]
+        [--week-slice-s 3600] [--week-policy dynamollm]
 
 Runs `dctl simulate --policy singlepool` on traces/AzureLLMInferenceTrace_conv.csv (19,366 requests)
 in this process (`main([...])`, imports already warm) and/or as a fresh subprocess (what a user waits
 for, interpreter start-up included), then prints the wall times, simulated requests per second and
 the sizing trials (singlepool is sized by simulation: every trial runs inside the wall time), and the
-engine iterations of the final run. A benchmark, not a test: it prints figures and exits 0 (DESIGN §11).
+engine iterations of the final run. Then (unless `--week-slice-s 0`) runs `--week-policy` on the first
+`--week-slice-s` seconds of `azure-week:conv` in this process and prints requests/s, engine
+iterations/s and the wall time extrapolated to the whole week by simulated time (the week's load varies
+by hour and day: a slice's extrapolation is an estimate). A benchmark, not a test: it prints figures and
+exits 0 (DESIGN §11).
 """
 
 from __future__ import annotations
@@ -28,18 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TRACE = Path("traces") / "AzureLLMInferenceTrace_conv.csv"
+WEEK_TRACE = "azure-week:conv"
+WEEK_S = 7 * 86400.0
 
 
-def _argv(trace: Path, json_path: Path, policy: str) -> list[str]:
+def _argv(trace: Path | str, json_path: Path, policy: str) -> list[str]:
     return ["simulate", "--trace", str(trace), "--policy", policy, "--no-progress", "--json", str(json_path)]
 
 
-def run_in_process(trace: Path, json_path: Path, policy: str) -> float:
+def run_in_process(trace: Path | str, json_path: Path, policy: str, extra: tuple[str, ...] = ()) -> float:
     from controller.dctl.main import main
 
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        code = main(_argv(trace, json_path, policy))
+        code = main([*_argv(trace, json_path, policy), *extra])
     wall_s = time.perf_counter() - t0
     if code != 0:
         raise SystemExit(f"dctl simulate exited {code}")
@@ -64,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--mode", choices=("in-process", "subprocess", "both"), default="both")
     parser.add_argument("--policy", default="singlepool")
+    parser.add_argument("--week-slice-s", type=float, default=3600.0, help="0: skip the week slice")
+    parser.add_argument("--week-policy", default="dynamollm")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.week_slice_s <= WEEK_S:
+        parser.error(f"--week-slice-s: {args.week_slice_s} not in 0..{WEEK_S:.0f}")
     trace = args.data_dir / TRACE
     if not trace.is_file():
         parser.error(f"--data-dir: {trace} not found")
@@ -94,7 +106,30 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(sizing['trials'])} simulations of the hour; final run {iterations:,} engine iterations"
         )
     print(f"report wall_s (load + simulate, inside dctl): {report['wall_s']:.1f} s")
+    if args.week_slice_s > 0:
+        bench_week_slice(args.data_dir, args.week_slice_s, args.week_policy)
     return 0
+
+
+def bench_week_slice(data_dir: Path, slice_s: float, policy: str) -> None:
+    """The first `slice_s` of the Azure week under `policy`, timed in this process, and the week
+    extrapolated from it by simulated time."""
+    extra = ("--duration", f"{slice_s:g}", "--trace-dir", str(data_dir / "traces"))
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = Path(tmp) / "week.json"
+        wall_s = run_in_process(WEEK_TRACE, json_path, policy, extra)
+        report = json.loads(json_path.read_text())
+    iterations = report["engine_iterations"]
+    print(
+        f"week slice: {WEEK_TRACE} first {slice_s:.0f} s, policy {policy}: {report['requests']:,} requests, "
+        f"SLO attainment {report['slo_attainment']:.2%}, {wall_s:.1f} s wall; "
+        f"{report['requests'] / wall_s:,.0f} requests/s, {iterations:,} engine iterations "
+        f"({iterations / wall_s:,.0f}/s)"
+    )
+    print(
+        f"week extrapolated by simulated time: {wall_s * WEEK_S / slice_s / 60:.1f} min wall "
+        f"(target: under 10 min)"
+    )
 
 
 if __name__ == "__main__":

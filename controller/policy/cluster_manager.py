@@ -55,7 +55,7 @@ from controller.policy.capacity import pool_capacities
 MIN_POOL_GPUS = 2
 # A class (with what moved into it) gets its own pool only if its load fills at least this share of one
 # instance at the pool's best configuration (module docstring: why half).
-DEFAULT_MERGE_FILL = 0.5
+DEFAULT_MERGE_FILL = 1.0
 DEFAULT_LARGEST_HEADROOM = 0.1
 
 

@@ -154,6 +154,75 @@ def forecast_next_peak_rps(
             return 0.0
         return float(template.rate_at(horizon_points).max())
 
+    level, trend = _level_and_trend(rates, bin_s, alpha, template, horizon_points, now_unix_s)
+    per_horizon = max(1, round(horizon_s / bin_s))
+    # Bin noise grows like a Poisson count's: with the square root of the mean rate.
+    noise_rps = _noise_rps(rates, alpha, headroom_window_s, bin_s) * math.sqrt(trend)
+    return level * trend + expected_max_sigmas(per_horizon) * noise_rps
+
+
+def forecast_next_rate_rps(
+    history_rps: Sequence[float] | FloatArray,
+    bin_s: float,
+    horizon_s: float,
+    *,
+    now_unix_s: float | None = None,
+    template: WeeklyTemplate | None = None,
+    alpha: float | None = None,
+    headroom_window_s: float = DEFAULT_HEADROOM_WINDOW_S,
+) -> float:
+    """Forecast of the arrival RATE (rps) to provision for over [now, now + horizon_s): the largest
+    Poisson intensity the horizon is expected to bring, not the largest noisy bin count.
+
+    A capacity measured under Poisson arrivals at rate r (the profile's `max_load_rps`) already absorbs
+    the Poisson noise of a stream at r, so sizing for `forecast_next_peak_rps` (whose headroom is
+    mostly that very noise at low rates) counts it twice. Here the headroom is only what is NOT
+    Poisson noise: the one-bin-ahead errors' variance minus the Poisson variance of one bin at the
+    level (level / bin_s), the rest being genuine rate changes; plus the Poisson noise left in the
+    EWMA level itself (variance alpha / (2 - alpha) * level / bin_s), which is a forecast error:
+
+        rate = level * trend + expected_max_sigmas(horizon / bin) * sqrt(excess^2 + level noise^2)
+
+    Arguments as `forecast_next_peak_rps`; never above it (for the same inputs).
+    """
+    rates = _validated_history(history_rps, bin_s)
+    if not (math.isfinite(horizon_s) and horizon_s > 0):
+        raise InvalidArgumentError("horizon_s", horizon_s, "a positive number of seconds")
+    if alpha is None:
+        alpha = 1.0 - math.exp(-bin_s / DEFAULT_EWMA_TAU_S)
+    if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
+        raise InvalidArgumentError("alpha", alpha, "a number in (0, 1]")
+    if not (math.isfinite(headroom_window_s) and headroom_window_s > 0):
+        raise InvalidArgumentError("headroom_window_s", headroom_window_s, "a positive number of seconds")
+    if len(rates) == 0:
+        return forecast_next_peak_rps(rates, bin_s, horizon_s, now_unix_s=now_unix_s, template=template)
+    if template is None and now_unix_s is not None:
+        template = learn_template(rates, bin_s, now_unix_s) or learn_template(
+            rates, bin_s, now_unix_s, period_s=DAY_S
+        )
+    horizon_points = None
+    if template is not None and now_unix_s is not None:
+        horizon_points = now_unix_s + np.linspace(0.0, horizon_s, _TREND_SAMPLES)
+    level, trend = _level_and_trend(rates, bin_s, alpha, template, horizon_points, now_unix_s)
+    noise_var = _noise_rps(rates, alpha, headroom_window_s, bin_s) ** 2
+    poisson_var = level / bin_s
+    level_var = alpha / (2.0 - alpha) * poisson_var
+    # The observed errors bound the forecast error (a flat history has neither noise nor error).
+    excess_var = min(noise_var, max(0.0, noise_var - poisson_var) + level_var)
+    per_horizon = max(1, round(horizon_s / bin_s))
+    margin_rps = expected_max_sigmas(per_horizon) * math.sqrt(excess_var * trend)
+    return level * trend + margin_rps
+
+
+def _level_and_trend(
+    rates: FloatArray,
+    bin_s: float,
+    alpha: float,
+    template: WeeklyTemplate | None,
+    horizon_points: FloatArray | None,
+    now_unix_s: float | None,
+) -> tuple[float, float]:
+    """The EWMA level of a non-empty history and the template's trend over the horizon (1 without)."""
     level = _ewma(rates, alpha)
     trend = 1.0
     if template is not None and horizon_points is not None and now_unix_s is not None:
@@ -163,11 +232,7 @@ def forecast_next_peak_rps(
         if reference > 0.0:
             ratio = float(template.rate_at(horizon_points).max()) / reference
             trend = min(max(ratio, 1.0 / MAX_TREND), MAX_TREND)
-    mean_rps = level * trend
-    per_horizon = max(1, round(horizon_s / bin_s))
-    # Bin noise grows like a Poisson count's: with the square root of the mean rate.
-    noise_rps = _noise_rps(rates, alpha, headroom_window_s, bin_s) * math.sqrt(trend)
-    return mean_rps + expected_max_sigmas(per_horizon) * noise_rps
+    return level, trend
 
 
 def _validated_history(history_rps: Sequence[float] | FloatArray, bin_s: float) -> FloatArray:

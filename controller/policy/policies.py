@@ -7,16 +7,18 @@ observed state (`ClusterObs`); it turns each answer into actions with
 `controller.orchestrator.plan_reconfiguration` (using `instance_model` for capacities and power) and
 executes them. The same code will run in the live controller.
 
-- `dynamollm`: every knob. Cluster level: per-class peak forecasts (`forecast.forecast_next_peak_rps`)
-  -> pools and GPU budgets (`cluster_manager.plan_pools`). Pool level: per pool, the MILP
-  (`pool.solve_pool`) over TP in {2, 4, 8} x every profiled clock, for the pool's forecast peak over
+- `dynamollm`: every knob. Cluster level: per-class rate forecasts (`forecast.forecast_next_rate_rps`:
+  the Poisson noise the profile's capacities absorb is not added again) -> pools and GPU budgets
+  (`cluster_manager.plan_pools`). Pool level: per pool, the MILP
+  (`pool.solve_pool`) over TP in {2, 4, 8} x every profiled clock, for the pool's forecast rate over
   the next pool period plus a start-up time (instances it adds are up before the load they are for),
   with the current instances and the reconfiguration costs. Instance level: each active instance's
   clock from its measured and sustained load with a dead-band (`frequency.next_clock`); pool steps
   keep the clocks of the instances they keep (`keep_current_clocks`). Bursts: each class's forecast
   is raised by the service rate that drains its largest recent sub-minute burst beyond Poisson within
   its TTFT target (`class_burst_rps`, from `ClusterObs.class_burst_history_rps`), in the budgets and
-  in the pool loads (docs/control.md, "Burst-aware provisioning").
+  in the pool loads, except bursts small enough to fit a miss budget of 0.5% of the arrivals
+  (docs/control.md, "Burst-aware provisioning").
 - `scaleinst`: one pool, TP8 at the maximum clock, only the instance count changes (the MILP
   restricted to that one configuration, over the whole cluster's GPUs).
 - `scaleshard`: one pool holding singlepool's GPUs throughout, only the TP degree changes (all
@@ -25,10 +27,10 @@ executes them. The same code will run in the live controller.
 - `multipool`: static, one pool per class, TP8 at the maximum clock, each sized for its class's peak
   (at least one instance, so a class with no requests still holds one: the fragmentation the paper
   measures). Static like `singlepool`.
-- `oracle`: `dynamollm`'s optimisation fed the TRUE per-class peaks of the coming epoch
-  (`ClusterObs.true_next_peak_rps`) and no reconfiguration cost (`reconfiguration_free`: the simulator
-  applies its changes instantly): the lower bound the others are measured against. It adds the same
-  observed burst term as `dynamollm` (the true peaks are 60-s peaks; no true future bursts).
+- `oracle`: `dynamollm`'s optimisation fed the TRUE per-class rates and bursts of the coming period
+  (`ClusterObs.true_next_rate_rps`, `true_next_burst_rps`, by the classes the router uses) and no
+  reconfiguration cost (`reconfiguration_free`: the simulator applies its changes instantly): the
+  lower bound the others are measured against.
 
 Consistency between levels without state: a pool step re-derives the pools and budgets of the epoch in
 force from the history up to the last cluster boundary (the same inputs the cluster step had), so both
@@ -65,7 +67,7 @@ from controller.policy.cluster_manager import (
     plan_pools,
     trim_budgets,
 )
-from controller.policy.forecast import forecast_next_peak_rps
+from controller.policy.forecast import forecast_next_peak_rps, forecast_next_rate_rps
 from controller.policy.frequency import DEFAULT_CLOCK_HEADROOM, next_clock
 from controller.policy.pool import (
     DEFAULT_MIP_REL_GAP,
@@ -83,6 +85,9 @@ DEFAULT_MIX_WINDOW_S = 900.0
 # pool's arrivals over this window: two history bins, ~100 requests per instance at 1 req/s (noise ~10%,
 # within the clock headroom), short against the pool period.
 DEFAULT_SUSTAINED_WINDOW_S = 120.0
+# Share of the arrivals whose TTFT the burst term lets bursts cost (`class_burst_rps`): half of the 1%
+# a 99% SLO target leaves, the other half for forecast misses and the queueing of rate changes.
+DEFAULT_BURST_MISS_SHARE = 0.005
 # Distinct (profile, pool mix) capacity tables kept by `_capacities`.
 _CAPACITY_CACHE_SIZE = 256
 DEFAULT_PERIODS = Periods()
@@ -250,7 +255,13 @@ def _choose_clocks(
 
 
 def class_burst_rps(
-    obs: ClusterObs, profile: Profile, bins: int, memory_s: float, provisioned_rps: Sequence[float]
+    obs: ClusterObs,
+    profile: Profile,
+    bins: int,
+    memory_s: float,
+    provisioned_rps: Sequence[float],
+    *,
+    miss_share: float = 0.0,
 ) -> tuple[float, ...]:
     """Per class (CLASS_NAMES order), the service rate to add to `provisioned_rps` (what the class is
     sized for, its forecast peak) so that the largest short-term burst of the last `memory_s` of the
@@ -259,21 +270,56 @@ def class_burst_rps(
     most arrivals in a window w. `poisson_peak_w` is the largest count a Poisson stream at the
     provisioned rate reaches in one of the memory's windows (its 1 - w / memory quantile): the profile's
     capacities are measured under Poisson arrivals, so capacity for that rate already absorbs that
-    much. 0 without burst observations."""
+    much. 0 without burst observations.
+
+    `miss_share`: the share of the memory's arrivals (all classes) whose TTFT the policy lets bursts
+    cost, split evenly over the classes: a burst whose excess is at most a class's share (M) of those
+    requests is left to queue, and a larger one is provisioned for its excess beyond M only,
+    max(0, N_w - poisson_peak_w - M) / (w + ttft). 0 keeps every request of every burst on time."""
     if len(provisioned_rps) != len(CLASS_NAMES):
         raise InvalidArgumentError("provisioned_rps", len(provisioned_rps), f"{len(CLASS_NAMES)} classes")
+    if not (math.isfinite(miss_share) and 0.0 <= miss_share < 1.0):
+        raise InvalidArgumentError("miss_share", miss_share, "a share in [0, 1)")
     if not obs.burst_windows_s or bins <= 0:
         return (0.0,) * len(CLASS_NAMES)
     lo = max(0, bins - max(1, round(memory_s / obs.history_bin_s)))
-    span_s = (bins - lo) * obs.history_bin_s
+    arrivals = sum(sum(series[lo:bins]) for series in obs.class_rate_history_rps) * obs.history_bin_s
+    peaks_rps = tuple(
+        tuple(max(per_class[c][lo:bins], default=0.0) for c in range(len(CLASS_NAMES)))
+        for per_class in obs.class_burst_history_rps
+    )
+    return burst_excess_rps(
+        profile,
+        obs.burst_windows_s,
+        peaks_rps,
+        (bins - lo) * obs.history_bin_s,
+        provisioned_rps,
+        miss_share * arrivals / len(CLASS_NAMES),
+    )
+
+
+def burst_excess_rps(
+    profile: Profile,
+    windows_s: Sequence[float],
+    peaks_rps: Sequence[Sequence[float]],
+    span_s: float,
+    provisioned_rps: Sequence[float],
+    tolerated: float,
+) -> tuple[float, ...]:
+    """The rule of `class_burst_rps` on given short-term peaks: `peaks_rps[k][c]` the most arrivals of
+    class c in a window `windows_s[k]` within a span of `span_s` (divided by the window), `tolerated`
+    the excess requests per class left to queue. Per class (CLASS_NAMES order), max over windows of
+    max(0, N_w - poisson_peak_w - tolerated) / (w + ttft)."""
     out: list[float] = []
     for c, name in enumerate(CLASS_NAMES):
         ttft_s = profile.slo(name).ttft_s
         extra_rps = 0.0
-        for window_s, per_class in zip(obs.burst_windows_s, obs.class_burst_history_rps, strict=True):
+        for window_s, per_class in zip(windows_s, peaks_rps, strict=True):
             peak = poisson_quantile(provisioned_rps[c] * window_s, 1.0 - min(1.0, window_s / span_s))
-            count = max(per_class[c][lo:bins], default=0.0) * window_s
-            extra_rps = max(extra_rps, (count - peak) / (window_s + ttft_s))
+            count = per_class[c] * window_s
+            excess = count - peak
+            if excess > tolerated:
+                extra_rps = max(extra_rps, excess / (window_s + ttft_s))
         out.append(extra_rps)
     return tuple(out)
 
@@ -300,13 +346,21 @@ def poisson_quantile(mean: float, quantile: float) -> int:
     return k
 
 
-def _pool_forecast_rps(obs: ClusterObs, class_names: Sequence[str], horizon_s: float, bins: int) -> float:
-    """Peak forecast of the summed arrival rate of `class_names` from the first `bins` history bins."""
+Forecaster = Callable[..., float]
+
+
+def _pool_forecast_rps(
+    obs: ClusterObs,
+    class_names: Sequence[str],
+    horizon_s: float,
+    bins: int,
+    forecaster: Forecaster = forecast_next_peak_rps,
+) -> float:
+    """Forecast (`forecaster`: peak or rate) of the summed arrival rate of `class_names` from the first
+    `bins` history bins."""
     idx = [CLASS_NAMES.index(c) for c in class_names]
     summed = [sum(obs.class_rate_history_rps[i][b] for i in idx) for b in range(bins)]
-    return forecast_next_peak_rps(
-        summed, obs.history_bin_s, horizon_s, now_unix_s=_forecast_now_unix_s(obs, bins)
-    )
+    return forecaster(summed, obs.history_bin_s, horizon_s, now_unix_s=_forecast_now_unix_s(obs, bins))
 
 
 def _forecast_now_unix_s(obs: ClusterObs, bins: int) -> float | None:
@@ -331,6 +385,7 @@ class DynamoLLM:
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     mix_window_s: float = DEFAULT_MIX_WINDOW_S
     sustained_window_s: float = DEFAULT_SUSTAINED_WINDOW_S
+    burst_miss_share: float = DEFAULT_BURST_MISS_SHARE
 
     @property
     def name(self) -> str:
@@ -351,12 +406,20 @@ class DynamoLLM:
         """Per-class peak forecast over `horizon_s` from the first `bins` history bins."""
         now_unix = _forecast_now_unix_s(obs, bins)
         return tuple(
-            forecast_next_peak_rps(series[:bins], obs.history_bin_s, horizon_s, now_unix_s=now_unix)
+            forecast_next_rate_rps(series[:bins], obs.history_bin_s, horizon_s, now_unix_s=now_unix)
             for series in obs.class_rate_history_rps
         )
 
     def _pool_load_rps(self, obs: ClusterObs, class_names: Sequence[str], horizon_s: float) -> float:
-        return _pool_forecast_rps(obs, class_names, horizon_s, _history_len(obs))
+        return _pool_forecast_rps(obs, class_names, horizon_s, _history_len(obs), forecast_next_rate_rps)
+
+    def _class_bursts(
+        self, obs: ClusterObs, profile: Profile, bins: int, provisioned_rps: Sequence[float]
+    ) -> tuple[float, ...]:
+        """Per class, the rate to add for bursts: those observed over the last cluster period."""
+        return class_burst_rps(
+            obs, profile, bins, self.periods.cluster_s, provisioned_rps, miss_share=self.burst_miss_share
+        )
 
     # -- the levels
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
@@ -388,7 +451,7 @@ class DynamoLLM:
 
     def _epoch_budgets(self, obs: ClusterObs, profile: Profile, bins: int) -> tuple[PoolBudget, ...]:
         peaks = self._class_peaks(obs, self.periods.cluster_s, bins)
-        bursts = class_burst_rps(obs, profile, bins, self.periods.cluster_s, peaks)
+        bursts = self._class_bursts(obs, profile, bins, peaks)
         return plan_pools(
             tuple(p + b for p, b in zip(peaks, bursts, strict=True)),
             profile,
@@ -399,7 +462,7 @@ class DynamoLLM:
 
     def _decide(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
         n = _history_len(obs)
-        if n == 0 and obs.true_next_peak_rps is None:
+        if n == 0 and obs.true_next_rate_rps is None:
             return obs.plan  # nothing observed yet: the initial plan stands
         p = self.periods
         boundary_s = math.floor(obs.now_s / p.cluster_s + 1e-9) * p.cluster_s
@@ -418,7 +481,7 @@ class DynamoLLM:
                 replace(b, gpu_budget=max(b.gpu_budget, following.get(b.name, 0))) for b in budgets
             )
             budgets = _fit_total(budgets, obs.total_gpus)
-        bursts = class_burst_rps(obs, profile, n, p.cluster_s, self._class_peaks(obs, horizon_s, n))
+        bursts = self._class_bursts(obs, profile, n, self._class_peaks(obs, horizon_s, n))
         loads = {
             b.name: self._pool_load_rps(obs, b.class_names, horizon_s)
             + sum(bursts[CLASS_NAMES.index(c)] for c in b.class_names)
@@ -502,22 +565,42 @@ class Oracle(DynamoLLM):
     def _reconfig_cost_j(self) -> dict[str, float]:
         return dict.fromkeys(RECONFIG_KINDS, 0.0)
 
-    def _true_peaks(self, obs: ClusterObs) -> tuple[float, ...]:
-        if obs.true_next_peak_rps is None:
+    def _true_rates(self, obs: ClusterObs) -> tuple[float, ...]:
+        if obs.true_next_rate_rps is None:
             raise InvalidArgumentError(
-                "obs.true_next_peak_rps",
+                "obs.true_next_rate_rps",
                 None,
-                "the true per-class peaks (the simulator fills them for oracle)",
+                "the true per-class rates (the simulator fills them for oracle)",
             )
-        return obs.true_next_peak_rps
+        return obs.true_next_rate_rps
 
     def _class_peaks(self, obs: ClusterObs, horizon_s: float, bins: int) -> tuple[float, ...]:
-        return self._true_peaks(obs)
+        return self._true_rates(obs)
 
     def _pool_load_rps(self, obs: ClusterObs, class_names: Sequence[str], horizon_s: float) -> float:
-        # Per-class peaks may fall at different moments; their sum bounds the pool's peak from above.
-        peaks = self._true_peaks(obs)
-        return sum(peaks[CLASS_NAMES.index(c)] for c in class_names)
+        rates = self._true_rates(obs)
+        return sum(rates[CLASS_NAMES.index(c)] for c in class_names)
+
+    def _class_bursts(
+        self, obs: ClusterObs, profile: Profile, bins: int, provisioned_rps: Sequence[float]
+    ) -> tuple[float, ...]:
+        """The same rule on the TRUE bursts of the coming period. The Poisson quantile is that of
+        dynamollm's memory (a cluster period): the capacities, measured over long Poisson runs, absorb
+        a Poisson stream's maximum over that span, and a span of one short period would call the
+        ordinary Poisson maximum of every period a burst. The tolerated excess is the miss share of
+        the period's own arrivals, so the periods of an epoch together tolerate what one epoch of
+        dynamollm's rule does."""
+        rates = self._true_rates(obs)
+        if not obs.true_burst_windows_s:
+            return (0.0,) * len(CLASS_NAMES)
+        return burst_excess_rps(
+            profile,
+            obs.true_burst_windows_s,
+            obs.true_next_burst_rps,
+            self.periods.cluster_s,
+            provisioned_rps,
+            self.burst_miss_share * sum(rates) * obs.true_period_s / len(CLASS_NAMES),
+        )
 
 
 # ------------------------------------------------------------------ one-knob baselines

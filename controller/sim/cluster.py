@@ -30,7 +30,14 @@ from agent.sim.physics import GPU_NAMES, MODEL_NAMES, load_perf_model
 from controller.model.classes import CLASS_NAMES, REQUEST_CLASSES, ClassBins, ClassSlo
 from controller.model.cluster import GPUS_PER_SERVER, ClusterPlan, InstanceSpec
 from controller.model.profile import Profile
-from controller.model.state import DEFAULT_BURST_WINDOWS_S, ClusterObs, InstanceObs, Periods, Phase
+from controller.model.state import (
+    DEFAULT_BURST_WINDOWS_S,
+    ORACLE_BURST_WINDOWS_S,
+    ClusterObs,
+    InstanceObs,
+    Periods,
+    Phase,
+)
 from controller.orchestrator.plan import ACTION_KINDS, Action, Hysteresis, ReconfigCosts, plan_reconfiguration
 from controller.policy.base import (
     DEFAULT_PEAK_WINDOW_S,
@@ -936,7 +943,6 @@ def simulate_dynamic(
     burst_cache: tuple[tuple[tuple[float, ...], ...], ...] = tuple(
         tuple(() for _ in REQUEST_CLASSES) for _ in DEFAULT_BURST_WINDOWS_S
     )
-    true_arrivals = [trace.arrival_s[true_class == c.index] for c in REQUEST_CLASSES]
 
     # Short-term peaks per (window, class, bin): the most arrivals of a class in a window ENDING at one of
     # its arrivals in the bin, so a finished bin's value needs no arrival after it (causal). Each class
@@ -993,10 +999,21 @@ def simulate_dynamic(
                     running=0 if engine is None else engine.num_running,
                 )
             )
-        truth = None
-        if free:
-            window_s = min(DEFAULT_PEAK_WINDOW_S, horizon_s)
-            truth = tuple(_peak_rps(a, t_s, t_s + horizon_s, window_s) for a in true_arrivals)
+        truth: tuple[float, ...] | None = None
+        true_bursts: tuple[tuple[float, ...], ...] = ()
+        if free and horizon_s >= periods.pool_s:
+            # The oracle's future, by the classes the router will use: the predictor runs ahead over
+            # the coming period (with what it has learned so far) so the arrivals' pools are known.
+            t1_s = t_s + horizon_s
+            predict_until(t1_s)
+            lo, hi = np.searchsorted(trace.arrival_s, (t_s, t1_s))
+            times = trace.arrival_s[lo:hi]
+            routed = pred_class[lo:hi]
+            coming = [times[routed == c.index] for c in REQUEST_CLASSES]
+            truth = tuple(_peak_rps(a, t_s, t1_s, periods.pool_s) for a in coming)
+            true_bursts = tuple(
+                tuple(_peak_rps(a, t_s, t1_s, w) for a in coming) for w in ORACLE_BURST_WINDOWS_S
+            )
         return ClusterObs(
             now_s=t_s,
             start_unix_s=trace.start_unix_s,
@@ -1005,9 +1022,12 @@ def simulate_dynamic(
             history_bin_s=cfg.history_bin_s,
             class_rate_history_rps=hist_rows,
             total_gpus=cfg.total_gpus,
-            true_next_peak_rps=truth,
+            true_next_rate_rps=truth,
             burst_windows_s=DEFAULT_BURST_WINDOWS_S,
             class_burst_history_rps=burst_cache,
+            true_burst_windows_s=ORACLE_BURST_WINDOWS_S if truth is not None else (),
+            true_next_burst_rps=true_bursts,
+            true_period_s=horizon_s if truth is not None else 0.0,
         )
 
     # ---- forecast scoring (the forecaster the policy uses, on the same observed history)
