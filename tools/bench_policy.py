@@ -7,8 +7,9 @@ Where it sits: a developer tool over `controller.policy` (pure code), timed here
 1. Pool manager: `solve_pool` for 9 pools (one per request class, the paper's layout), each with a budget
    of `--pool-gpus` GPUs (default 512), at random loads (5-100% of what the budget holds at maximum
    performance) and with the pool's previous decision as its current instances (what the control loop
-   sees every 5 minutes). Reports p50/p99/max wall time per call (CVXPY compile + HiGHS), the solver's
-   own run time, and how often each status (fallbacks included) came out.
+   sees every 5 minutes). Reports p50/p99/max wall time per call (CVXPY parameter substitution + HiGHS;
+   the first call of each problem structure also builds and compiles it, as in a real run), the
+   solver's own run time, and how often each status (fallbacks included) came out.
 2. Full decision at `--cluster-gpus` GPUs (default 4096): `DynamoLLM.pool_step` (forecast per class ->
    `plan_pools` -> per pool `pool_capacities` + `solve_pool`) on an observed state with an hour of
    per-minute history, loads scaled to fill about 80% of the cluster at maximum performance.

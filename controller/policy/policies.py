@@ -274,8 +274,9 @@ def class_burst_rps(
 
     `miss_share`: the share of the memory's arrivals (all classes) whose TTFT the policy lets bursts
     cost, split evenly over the classes: a burst whose excess is at most a class's share (M) of those
-    requests is left to queue, and a larger one is provisioned for its excess beyond M only,
-    max(0, N_w - poisson_peak_w - M) / (w + ttft). 0 keeps every request of every burst on time."""
+    requests is left to queue, and a larger one is provisioned in full, (N_w - poisson_peak_w) / (w +
+    ttft) (a threshold, not a deduction: docs/control.md says why). 0 keeps every request of every
+    burst on time."""
     if len(provisioned_rps) != len(CLASS_NAMES):
         raise InvalidArgumentError("provisioned_rps", len(provisioned_rps), f"{len(CLASS_NAMES)} classes")
     if not (math.isfinite(miss_share) and 0.0 <= miss_share < 1.0):
@@ -308,8 +309,8 @@ def burst_excess_rps(
 ) -> tuple[float, ...]:
     """The rule of `class_burst_rps` on given short-term peaks: `peaks_rps[k][c]` the most arrivals of
     class c in a window `windows_s[k]` within a span of `span_s` (divided by the window), `tolerated`
-    the excess requests per class left to queue. Per class (CLASS_NAMES order), max over windows of
-    max(0, N_w - poisson_peak_w - tolerated) / (w + ttft)."""
+    the excess requests per class left to queue. Per class (CLASS_NAMES order), max over the windows
+    whose excess N_w - poisson_peak_w exceeds `tolerated` of that excess / (w + ttft); 0 if none."""
     out: list[float] = []
     for c, name in enumerate(CLASS_NAMES):
         ttft_s = profile.slo(name).ttft_s
@@ -403,7 +404,7 @@ class DynamoLLM:
         return _reconfig_cost_j(self.costs)
 
     def _class_peaks(self, obs: ClusterObs, horizon_s: float, bins: int) -> tuple[float, ...]:
-        """Per-class peak forecast over `horizon_s` from the first `bins` history bins."""
+        """Per-class rate forecast over `horizon_s` from the first `bins` history bins."""
         now_unix = _forecast_now_unix_s(obs, bins)
         return tuple(
             forecast_next_rate_rps(series[:bins], obs.history_bin_s, horizon_s, now_unix_s=now_unix)

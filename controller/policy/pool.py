@@ -23,7 +23,10 @@ one TP degree to another: a re-shard (`retp`) instead of a stop plus a start, wh
 instance arriving at a configuration pays at least a clock change. Costs are J per GPU of the instance
 concerned (`reconfig_cost_j`, keys RECONFIG_KINDS; `reconfig_cost_j_per_gpu` derives them from
 durations). Solved with HiGHS through CVXPY with a relative MIP gap and a time limit; a time-limited run
-with an incumbent is accepted ("incumbent").
+with an incumbent is accepted ("incumbent"). The CVXPY problem is built once per structure (the
+configurations' TP degrees and the TP degrees present) with a `cp.Parameter` for every number that
+changes between calls, and kept in a small module-level cache: CVXPY compiles it on its first solve
+(DPP) and afterwards only substitutes the values, instead of canonicalising a new problem each call.
 
 Fallbacks, explicit in `PoolDecision.status`: when the load cannot be covered within the budget the MILP
 is infeasible ("fallback-infeasible"; also used if the solver fails outright), and when the time limit
@@ -33,14 +36,18 @@ remaining budget allows; if that leaves load uncovered, the budget is instead fi
 performance (most capacity per GPU first, i.e. TP8 at the top clock on the default profile) and the
 uncovered load is reported as `shortfall_rps`. The MILP itself always covers the load (shortfall 0).
 
-Pure: CVXPY is imported inside `solve_pool` (slow to import; `dctl` must not pay for it at start-up);
-`solve_s` is the solver's own reported run time, not a wall-clock reading.
+Pure as seen from outside: CVXPY is imported inside the solve (slow to import; `dctl` must not pay for
+it at start-up); the cache changes only how fast an answer comes, never the answer (each call sets every
+parameter, and HiGHS is not warm-started from the previous call); `solve_s` is the solver's own reported
+run time, not a wall-clock reading.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -322,6 +329,132 @@ def _fallback(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _PoolProblem:
+    """The MILP of one structure, built once: CVXPY objects whose parameter values each call sets.
+
+    `n` is the integer count variable; every other field is a `cp.Parameter` (see `_build_problem`).
+    """
+
+    problem: Any
+    n: Any
+    count_max: Any
+    gpu_budget: Any
+    load_rps: Any
+    min_instances: Any
+    usable_rps: Any
+    idle_cost: Any
+    slope_cost: Any
+    current_k: Any
+    current_t: Any
+    clock_cost: Any
+    start_cost: Any
+    stop_cost: Any
+    retp_saving: Any
+
+
+# Structures seen in a run: the mixes' configuration sets (a handful per policy) times the TP degrees
+# present, so a few dozen at most; the bound only keeps a long-lived process from growing without limit.
+_PROBLEM_CACHE_SIZE = 64
+_problems: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], _PoolProblem] = OrderedDict()
+# The cached problems hold their parameter values: two threads solving one at once would mix them up.
+_problems_lock = threading.Lock()
+
+
+def _build_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolProblem:
+    """The MILP for configurations with TP degrees `config_tps` and TP degrees `tps` (those of the
+    configurations and of the current instances), every number that varies between calls a parameter.
+
+    DPP (CVXPY's disciplined parametrised programming): a parameter only ever multiplies a
+    parameter-free expression, so products of inputs (epoch x power, cost x TP degree, the kJ scale)
+    are folded into one parameter each, and CVXPY compiles the problem once and afterwards only
+    substitutes values into the matrices it hands HiGHS. The count bound [0, budget // tp] is a row,
+    not a variable bound: a parametrised bound would make the objective's parameter products non-DPP.
+    """
+    import cvxpy as cp
+
+    k = len(config_tps)
+    tp_k = np.array(config_tps, dtype=np.float64)
+    # Instances per TP degree: new ones are member[t] @ n, current ones include specs no longer allowed.
+    member = np.array([[1.0 if tp == t else 0.0 for tp in config_tps] for t in tps])
+    tps_arr = np.array(tps, dtype=np.float64)
+    ones_t = np.ones(len(tps))
+
+    n = cp.Variable(k, integer=True, nonneg=True)
+    x = cp.Variable(k, nonneg=True)
+    u = cp.Variable(k, nonneg=True)
+    gpus_in = cp.Variable(len(tps), nonneg=True)
+    gpus_out = cp.Variable(len(tps), nonneg=True)
+    moved = cp.Variable(nonneg=True)
+
+    count_max = cp.Parameter(k)
+    gpu_budget = cp.Parameter()
+    load_rps = cp.Parameter()
+    min_instances = cp.Parameter()
+    usable_rps = cp.Parameter(k)
+    idle_cost = cp.Parameter(k)
+    slope_cost = cp.Parameter(k)
+    current_k = cp.Parameter(k)
+    current_t = cp.Parameter(len(tps))
+    clock_cost = cp.Parameter(k)
+    start_cost = cp.Parameter()
+    stop_cost = cp.Parameter()
+    retp_saving = cp.Parameter()
+
+    objective = (
+        idle_cost @ n
+        + slope_cost @ x
+        + clock_cost @ u
+        + start_cost * (ones_t @ gpus_in)
+        + stop_cost * (ones_t @ gpus_out)
+        + retp_saving * moved
+    )
+    constraints = [
+        tp_k @ n <= gpu_budget,
+        np.ones(k) @ x >= load_rps,
+        x <= cp.multiply(usable_rps, n),  # type: ignore[attr-defined]
+        u >= n - current_k,
+        gpus_in - gpus_out == np.diag(tps_arr) @ (member @ n - current_t),
+        moved <= ones_t @ gpus_in,
+        moved <= ones_t @ gpus_out,
+        # 1 when there is load, else 0: redundant for the exact problem, but it stops a tiny load from
+        # being "covered" by a count within HiGHS's integrality tolerance of zero.
+        np.ones(k) @ n >= min_instances,
+        n <= count_max,
+    ]
+    return _PoolProblem(
+        problem=cp.Problem(cp.Minimize(objective), constraints),
+        n=n,
+        count_max=count_max,
+        gpu_budget=gpu_budget,
+        load_rps=load_rps,
+        min_instances=min_instances,
+        usable_rps=usable_rps,
+        idle_cost=idle_cost,
+        slope_cost=slope_cost,
+        current_k=current_k,
+        current_t=current_t,
+        clock_cost=clock_cost,
+        start_cost=start_cost,
+        stop_cost=stop_cost,
+        retp_saving=retp_saving,
+    )
+
+
+def _pool_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolProblem:
+    """The cached problem for this structure, built on first use; least recently used ones are dropped."""
+    key = (config_tps, tps)
+    p = _problems.get(key)
+    if p is None:
+        p = _build_problem(config_tps, tps)
+        _problems[key] = p
+        if len(_problems) > _PROBLEM_CACHE_SIZE:
+            _problems.popitem(last=False)
+    else:
+        _problems.move_to_end(key)
+    return p
+
+
 def _solve_milp(
     load_rps: float,
     gpu_budget: int,
@@ -335,71 +468,61 @@ def _solve_milp(
 ) -> PoolDecision:
     import cvxpy as cp
 
-    k = len(configs)
-    tp_k = np.array([c.tp for c in configs], dtype=np.float64)
+    config_tps = tuple(c.tp for c in configs)
+    tps = tuple(sorted(set(config_tps) | {s.tp for s, n in current_counts.items() if n > 0}))
+    tp_k = np.array(config_tps, dtype=np.float64)
     usable_k = np.array([c.max_load_rps * (1.0 - headroom) for c in configs])
-    idle_k = np.array([c.power_idle_w for c in configs])
-    slope_k = np.array([c.power_slope_w_per_rps for c in configs])
-    current_k = np.array([current_counts.get(c.spec, 0) for c in configs], dtype=np.float64)
-    tps = sorted({c.tp for c in configs} | {s.tp for s, n in current_counts.items() if n > 0})
-    # Instances per TP degree: new ones are member[t] @ n, current ones include specs no longer allowed.
-    member = np.array([[1.0 if c.tp == t else 0.0 for c in configs] for t in tps])
-    current_t = np.array([sum(n for s, n in current_counts.items() if s.tp == t) for t in tps], dtype=float)
-    tps_arr = np.array(tps, dtype=np.float64)
-    ones_t = np.ones(len(tps))
-
-    n = cp.Variable(k, integer=True, bounds=[np.zeros(k), np.floor(gpu_budget / tp_k)])
-    x = cp.Variable(k, nonneg=True)
-    u = cp.Variable(k, nonneg=True)
-    gpus_in = cp.Variable(len(tps), nonneg=True)
-    gpus_out = cp.Variable(len(tps), nonneg=True)
-    moved = cp.Variable(nonneg=True)
-
     retp_saving_j = min(0.0, reconfig_cost_j["retp"] - reconfig_cost_j["start"] - reconfig_cost_j["stop"])
     # Objective in kJ so HiGHS sees coefficients of moderate size.
     scale = 1e-3
-    serving_j = epoch_s * (idle_k @ n + slope_k @ x)
-    reconfig_j = (
-        reconfig_cost_j["clock"] * (tp_k @ u)
-        + reconfig_cost_j["start"] * ones_t @ gpus_in
-        + reconfig_cost_j["stop"] * ones_t @ gpus_out
-        + retp_saving_j * moved
-    )
-    constraints = [
-        tp_k @ n <= gpu_budget,
-        np.ones(k) @ x >= load_rps,
-        x <= np.diag(usable_k) @ n,
-        u >= n - current_k,
-        gpus_in - gpus_out == np.diag(tps_arr) @ (member @ n - current_t),
-        moved <= ones_t @ gpus_in,
-        moved <= ones_t @ gpus_out,
-    ]
-    if load_rps > 0.0:
-        # Redundant for the exact problem, but it stops a tiny load from being "covered" by a count
-        # within HiGHS's integrality tolerance of zero.
-        constraints.append(np.ones(k) @ n >= 1)
-    problem = cp.Problem(cp.Minimize(scale * (serving_j + reconfig_j)), constraints)
-    try:
-        with warnings.catch_warnings():
-            # A time-limited run warns "may be inaccurate"; the status handling below says what happened.
-            warnings.simplefilter("ignore", UserWarning)
-            problem.solve(  # type: ignore[no-untyped-call]
-                solver=cp.HIGHS, mip_rel_gap=mip_rel_gap, time_limit=time_limit_s, random_seed=0, threads=1
-            )
-    except cp.error.SolverError:
-        return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", 0.0)
-    stats = problem.solver_stats
+    with _problems_lock:
+        p = _pool_problem(config_tps, tps)
+        p.count_max.value = np.floor(gpu_budget / tp_k)
+        p.gpu_budget.value = float(gpu_budget)
+        p.load_rps.value = load_rps
+        p.min_instances.value = 1.0 if load_rps > 0.0 else 0.0
+        p.usable_rps.value = usable_k
+        p.idle_cost.value = scale * epoch_s * np.array([c.power_idle_w for c in configs])
+        p.slope_cost.value = scale * epoch_s * np.array([c.power_slope_w_per_rps for c in configs])
+        p.current_k.value = np.array([current_counts.get(c.spec, 0) for c in configs], dtype=np.float64)
+        p.current_t.value = np.array(
+            [sum(n for s, n in current_counts.items() if s.tp == t) for t in tps], dtype=np.float64
+        )
+        p.clock_cost.value = scale * reconfig_cost_j["clock"] * tp_k
+        p.start_cost.value = scale * reconfig_cost_j["start"]
+        p.stop_cost.value = scale * reconfig_cost_j["stop"]
+        p.retp_saving.value = scale * retp_saving_j
+        problem = p.problem
+        try:
+            with warnings.catch_warnings():
+                # A time-limited run warns "may be inaccurate"; the status handling below says what happened.
+                warnings.simplefilter("ignore", UserWarning)
+                # warm_start=False: HiGHS would otherwise start from the previous call's solution (of
+                # another pool, or another epoch), and the answer would depend on the call history.
+                problem.solve(
+                    solver=cp.HIGHS,
+                    warm_start=False,
+                    mip_rel_gap=mip_rel_gap,
+                    time_limit=time_limit_s,
+                    random_seed=0,
+                    threads=1,
+                )
+        except cp.error.SolverError:
+            return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", 0.0)
+        stats = problem.solver_stats
+        problem_status = problem.status
+        n_value = None if p.n.value is None else np.asarray(p.n.value).copy()
     solve_s = float(stats.solve_time) if stats is not None and stats.solve_time is not None else 0.0
     status: PoolStatus
-    if problem.status == cp.OPTIMAL:
+    if problem_status == cp.OPTIMAL:
         status = "optimal"
-    elif problem.status == cp.USER_LIMIT and _has_incumbent(stats):
+    elif problem_status == cp.USER_LIMIT and _has_incumbent(stats):
         status = "incumbent"
-    elif problem.status == cp.USER_LIMIT:
+    elif problem_status == cp.USER_LIMIT:
         return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-timeout", solve_s)
     else:
         return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", solve_s)
-    counts = [int(v) for v in np.rint(np.asarray(n.value)).ravel()]
+    counts = [int(v) for v in np.rint(np.asarray(n_value)).ravel()]
     shares = _split_load(load_rps, counts, usable_k)
     return _decision(
         configs,
