@@ -133,22 +133,9 @@ def forecast_next_peak_rps(
     weekly (or daily) template; None = learned from the history when it spans a day or more.
     `alpha`: EWMA weight of the newest bin (None = 1 - exp(-bin_s / DEFAULT_EWMA_TAU_S)).
     """
-    rates = _validated_history(history_rps, bin_s)
-    if not (math.isfinite(horizon_s) and horizon_s > 0):
-        raise InvalidArgumentError("horizon_s", horizon_s, "a positive number of seconds")
-    if alpha is None:
-        alpha = 1.0 - math.exp(-bin_s / DEFAULT_EWMA_TAU_S)
-    if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
-        raise InvalidArgumentError("alpha", alpha, "a number in (0, 1]")
-    if not (math.isfinite(headroom_window_s) and headroom_window_s > 0):
-        raise InvalidArgumentError("headroom_window_s", headroom_window_s, "a positive number of seconds")
-    if template is None and now_unix_s is not None:
-        template = learn_template(rates, bin_s, now_unix_s) or learn_template(
-            rates, bin_s, now_unix_s, period_s=DAY_S
-        )
-    horizon_points = None
-    if template is not None and now_unix_s is not None:
-        horizon_points = now_unix_s + np.linspace(0.0, horizon_s, _TREND_SAMPLES)
+    rates, alpha, template, horizon_points = _prepared(
+        history_rps, bin_s, horizon_s, now_unix_s, template, alpha, headroom_window_s
+    )
     if len(rates) == 0:
         if template is None or horizon_points is None:
             return 0.0
@@ -185,24 +172,11 @@ def forecast_next_rate_rps(
 
     Arguments as `forecast_next_peak_rps`; never above it (for the same inputs).
     """
-    rates = _validated_history(history_rps, bin_s)
-    if not (math.isfinite(horizon_s) and horizon_s > 0):
-        raise InvalidArgumentError("horizon_s", horizon_s, "a positive number of seconds")
-    if alpha is None:
-        alpha = 1.0 - math.exp(-bin_s / DEFAULT_EWMA_TAU_S)
-    if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
-        raise InvalidArgumentError("alpha", alpha, "a number in (0, 1]")
-    if not (math.isfinite(headroom_window_s) and headroom_window_s > 0):
-        raise InvalidArgumentError("headroom_window_s", headroom_window_s, "a positive number of seconds")
+    rates, alpha, template, horizon_points = _prepared(
+        history_rps, bin_s, horizon_s, now_unix_s, template, alpha, headroom_window_s
+    )
     if len(rates) == 0:
         return forecast_next_peak_rps(rates, bin_s, horizon_s, now_unix_s=now_unix_s, template=template)
-    if template is None and now_unix_s is not None:
-        template = learn_template(rates, bin_s, now_unix_s) or learn_template(
-            rates, bin_s, now_unix_s, period_s=DAY_S
-        )
-    horizon_points = None
-    if template is not None and now_unix_s is not None:
-        horizon_points = now_unix_s + np.linspace(0.0, horizon_s, _TREND_SAMPLES)
     level, trend = _level_and_trend(rates, bin_s, alpha, template, horizon_points, now_unix_s)
     noise_var = _noise_rps(rates, alpha, headroom_window_s, bin_s) ** 2
     poisson_var = level / bin_s
@@ -212,6 +186,37 @@ def forecast_next_rate_rps(
     per_horizon = max(1, round(horizon_s / bin_s))
     margin_rps = expected_max_sigmas(per_horizon) * math.sqrt(excess_var * trend)
     return level * trend + margin_rps
+
+
+def _prepared(
+    history_rps: Sequence[float] | FloatArray,
+    bin_s: float,
+    horizon_s: float,
+    now_unix_s: float | None,
+    template: WeeklyTemplate | None,
+    alpha: float | None,
+    headroom_window_s: float,
+) -> tuple[FloatArray, float, WeeklyTemplate | None, FloatArray | None]:
+    """The forecasters' checked inputs: the history, the EWMA weight (default from the time constant),
+    the template (learned from the history when not given: weekly, else daily) and the horizon's
+    sample times for the template's trend (None without a template or a time)."""
+    rates = _validated_history(history_rps, bin_s)
+    if not (math.isfinite(horizon_s) and horizon_s > 0):
+        raise InvalidArgumentError("horizon_s", horizon_s, "a positive number of seconds")
+    if alpha is None:
+        alpha = 1.0 - math.exp(-bin_s / DEFAULT_EWMA_TAU_S)
+    if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
+        raise InvalidArgumentError("alpha", alpha, "a number in (0, 1]")
+    if not (math.isfinite(headroom_window_s) and headroom_window_s > 0):
+        raise InvalidArgumentError("headroom_window_s", headroom_window_s, "a positive number of seconds")
+    if template is None and now_unix_s is not None:
+        template = learn_template(rates, bin_s, now_unix_s) or learn_template(
+            rates, bin_s, now_unix_s, period_s=DAY_S
+        )
+    horizon_points = None
+    if template is not None and now_unix_s is not None:
+        horizon_points = now_unix_s + np.linspace(0.0, horizon_s, _TREND_SAMPLES)
+    return rates, alpha, template, horizon_points
 
 
 def _level_and_trend(
