@@ -358,6 +358,20 @@ class SimEngine:
         )
 
     @property
+    def tbt_log_len(self) -> int:
+        """Entries in the TBT log (see `tbt_histogram`)."""
+        return len(self._hist_tokens)
+
+    def take_tbt_log(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        """The TBT log so far (as `tbt_histogram`), which then starts empty: a caller that folds it into
+        its own histogram keeps the engine's memory bounded on long runs (16 bytes per decode iteration
+        otherwise, ~6 GB for a simulated week of a cluster)."""
+        log = self.tbt_histogram
+        self._hist_gap_s = array("d")
+        self._hist_tokens = array("q")
+        return log
+
+    @property
     def energy_by_bin_j(self) -> npt.NDArray[np.float64]:
         """Energy (J, all tp GPUs) per bin of power_bin_s from start_s; the last bin may be partial."""
         return np.array(self._bins, dtype=np.float64)

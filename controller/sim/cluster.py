@@ -64,6 +64,7 @@ from controller.sim.report import (
     PredictorScore,
     RunSeries,
     SimResult,
+    TbtHistogram,
     meets_slo,
 )
 from controller.sim.traces import Trace
@@ -144,6 +145,10 @@ class SimConfig:
             raise InvalidArgumentError("total_gpus", self.total_gpus, f"an integer >= {GPUS_PER_SERVER}")
 
 
+# An engine's TBT log is folded into the run's histogram once it holds this many entries (1 MiB).
+_TBT_FOLD_ENTRIES = 1 << 16
+
+
 def perf_models(model: str, gpu: str, tps: Iterable[int]) -> dict[int, PerfModelLike]:
     """The physics of each TP degree (and of a whole server, whose idle power prices unused GPUs)."""
     return {tp: load_perf_model(model=model, gpu=gpu, tp=tp) for tp in sorted({*tps, GPUS_PER_SERVER})}
@@ -203,11 +208,16 @@ def simulate(
     next_progress_s = cfg.progress_step_s
     rejected = 0
     chosen = [-1] * n
+    tbt = TbtHistogram()
     for i in range(n):
         t = arrival[i]
-        if on_progress is not None and t >= next_progress_s:
-            on_progress(t)
+        if t >= next_progress_s:
+            if on_progress is not None:
+                on_progress(t)
             next_progress_s = (math.floor(t / cfg.progress_step_s) + 1) * cfg.progress_step_s
+            for engine in engines:
+                if engine.tbt_log_len >= _TBT_FOLD_ENTRIES:
+                    tbt.fold(engine.take_tbt_log())
         c = classes[i]
         size = inputs[i] + outputs[i]
         # Not served: no instance in the pool, an empty prompt or answer, or larger than the KV cache.
@@ -235,16 +245,13 @@ def simulate(
     completed = np.zeros(n, dtype=bool)
     ttft_s = np.full(n, np.nan)
     tbt_mean_s = np.full(n, np.nan)
-    gaps: list[npt.NDArray[np.float64]] = []
-    tokens: list[npt.NDArray[np.int64]] = []
     for engine in engines:
         for r in engine.pop_completed():
             completed[r.request_id] = True
             ttft_s[r.request_id] = r.ttft_s
             tbt_mean_s[r.request_id] = r.tbt_mean_s
-        gap_s, n_tokens = engine.tbt_histogram
-        gaps.append(np.asarray(gap_s, dtype=np.float64))
-        tokens.append(np.asarray(n_tokens, dtype=np.int64))
+        tbt.fold(engine.take_tbt_log())
+    tbt_gap_s, tbt_tokens = tbt.arrays()
 
     n_bins = max(1, math.ceil(end_s / cfg.power_bin_s))
     bin_len_s = np.full(n_bins, cfg.power_bin_s)
@@ -265,8 +272,8 @@ def simulate(
         completed=completed,
         ttft_s=ttft_s,
         tbt_mean_s=tbt_mean_s,
-        tbt_gap_s=np.concatenate(gaps) if gaps else np.zeros(0),
-        tbt_tokens=np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64),
+        tbt_gap_s=tbt_gap_s,
+        tbt_tokens=tbt_tokens,
         energy_by_bin_j=energy_by_bin_j,
         power_bin_s=cfg.power_bin_s,
         energy_instances_j=float(sum(e.energy_j for e in engines)),
@@ -711,6 +718,7 @@ def simulate_dynamic(
     generation = 0
     waiting_starts: list[tuple[int, Action]] = []  # starts waiting for GPUs within total_gpus
     completed_batch: list[tuple[int, int]] = []  # (input, output) for the predictor
+    tbt = TbtHistogram()  # every engine's TBT log, folded in as it grows
 
     def push(t_s: float, kind: int, payload: Any, gen: int = -1) -> None:
         nonlocal seq
@@ -1067,6 +1075,8 @@ def simulate_dynamic(
             ttft_s[r.request_id] = r.ttft_s
             tbt_mean_s[r.request_id] = r.tbt_mean_s
             completed_batch.append((r.input_tokens, r.output_tokens))
+        if inst.engine.tbt_log_len >= _TBT_FOLD_ENTRIES:
+            tbt.fold(inst.engine.take_tbt_log())
 
     def instance_engines() -> list[_Instance]:
         return [i for i in instances.values() if i.engine is not None]
@@ -1262,6 +1272,7 @@ def simulate_dynamic(
         hist=hist,
         forecasts=forecasts,
         samples=samples,
+        tbt=tbt,
     )
 
 
@@ -1348,6 +1359,7 @@ def _dynamic_result(
     hist: npt.NDArray[np.int64],
     forecasts: Mapping[float, list[tuple[float, list[float]]]],
     samples: list[tuple[float, Counter[tuple[str, InstanceSpec]]]],
+    tbt: TbtHistogram,
 ) -> SimResult:
     """Energy, GPU and server integrals, series and scores of a finished dynamic run."""
     bin_s = cfg.power_bin_s
@@ -1369,9 +1381,9 @@ def _dynamic_result(
     s_gpu, s_server, _ = servers.integrals(series_edges)
     lengths_s = np.maximum(np.diff(series_edges), 1e-12)
 
-    histograms = [e.tbt_histogram for e in engines]  # each call builds both arrays: once per engine
-    gaps = [np.asarray(gap_s, dtype=np.float64) for gap_s, _ in histograms]
-    tokens = [np.asarray(n_tokens, dtype=np.int64) for _, n_tokens in histograms]
+    for e in engines:
+        tbt.fold(e.take_tbt_log())
+    tbt_gap_s, tbt_tokens = tbt.arrays()
     n_out = len(REQUEST_CLASSES) // 3
     score = accuracy_of(class_index % n_out, pred_class % n_out)
     return SimResult(
@@ -1386,8 +1398,8 @@ def _dynamic_result(
         completed=completed,
         ttft_s=ttft_s,
         tbt_mean_s=tbt_mean_s,
-        tbt_gap_s=np.concatenate(gaps) if gaps else np.zeros(0),
-        tbt_tokens=np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64),
+        tbt_gap_s=tbt_gap_s,
+        tbt_tokens=tbt_tokens,
         energy_by_bin_j=energy_by_bin_j,
         power_bin_s=bin_s,
         energy_instances_j=float(sum(e.energy_j for e in engines)) + float(starting_cum[-1]),

@@ -10,8 +10,10 @@ Definitions (also in docs/simulator.md):
   inter-token time <= its class's TBT target (single-token answers have no inter-token gap and pass
   TBT). `slo_attainment` = requests meeting SLO / ALL trace requests: incomplete ones count as misses.
 - Cluster `tbt_s_p50/p99` are token-weighted over every decode iteration of every engine (each
-  iteration's duration counted once per token it produced). Per-class TBT percentiles are over the
-  class's completed requests' mean inter-token times, weighted by their inter-token gap counts.
+  iteration's duration counted once per token it produced), from a histogram with bins of 0.1%
+  relative width (`TbtHistogram`: within 0.05% of the exact percentile). Per-class TBT percentiles
+  are over the class's completed requests' mean inter-token times, weighted by their inter-token gap
+  counts.
 - Power percentiles are over 1-s bins of total cluster power (all allocated GPUs).
 """
 
@@ -149,6 +151,38 @@ def weighted_percentile(
     cum = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
     idx = int(np.searchsorted(cum, q / 100.0 * total, side="left"))
     return float(values[order][min(idx, len(values) - 1)])
+
+
+# Cluster TBT gaps are kept as token counts in log-spaced bins of this relative width: a reported
+# percentile is the bin's geometric centre, within 0.05% of the exact value, and memory no longer grows
+# with the engine iterations of a run (~350 M in a simulated week).
+TBT_BIN_REL = 1e-3
+_TBT_FLOOR_S = 1e-6
+
+
+class TbtHistogram:
+    """Token-weighted inter-token gaps of many engines, folded in as they are produced."""
+
+    def __init__(self) -> None:
+        self._tokens = np.zeros(0, dtype=np.int64)
+
+    def fold(self, log: tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]) -> None:
+        """Add an engine's (gap_s, tokens) log (`SimEngine.take_tbt_log`)."""
+        gap_s, tokens = log
+        if len(gap_s) == 0:
+            return
+        ratio = np.maximum(gap_s, _TBT_FLOOR_S) / _TBT_FLOOR_S
+        bins = np.floor(np.log(ratio) / math.log1p(TBT_BIN_REL)).astype(np.int64)
+        added = np.bincount(bins, weights=tokens).astype(np.int64)
+        if len(added) > len(self._tokens):
+            self._tokens = np.concatenate((self._tokens, np.zeros(len(added) - len(self._tokens), np.int64)))
+        self._tokens[: len(added)] += added
+
+    def arrays(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        """(gap_s, tokens) of the occupied bins, gap_s at each bin's geometric centre."""
+        occupied = np.flatnonzero(self._tokens)
+        gap_s = _TBT_FLOOR_S * np.power(1.0 + TBT_BIN_REL, occupied + 0.5)
+        return gap_s, self._tokens[occupied]
 
 
 def _percentile(values: npt.NDArray[np.float64], q: float) -> float | None:

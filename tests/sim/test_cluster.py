@@ -102,9 +102,10 @@ def test_golden_two_requests_on_one_instance() -> None:
     assert float(r.energy_by_bin_j.sum()) == pytest.approx(r.energy_j)
     assert r.rejected == 0
     # token-weighted decode iterations: r0 alone in [0.03, 0.06) (1 token), both in [0.06, 0.08) (2)
+    # (the run's TBT histogram keeps each gap within 0.05% of its value)
     assert sorted(zip(r.tbt_gap_s.tolist(), r.tbt_tokens.tolist(), strict=True)) == [
-        pytest.approx((0.02, 2)),
-        pytest.approx((0.03, 1)),
+        pytest.approx((0.02, 2), rel=5e-4),
+        pytest.approx((0.03, 1), rel=5e-4),
     ]
 
 

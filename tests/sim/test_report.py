@@ -19,6 +19,7 @@ from controller.sim.report import (
     SCHEMA,
     Pricing,
     SimResult,
+    TbtHistogram,
     build_report,
     check_pricing_covers,
     format_table,
@@ -242,3 +243,27 @@ def test_table_shows_the_headline_figures_and_every_class() -> None:
     assert "energy 0.010 kWh" in text
     for name in CLASS_NAMES:
         assert f"\n{name} " in text
+
+
+def test_tbt_histogram_percentiles_within_half_a_bin_and_folding_order_does_not_matter() -> None:
+    rng = np.random.default_rng(3)
+    gap_s = rng.lognormal(math.log(0.04), 0.5, 20_000)
+    tokens = rng.integers(1, 200, 20_000)
+    whole = TbtHistogram()
+    whole.fold((gap_s, tokens))
+    pieces = TbtHistogram()
+    for part in np.array_split(np.arange(len(gap_s)), 7)[::-1]:
+        pieces.fold((gap_s[part], tokens[part]))
+    pieces.fold((np.zeros(0), np.zeros(0, dtype=np.int64)))
+    values, counts = whole.arrays()
+    assert np.array_equal(values, pieces.arrays()[0]) and np.array_equal(counts, pieces.arrays()[1])
+    assert int(counts.sum()) == int(tokens.sum())
+    for q in (1, 50, 99, 99.9):
+        exact = weighted_percentile(gap_s, tokens, q)
+        binned = weighted_percentile(values, counts, q)
+        assert exact is not None and binned is not None
+        assert binned == pytest.approx(exact, rel=5.1e-4)
+    # a gap far beyond the others only grows the histogram; an empty one reports nothing
+    whole.fold((np.array([500.0]), np.array([1])))
+    assert whole.arrays()[0][-1] == pytest.approx(500.0, rel=5.1e-4)
+    assert weighted_percentile(*TbtHistogram().arrays(), 50) is None

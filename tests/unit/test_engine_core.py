@@ -324,6 +324,22 @@ def test_jitter_is_mean_one_with_the_configured_cv() -> None:
     assert gaps.std() / gaps.mean() == pytest.approx(0.1, rel=0.05)
 
 
+def test_take_tbt_log_hands_over_the_log_so_far_and_empties_it() -> None:
+    perf = FakePerf(base_s=1.0, per_prefill_token_s=0.0, per_decode_seq_s=0.0)
+    whole, taken = make(perf, seed=4), make(perf, seed=4)
+    for eng in (whole, taken):
+        eng.submit(1, 0.0, 1, 301)
+    whole.advance_to(1e6)
+    taken.advance_to(100.0)
+    first = taken.take_tbt_log()
+    assert taken.tbt_log_len == 0 and len(taken.tbt_histogram[0]) == 0
+    taken.advance_to(1e6)
+    rest = taken.take_tbt_log()
+    assert whole.tbt_log_len == len(first[0]) + len(rest[0]) == 300
+    assert np.array_equal(whole.tbt_histogram[0], np.concatenate((first[0], rest[0])))
+    assert np.array_equal(whole.tbt_histogram[1], np.concatenate((first[1], rest[1])))
+
+
 def test_advance_to_runs_iterations_starting_before_t_and_idles_otherwise() -> None:
     perf = FakePerf()
     eng = make(perf)
