@@ -12,14 +12,14 @@ Rules:
   harmonic mix rule of `singlepool`).
 - Classes are taken from the lightest (largest cap_c) to the heaviest. A pool is worth GPUs of its own
   only if it fills them: a class whose load (plus what was moved into it) would fill less than
-  `merge_fill` (half) of ONE instance at the pool's best configuration does not get a pool; its load and
-  its classes move up to the next heavier class's pool. "Best configuration": the (TP, clock) with the
-  least energy per request at full load for the pool's mix (`capacity.pool_capacities`), the one the
-  pool manager fills first as load grows. Why half: a pool always holds at least one instance, and one
-  filled to less than half spends more than twice its full-load idle energy per request, while the same
-  requests on the next pool's instances ride on idle power that pool pays anyway (its instances are
-  rounded up too) and on instances that serve them within their SLO (a heavier class's pool serves
-  lighter requests faster than its own). The rule is relative to the pool's own capacity, so it means
+  `merge_fill` (default: all) of ONE instance at the pool's best configuration does not get a pool;
+  its load and its classes move up to the next heavier class's pool. "Best configuration": the (TP,
+  clock) with the least energy per request at full load for the pool's mix
+  (`capacity.pool_capacities`), the one the pool manager fills first as load grows. Why one whole
+  instance: a pool always holds at least one instance, and one it cannot fill pays idle power for
+  capacity nobody uses, while the same requests on the next pool's instances ride on idle power that
+  pool pays anyway (its instances are rounded up too) and on instances that serve them within their
+  SLO (a heavier class's pool serves lighter requests faster than its own). The rule is relative to the pool's own capacity, so it means
   the same at 0.1 req/s of long prompts and at 5 req/s of short ones, unlike an absolute rate. The
   heaviest class always keeps a pool and collects what is left, so every class is served.
 - Budget: the pool's work rounded up to whole TP8 instances, times 8 GPUs. Only the pool of the heaviest
@@ -54,7 +54,8 @@ from controller.policy.capacity import pool_capacities
 # Pools smaller than this many GPUs are not trimmed further when the cluster's GPUs run out.
 MIN_POOL_GPUS = 2
 # A class (with what moved into it) gets its own pool only if its load fills at least this share of one
-# instance at the pool's best configuration (module docstring: why half).
+# instance at the pool's best configuration (module docstring: why one whole instance; docs/control.md:
+# what half and two measured).
 DEFAULT_MERGE_FILL = 1.0
 DEFAULT_LARGEST_HEADROOM = 0.1
 
