@@ -19,8 +19,9 @@ Rules:
   instance: a pool always holds at least one instance, and one it cannot fill pays idle power for
   capacity nobody uses, while the same requests on the next pool's instances ride on idle power that
   pool pays anyway (its instances are rounded up too) and on instances that serve them within their
-  SLO (a heavier class's pool serves lighter requests faster than its own). The rule is relative to the pool's own capacity, so it means
-  the same at 0.1 req/s of long prompts and at 5 req/s of short ones, unlike an absolute rate. The
+  SLO (a heavier class's pool serves lighter requests faster than its own). The rule is relative to
+  the pool's own capacity, so it means the same at 0.1 req/s of long prompts and at 5 req/s of short
+  ones, unlike an absolute rate. The
   heaviest class always keeps a pool and collects what is left, so every class is served.
 - Budget: the pool's work rounded up to whole TP8 instances, times 8 GPUs. Only the pool of the heaviest
   class over-provisions (x (1 + headroom)), the catch-all for load moved up and for forecast misses of
