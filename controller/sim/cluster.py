@@ -208,7 +208,19 @@ def simulate(
     next_progress_s = cfg.progress_step_s
     rejected = 0
     chosen = [-1] * n
+    completed = np.zeros(n, dtype=bool)
+    ttft_s = np.full(n, np.nan)
+    tbt_mean_s = np.full(n, np.nan)
     tbt = TbtHistogram()
+
+    def collect(engine: SimEngine) -> None:
+        """Finished requests and the TBT log out of the engine, so its memory stays bounded."""
+        for r in engine.pop_completed():
+            completed[r.request_id] = True
+            ttft_s[r.request_id] = r.ttft_s
+            tbt_mean_s[r.request_id] = r.tbt_mean_s
+        tbt.fold(engine.take_tbt_log())
+
     for i in range(n):
         t = arrival[i]
         if t >= next_progress_s:
@@ -217,7 +229,7 @@ def simulate(
             next_progress_s = (math.floor(t / cfg.progress_step_s) + 1) * cfg.progress_step_s
             for engine in engines:
                 if engine.tbt_log_len >= _TBT_FOLD_ENTRIES:
-                    tbt.fold(engine.take_tbt_log())
+                    collect(engine)
         c = classes[i]
         size = inputs[i] + outputs[i]
         # Not served: no instance in the pool, an empty prompt or answer, or larger than the KV cache.
@@ -242,15 +254,8 @@ def simulate(
     for engine in engines:
         engine.close(end_s)
 
-    completed = np.zeros(n, dtype=bool)
-    ttft_s = np.full(n, np.nan)
-    tbt_mean_s = np.full(n, np.nan)
     for engine in engines:
-        for r in engine.pop_completed():
-            completed[r.request_id] = True
-            ttft_s[r.request_id] = r.ttft_s
-            tbt_mean_s[r.request_id] = r.tbt_mean_s
-        tbt.fold(engine.take_tbt_log())
+        collect(engine)
     tbt_gap_s, tbt_tokens = tbt.arrays()
 
     n_bins = max(1, math.ceil(end_s / cfg.power_bin_s))
