@@ -1,8 +1,10 @@
-"""Observed state of a cluster as the policy core sees it at a decision point (DESIGN §7).
+"""Observed state of a cluster as the policy core sees it at a decision point (docs/control.md).
 
-Produced by the simulator (`controller.sim`) at each period boundary, and later by the live controller's
-fleet view; consumed by the pure policy functions (`controller.policy`). Level-based: a policy reads the
-whole observed state and returns the whole desired state (`ClusterPlan`, clocks), never a delta.
+Built by `controller.control.ControlCycle` from the fleet view and its arrival history at every tick,
+whoever drives it (the simulator or the live controller); consumed by the pure policy functions
+(`controller.policy`). Level-based: a policy reads the whole observed state and returns the whole
+desired state (`ClusterPlan`, clocks), never a delta. Knowledge of the future is not part of it: the
+oracle (`controller.sim.oracle`) gets its foresight from the simulator.
 """
 
 from __future__ import annotations
@@ -15,14 +17,10 @@ from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec
 
-# Windows over which the simulator (and the live controller) measures each class's short-term arrival
-# peaks (`ClusterObs.class_burst_history_rps`): from the trace's one-second granularity up to a third of
-# a 60-s history bin, beyond which the per-bin rates themselves show a burst.
+# Windows over which the control cycle measures each class's short-term arrival peaks
+# (`ClusterObs.class_burst_history_rps`): from the trace's one-second granularity up to a third of a
+# 60-s history bin, beyond which the per-bin rates themselves show a burst.
 DEFAULT_BURST_WINDOWS_S = (1.0, 2.0, 5.0, 10.0, 20.0)
-# Windows of the oracle's TRUE short-term peaks of the coming period (`ClusterObs.true_next_burst_rps`):
-# those above, plus one and two minutes, since its rate (`true_next_rate_rps`) is a mean over a pool
-# period and the surges within it are known too.
-ORACLE_BURST_WINDOWS_S = (*DEFAULT_BURST_WINDOWS_S, 60.0, 120.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +65,9 @@ class ClusterObs:
     `class_rate_history_rps[c]` is the observed arrival rate of class c (index order of CLASS_NAMES) in
     consecutive bins of `history_bin_s`, oldest first, ending at `now_s`.
 
-    Filled only for the `oracle` policy, from the future of the trace, by the classes the router will
-    use (predicted classes), over the coming period of `true_period_s`: `true_next_rate_rps[c]`, the
-    realised arrival rate of class c (the largest mean over a pool period within it), and
-    `true_next_burst_rps[k][c]`, the most arrivals of class c within any window of
-    `true_burst_windows_s[k]` in the coming period, divided by the window (rps). None / empty / 0
-    otherwise.
+    `epoch_start_s` is when the cluster epoch in force began and `pool_period_start_s` when the pool
+    period in force began: explicit state of the cycle (not `now_s` modulo a period from t = 0), so a
+    controller that restarts keeps its boundaries.
 
     `class_burst_history_rps[k][c][b]`: the short-term peak of class c in history bin b, measured over
     window `burst_windows_s[k]`: the most arrivals of the class within any window of that length ending
@@ -88,12 +83,10 @@ class ClusterObs:
     history_bin_s: float
     class_rate_history_rps: tuple[tuple[float, ...], ...]
     total_gpus: int  # GPUs the cluster may use at most
-    true_next_rate_rps: tuple[float, ...] | None = None
     burst_windows_s: tuple[float, ...] = ()
     class_burst_history_rps: tuple[tuple[tuple[float, ...], ...], ...] = ()
-    true_burst_windows_s: tuple[float, ...] = ()
-    true_next_burst_rps: tuple[tuple[float, ...], ...] = ()
-    true_period_s: float = 0.0
+    epoch_start_s: float = 0.0
+    pool_period_start_s: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.class_rate_history_rps) != len(CLASS_NAMES):
@@ -103,26 +96,11 @@ class ClusterObs:
         windows = self.burst_windows_s
         if not all(math.isfinite(w) and w > 0 for w in windows) or list(windows) != sorted(set(windows)):
             raise InvalidArgumentError("burst_windows_s", windows, "increasing positive seconds")
-        true_windows = self.true_burst_windows_s
-        if not all(math.isfinite(w) and w > 0 for w in true_windows) or list(true_windows) != sorted(
-            set(true_windows)
-        ):
-            raise InvalidArgumentError("true_burst_windows_s", true_windows, "increasing positive seconds")
-        if len(self.true_next_burst_rps) != len(true_windows) or any(
-            len(row) != len(CLASS_NAMES) for row in self.true_next_burst_rps
-        ):
+        if not self.epoch_start_s <= self.pool_period_start_s <= self.now_s:
+            starts = (self.epoch_start_s, self.pool_period_start_s, self.now_s)
             raise InvalidArgumentError(
-                "true_next_burst_rps",
-                tuple(len(row) for row in self.true_next_burst_rps),
-                f"one row of {len(CLASS_NAMES)} classes per true burst window ({len(true_windows)})",
+                "epoch_start_s", starts, "epoch_start_s <= pool_period_start_s <= now_s"
             )
-        if self.true_next_rate_rps is not None:
-            if len(self.true_next_rate_rps) != len(CLASS_NAMES):
-                raise InvalidArgumentError(
-                    "true_next_rate_rps", len(self.true_next_rate_rps), f"{len(CLASS_NAMES)} classes"
-                )
-            if not (math.isfinite(self.true_period_s) and self.true_period_s > 0):
-                raise InvalidArgumentError("true_period_s", self.true_period_s, "the period's length > 0 s")
         if len(self.class_burst_history_rps) != len(windows):
             raise InvalidArgumentError(
                 "class_burst_history_rps",

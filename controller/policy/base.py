@@ -2,8 +2,9 @@
 statistics a policy sizes from.
 
 Flow: the caller summarises arrivals per request class (`arrival_stats`) and asks the policy for a
-`ClusterPlan` (`SimPolicy.initial_plan`). Static policies stop there; the next issue's dynamic policies
-add decisions at their periods on the same object. Pure: arrays in, frozen values out.
+`ClusterPlan` (`SimPolicy.initial_plan`). Static policies stop there; dynamic policies
+(`DynamicPolicy`) are then stepped by `controller.control.ControlCycle` at their periods. Pure: arrays
+in, frozen values out.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy.typing as npt
 from agent.api.errors import InvalidArgumentError
 from controller.model.classes import REQUEST_CLASSES
 from controller.model.cluster import ClusterPlan
+from controller.model.decisions import PlanStep
 from controller.model.profile import Profile
 from controller.model.state import ClusterObs, Periods
+from controller.orchestrator.plan import ReconfigCosts
 
 # Sliding-window length over which a "peak" arrival rate is measured: long enough that a few
 # back-to-back requests do not count as a peak, short against the minutes a cluster needs to react.
@@ -114,22 +117,26 @@ class SizablePolicy(SimPolicy, Protocol):
 @runtime_checkable
 class DynamicPolicy(SimPolicy, Protocol):
     """A policy that re-decides during the run, at three time scales (DESIGN §7). Pure: each step maps the
-    observed state (and the profile) to the whole desired state; the caller turns the difference with
-    the current state into costed, staggered reconfigurations."""
+    observed state (and the profile) to the whole desired state and the decisions behind it; the
+    control cycle turns the difference with the current state into costed, staggered
+    reconfigurations, priced and timed with the policy's own `costs`."""
 
     @property
     def periods(self) -> Periods: ...
+
+    @property
+    def costs(self) -> ReconfigCosts: ...
 
     @property
     def reconfiguration_free(self) -> bool:
         """True only for `oracle`: its changes take effect instantly and cost nothing."""
         ...
 
-    def cluster_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+    def cluster_step(self, obs: ClusterObs, profile: Profile) -> PlanStep:
         """Every cluster period: pools (which classes each serves) and their instances."""
         ...
 
-    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> PlanStep:
         """Every pool period: the instance mix (TP, clock) of each pool within its GPU budget."""
         ...
 

@@ -103,7 +103,7 @@ def learn_template(
 ) -> WeeklyTemplate | None:
     """The mean rate per slot of `period_s` over the history (bins ending at `end_unix_s`), or None
     when the history does not cover a whole period (some slot would be unseen)."""
-    rates = _validated_history(history_rps, bin_s)
+    rates = validated_history(history_rps, bin_s)
     if len(rates) * bin_s < period_s:
         return None
     starts = end_unix_s - bin_s * np.arange(len(rates), 0, -1, dtype=np.float64)
@@ -200,7 +200,7 @@ def _prepared(
     """The forecasters' checked inputs: the history, the EWMA weight (default from the time constant),
     the template (learned from the history when not given: weekly, else daily) and the horizon's
     sample times for the template's trend (None without a template or a time)."""
-    rates = _validated_history(history_rps, bin_s)
+    rates = validated_history(history_rps, bin_s)
     if not (math.isfinite(horizon_s) and horizon_s > 0):
         raise InvalidArgumentError("horizon_s", horizon_s, "a positive number of seconds")
     if alpha is None:
@@ -240,7 +240,7 @@ def _level_and_trend(
     return level, trend
 
 
-def _validated_history(history_rps: Sequence[float] | FloatArray, bin_s: float) -> FloatArray:
+def validated_history(history_rps: Sequence[float] | FloatArray, bin_s: float) -> FloatArray:
     if not (math.isfinite(bin_s) and bin_s > 0):
         raise InvalidArgumentError("bin_s", bin_s, "a positive number of seconds")
     rates = np.asarray(history_rps, dtype=np.float64)
@@ -278,84 +278,3 @@ def expected_max_sigmas(bins: int) -> float:
     if bins <= 1:
         return 0.0
     return NormalDist().inv_cdf((bins - 0.375) / (bins + 0.25))
-
-
-@dataclass(frozen=True, slots=True)
-class ForecastError:
-    """Forecast versus realised peaks over a run's epochs.
-
-    `mape` is the mean of |forecast - realised| / realised over epochs with a realised peak > 0
-    (`scored` of them); `bias` the mean signed relative error (> 0: over-forecast, costs energy);
-    `under_share` the share of scored epochs forecast below the realised peak (risks the SLO).
-    """
-
-    epochs: int
-    scored: int
-    mape: float
-    bias: float
-    under_share: float
-
-
-def forecast_error(
-    forecast_peak_rps: Sequence[float] | FloatArray, realised_peak_rps: Sequence[float] | FloatArray
-) -> ForecastError:
-    """Score per-epoch peak forecasts against the realised peaks (same order, same length)."""
-    forecast = np.asarray(forecast_peak_rps, dtype=np.float64)
-    realised = np.asarray(realised_peak_rps, dtype=np.float64)
-    if forecast.shape != realised.shape or forecast.ndim != 1:
-        raise InvalidArgumentError(
-            "forecast_peak_rps", forecast.shape, f"one forecast per realised peak {realised.shape}"
-        )
-    scored = realised > 0.0
-    n = int(scored.sum())
-    if n == 0:
-        return ForecastError(len(forecast), 0, 0.0, 0.0, 0.0)
-    relative = (forecast[scored] - realised[scored]) / realised[scored]
-    return ForecastError(
-        epochs=len(forecast),
-        scored=n,
-        mape=float(np.abs(relative).mean()),
-        bias=float(relative.mean()),
-        under_share=float((relative < 0.0).mean()),
-    )
-
-
-def backtest_peak_forecast(
-    rates_rps: Sequence[float] | FloatArray,
-    bin_s: float,
-    horizon_s: float,
-    *,
-    start_unix_s: float | None = None,
-    template: WeeklyTemplate | None = None,
-    warmup_s: float | None = None,
-    step_s: float | None = None,
-    alpha: float | None = None,
-    headroom_window_s: float = DEFAULT_HEADROOM_WINDOW_S,
-) -> tuple[FloatArray, FloatArray]:
-    """(forecast, realised) peak per epoch of a whole rate series, each forecast made from the bins
-    before its epoch only. Epochs of `horizon_s` start after `warmup_s` (default one horizon), every
-    `step_s` (default one horizon: back to back; shorter steps give overlapping epochs, for short
-    series), while a whole epoch remains. `start_unix_s` is the UTC time of the first bin's start.
-    """
-    rates = _validated_history(rates_rps, bin_s)
-    per_epoch = max(1, round(horizon_s / bin_s))
-    first = per_epoch if warmup_s is None else max(1, math.ceil(warmup_s / bin_s))
-    step = per_epoch if step_s is None else max(1, round(step_s / bin_s))
-    boundaries = range(first, len(rates) - per_epoch + 1, step)
-    forecast = np.array(
-        [
-            forecast_next_peak_rps(
-                rates[:b],
-                bin_s,
-                horizon_s,
-                now_unix_s=None if start_unix_s is None else start_unix_s + b * bin_s,
-                template=template,
-                alpha=alpha,
-                headroom_window_s=headroom_window_s,
-            )
-            for b in boundaries
-        ],
-        dtype=np.float64,
-    )
-    realised = np.array([rates[b : b + per_epoch].max() for b in boundaries], dtype=np.float64)
-    return forecast, realised

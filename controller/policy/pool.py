@@ -1,6 +1,6 @@
-"""Pool manager (DESIGN §7): the instance mix of one pool for the next pool epoch, as a small MILP.
+"""Pool manager (docs/pool-manager.md): the instance mix of one pool for the next pool epoch, as a small MILP.
 
-Where it sits: every pool period (default 5 min) the policy (`controller.policy.policies`) calls
+Where it sits: every pool period (default 5 min) the policy (`controller.policy.dynamollm`) calls
 `solve_pool` once per pool with the pool's expected load (a forecast peak), its GPU budget from the
 cluster manager, the mix's per-configuration capacities (`controller.policy.capacity.pool_capacities`)
 and the pool's current instances. The answer (instance counts per (TP, clock)) becomes the pool's
@@ -25,7 +25,7 @@ concerned (`reconfig_cost_j`, keys RECONFIG_KINDS; `reconfig_cost_j_per_gpu` der
 durations). Solved with HiGHS through CVXPY with a relative MIP gap and a time limit; a time-limited run
 with an incumbent is accepted ("incumbent"). The CVXPY problem is built once per structure (the
 configurations' TP degrees and the TP degrees present) with a `cp.Parameter` for every number that
-changes between calls, and kept in a small module-level cache: CVXPY compiles it on its first solve
+changes between calls, and kept in a small cache the caller owns (`ProblemCache`, one per policy object): CVXPY compiles it on its first solve
 (DPP) and afterwards only substitutes the values, instead of canonicalising a new problem each call.
 
 Fallbacks, explicit in `PoolDecision.status`: when the load cannot be covered within the budget the MILP
@@ -107,7 +107,7 @@ def reconfig_cost_j_per_gpu(
 ) -> dict[str, float]:
     """Reconfiguration costs in J per GPU: each kind holds the GPU idle (serving nothing) for its duration.
 
-    Durations come from the reconfiguration model (DESIGN §7: warm start ~60 s, restart re-shard ~90 s,
+    Durations come from the reconfiguration model (docs/pool-manager.md: warm start ~60 s, restart re-shard ~90 s,
     clock change ~0.065 s; stop ~0: a draining instance keeps serving its requests).
     """
     costs = {"start": start_s, "stop": stop_s, "retp": retp_s, "clock": clock_s}
@@ -249,12 +249,14 @@ def solve_pool(
     allowed_tps: Sequence[int] = (2, 4, 8),
     allowed_clocks: Sequence[int] | None = None,
     headroom: float = DEFAULT_POOL_HEADROOM,
+    problems: ProblemCache | None = None,
 ) -> PoolDecision:
     """The pool's instance counts per (tp, clock) minimising epoch energy plus reconfiguration cost.
 
     `capacities`: the mix's configurations (`pool_capacities`); only those with tp in `allowed_tps` and
     clock in `allowed_clocks` (None: any) are used, which is how one-knob baselines restrict the search.
     `current_counts`: the pool's instances now (any spec). `epoch_s`: the pool period the plan holds for.
+    `problems`: the caller's cache of built problems (None: built for this call alone).
     """
     _validate(
         load_rps, gpu_budget, reconfig_cost_j, epoch_s, mip_rel_gap, time_limit_s, headroom, current_counts
@@ -304,7 +306,24 @@ def solve_pool(
         mip_rel_gap,
         time_limit_s,
         headroom,
+        problems if problems is not None else ProblemCache(size=1),
     )
+
+
+def greedy_decision(
+    load_rps: float,
+    gpu_budget: int,
+    capacities: Sequence[ConfigCapacity],
+    *,
+    epoch_s: float,
+    allowed_tps: Sequence[int] = (2, 4, 8),
+    allowed_clocks: Sequence[int] | None = None,
+    headroom: float = DEFAULT_POOL_HEADROOM,
+) -> PoolDecision:
+    """The greedy rule's answer (see `greedy_pool`) as a decision: the runner-up a pool step reports
+    beside the MILP's choice, so an operator sees what the optimisation bought."""
+    configs = _allowed(capacities, allowed_tps, allowed_clocks)
+    return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", 0.0)
 
 
 def _fallback(
@@ -356,9 +375,31 @@ class _PoolProblem:
 # Structures seen in a run: the mixes' configuration sets (a handful per policy) times the TP degrees
 # present, so a few dozen at most; the bound only keeps a long-lived process from growing without limit.
 _PROBLEM_CACHE_SIZE = 64
-_problems: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], _PoolProblem] = OrderedDict()
-# The cached problems hold their parameter values: two threads solving one at once would mix them up.
-_problems_lock = threading.Lock()
+_ProblemKey = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+class ProblemCache:
+    """The built MILPs of each structure, least recently used dropped beyond `size`. Owned by the policy
+    object that solves (a daemon solves in a worker thread, hence the lock: one solve at a time per
+    cache, since a problem's parameters are set and solved in place)."""
+
+    def __init__(self, size: int = _PROBLEM_CACHE_SIZE) -> None:
+        self._size = size
+        self._problems: OrderedDict[_ProblemKey, _PoolProblem] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolProblem:
+        """The problem of this structure, built on first use. Call with `lock` held."""
+        key = (config_tps, tps)
+        p = self._problems.get(key)
+        if p is None:
+            p = _build_problem(config_tps, tps)
+            self._problems[key] = p
+            if len(self._problems) > self._size:
+                self._problems.popitem(last=False)
+        else:
+            self._problems.move_to_end(key)
+        return p
 
 
 def _build_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolProblem:
@@ -441,20 +482,6 @@ def _build_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolPr
     )
 
 
-def _pool_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolProblem:
-    """The cached problem for this structure, built on first use; least recently used ones are dropped."""
-    key = (config_tps, tps)
-    p = _problems.get(key)
-    if p is None:
-        p = _build_problem(config_tps, tps)
-        _problems[key] = p
-        if len(_problems) > _PROBLEM_CACHE_SIZE:
-            _problems.popitem(last=False)
-    else:
-        _problems.move_to_end(key)
-    return p
-
-
 def _solve_milp(
     load_rps: float,
     gpu_budget: int,
@@ -465,6 +492,7 @@ def _solve_milp(
     mip_rel_gap: float,
     time_limit_s: float,
     headroom: float,
+    problems: ProblemCache,
 ) -> PoolDecision:
     import cvxpy as cp
 
@@ -475,8 +503,8 @@ def _solve_milp(
     retp_saving_j = min(0.0, reconfig_cost_j["retp"] - reconfig_cost_j["start"] - reconfig_cost_j["stop"])
     # Objective in kJ so HiGHS sees coefficients of moderate size.
     scale = 1e-3
-    with _problems_lock:
-        p = _pool_problem(config_tps, tps)
+    with problems.lock:
+        p = problems.get(config_tps, tps)
         p.count_max.value = np.floor(gpu_budget / tp_k)
         p.gpu_budget.value = float(gpu_budget)
         p.load_rps.value = load_rps

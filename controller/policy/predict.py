@@ -27,7 +27,6 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -235,77 +234,3 @@ def update_many(
             pending = pending[room:]
         counts[b] = row
     return _with_counts(state, tuple((r[0], r[1], r[2]) for r in counts))
-
-
-def inject_accuracy(
-    true_bins: npt.NDArray[np.integer], accuracy: float, rng: np.random.Generator
-) -> npt.NDArray[np.int8]:
-    """Predictions with a given accuracy: each true bin is kept with probability `accuracy`, else
-    replaced by one of the other two bins chosen uniformly (accuracy 1.0 = oracle, 0.0 = always wrong).
-    """
-    if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
-        raise InvalidArgumentError("predictor_accuracy", accuracy, "a number in [0, 1]")
-    truth = np.asarray(true_bins)
-    if truth.size and (truth.min() < 0 or truth.max() >= N_OUTPUT_BINS):
-        raise InvalidArgumentError("true_bins", "out of range", f"output bins 0..{N_OUTPUT_BINS - 1}")
-    wrong = rng.random(truth.shape) >= accuracy
-    shift = rng.integers(1, N_OUTPUT_BINS, size=truth.shape)
-    return np.where(wrong, (truth + shift) % N_OUTPUT_BINS, truth).astype(np.int8)
-
-
-@dataclass(frozen=True, slots=True)
-class PredictorAccuracy:
-    """How a predictor did on a replayed trace. `confusion[t][p]` = requests of true bin t predicted p."""
-
-    requests: int
-    accuracy: float
-    under_share: float  # predicted a smaller bin than the truth (the request lands in a tighter pool)
-    over_share: float
-    confusion: tuple[Counts, ...]
-
-
-def accuracy_of(
-    true_bins: npt.NDArray[np.integer], predicted_bins: npt.NDArray[np.integer]
-) -> PredictorAccuracy:
-    """Accuracy, under/over-prediction shares and the confusion matrix of predicted vs true bins."""
-    truth = np.asarray(true_bins, np.int64)
-    pred = np.asarray(predicted_bins, np.int64)
-    if truth.shape != pred.shape:
-        raise InvalidArgumentError("predicted_bins", pred.shape, f"the shape of true_bins {truth.shape}")
-    n = int(truth.size)
-    matrix = np.bincount(truth * N_OUTPUT_BINS + pred, minlength=N_OUTPUT_BINS**2).reshape(3, 3)
-    confusion = tuple((int(r[0]), int(r[1]), int(r[2])) for r in matrix)
-    return PredictorAccuracy(
-        requests=n,
-        accuracy=float(np.trace(matrix)) / n if n else 1.0,
-        under_share=float(np.tril(matrix, -1).sum()) / n if n else 0.0,
-        over_share=float(np.triu(matrix, 1).sum()) / n if n else 0.0,
-        confusion=confusion,
-    )
-
-
-def replay_predictions(
-    input_tokens: npt.NDArray[np.integer],
-    output_tokens: npt.NDArray[np.integer],
-    state: OutputPredictor | None = None,
-    *,
-    learn_after: int = 0,
-) -> npt.NDArray[np.int8]:
-    """Online predictions for requests in arrival order, each made before the request is learned.
-
-    Request i is predicted from the completions of requests 0 .. i - 1 - `learn_after` (with
-    `learn_after` = 0 every earlier request counts as completed; a positive value models completions
-    arriving later than the requests that follow them). No hints (the Azure traces carry none).
-    """
-    if learn_after < 0:
-        raise InvalidArgumentError("learn_after", learn_after, "a non-negative number of requests")
-    current = OutputPredictor() if state is None else state
-    inputs = np.asarray(input_tokens)
-    outputs = np.asarray(output_tokens)
-    predicted = np.empty(len(inputs), np.int8)
-    for i in range(len(inputs)):
-        predicted[i] = predict_output_bin(current, int(inputs[i]), None)
-        j = i - learn_after
-        if j >= 0:
-            current = update(current, int(inputs[j]), int(outputs[j]))
-    return predicted

@@ -8,7 +8,9 @@ a carbon-intensity source and an energy-price source; `format_table` renders it 
 Definitions (also in docs/simulator.md):
 - A request meets its SLO when it completed, its TTFT <= its class's TTFT target, and its mean
   inter-token time <= its class's TBT target (single-token answers have no inter-token gap and pass
-  TBT). `slo_attainment` = requests meeting SLO / ALL trace requests: incomplete ones count as misses.
+  TBT). `slo_attainment` = requests meeting SLO / ADMITTED requests: incomplete and rejected ones count
+  as misses. Requests refused at admission (input + output beyond the model's context) are never
+  served and are reported beside it (`refused`, by reason), the same for every policy.
 - Cluster `tbt_s_p50/p99` are token-weighted over every decode iteration of every engine (each
   iteration's duration counted once per token it produced), from a histogram with bins of 0.1%
   relative width (`TbtHistogram`: within 0.05% of the exact percentile). Per-class TBT percentiles
@@ -34,6 +36,7 @@ import numpy.typing as npt
 from agent.api.errors import InvalidArgumentError
 from controller.model.classes import REQUEST_CLASSES, ClassSlo
 from controller.model.cluster import ClusterPlan, InstanceSpec
+from controller.model.decisions import Decision
 from controller.model.state import Periods
 from controller.sim.carbon import (
     J_PER_KWH,
@@ -81,13 +84,14 @@ class RunSeries:
 
 @dataclass(frozen=True, slots=True)
 class ForecastScore:
-    """Per-class peak-forecast error over a run's epochs of `horizon_s` (`controller.policy.forecast`).
-    None where a class had no epoch with a realised peak."""
+    """Per-class error of the forecasts the policy planned with, over a run's steps of `horizon_s`.
+    None where a class had no step with a realised rate."""
 
     horizon_s: float
     epochs: int
     mape_by_class: Mapping[str, float | None]
     bias_by_class: Mapping[str, float | None]
+    kind: str = "peak"  # what was forecast: "rate" (mean over the horizon) or "peak" (peak bin rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +128,7 @@ class SimResult:
     energy_unused_gpus_j: float  # GPUs of allocated servers that host no instance
     gpu_s: float  # GPU-seconds of instances
     server_s: float  # server-seconds allocated
-    rejected: int  # never admitted: no instance for the class, empty prompt or answer, or over the KV cache
+    rejected: int  # admitted but not served: no instance could hold it, or past its deadline
     reconfigurations: int
     engine_iterations: int
     # Dynamic runs only (static runs keep the empty defaults, except the series).
@@ -134,6 +138,17 @@ class SimResult:
     forecast: tuple[ForecastScore, ...] = ()
     periods: Periods | None = None
     series: RunSeries | None = None
+    # Requests refused at admission, by reason; `admitted` per request (None: all admitted).
+    refused: Mapping[str, int] = field(default_factory=dict)
+    admitted: npt.NDArray[np.bool_] | None = None
+    # What the control cycle decided, in order (controller.model.decisions).
+    decisions: tuple[Decision, ...] = ()
+
+    @property
+    def admitted_mask(self) -> npt.NDArray[np.bool_]:
+        if self.admitted is None:
+            return np.ones(len(self.class_index), dtype=bool)
+        return self.admitted
 
     @property
     def energy_j(self) -> float:
@@ -190,7 +205,8 @@ def _percentile(values: npt.NDArray[np.float64], q: float) -> float | None:
 
 
 def meets_slo(result: SimResult, slos: Mapping[str, ClassSlo]) -> npt.NDArray[np.bool_]:
-    """Per request: completed, TTFT within target, mean inter-token time within target."""
+    """Per request: completed, TTFT within target, mean inter-token time within target (a refused
+    request never completes: False)."""
     ttft_target = np.array([slos[c.name].ttft_s for c in REQUEST_CLASSES])[result.class_index]
     tbt_target = np.array([slos[c.name].tbt_s for c in REQUEST_CLASSES])[result.class_index]
     with np.errstate(invalid="ignore"):  # NaN of incomplete requests compares False, as intended
@@ -198,6 +214,13 @@ def meets_slo(result: SimResult, slos: Mapping[str, ClassSlo]) -> npt.NDArray[np
         tbt_ok = (result.output_tokens <= 1) | (result.tbt_mean_s <= tbt_target)
     ok: npt.NDArray[np.bool_] = result.completed & ttft_ok & tbt_ok
     return ok
+
+
+def slo_attainment(result: SimResult, slos: Mapping[str, ClassSlo]) -> float:
+    """Share of the admitted requests meeting their SLO (1.0 when none was admitted)."""
+    admitted = result.admitted_mask
+    n = int(admitted.sum())
+    return float(meets_slo(result, slos)[admitted].sum()) / n if n else 1.0
 
 
 def _latency_metrics(
@@ -213,8 +236,9 @@ def _latency_metrics(
 
 def _per_class(result: SimResult, slos: Mapping[str, ClassSlo], ok: npt.NDArray[np.bool_]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    admitted = result.admitted_mask
     for c in REQUEST_CLASSES:
-        mine = result.class_index == c.index
+        mine = (result.class_index == c.index) & admitted
         done = mine & result.completed
         gaps = np.maximum(result.output_tokens[done].astype(np.int64) - 1, 0)
         tbt = result.tbt_mean_s[done]
@@ -355,6 +379,7 @@ def _dynamic_json(result: SimResult) -> dict[str, Any]:
         "forecast_error": [
             {
                 "horizon_s": f.horizon_s,
+                "kind": f.kind,
                 "epochs": f.epochs,
                 "mape_by_class": dict(f.mape_by_class),
                 "bias_by_class": dict(f.bias_by_class),
@@ -379,6 +404,7 @@ def build_report(
     """The `dynamollm.simreport/v1` object (JSON-ready: no NaN, missing percentiles are null)."""
     ok = meets_slo(result, slos)
     n = len(result.class_index)
+    admitted = int(result.admitted_mask.sum())
     done = result.completed
     bins = result.energy_by_bin_j
     # The last bin may be partial: divide by its own length so power stays a rate.
@@ -399,6 +425,8 @@ def build_report(
         "duration_s": result.duration_s,
         "trace_duration_s": result.trace_duration_s,
         "requests": n,
+        "admitted": admitted,
+        "refused": dict(result.refused),
         "completed": int(done.sum()),
         "rejected": result.rejected,
         "energy_j": result.energy_j,
@@ -414,7 +442,7 @@ def build_report(
             weighted_percentile(result.tbt_gap_s, result.tbt_tokens, 50),
             weighted_percentile(result.tbt_gap_s, result.tbt_tokens, 99),
         ),
-        "slo_attainment": float(ok.sum()) / n if n else None,
+        "slo_attainment": float(ok[result.admitted_mask].sum()) / admitted if admitted else None,
         "per_class": _per_class(result, slos, ok),
         "reconfigurations": result.reconfigurations,
         **_dynamic_json(result),
@@ -432,6 +460,7 @@ def build_report(
         "wall_s": wall_s,
         "plan": plan_json(result.plan),
         "timeseries": _series_json(result),
+        "decisions": [d.to_json() for d in result.decisions],
     }
     if workload is not None:
         report["workload"] = dict(workload)
@@ -480,7 +509,8 @@ def _dynamic_lines(r: Mapping[str, Any]) -> list[str]:
         mapes = [v for v in f["mape_by_class"].values() if v is not None]
         worst = max(mapes) if mapes else None
         lines.append(
-            f"forecast error ({_fmt(f['horizon_s'], ' s')} peaks, {f['epochs']} epochs): MAPE per class "
+            f"forecast error ({_fmt(f['horizon_s'], ' s')} {f.get('kind', 'peak')} forecasts, {f['epochs']} epochs):"
+            " MAPE per class "
             + " ".join(f"{c} {_pct(v)}" for c, v in f["mape_by_class"].items() if v is not None)
             + ("" if worst is None else f"  worst {_pct(worst)}")
         )
@@ -492,7 +522,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     r = report
     lines = [
         f"trace {r['trace']}  policy {r['policy']}  model {r['model']} on {r['gpu']}  seed {r['seed']}",
-        f"simulated {_fmt(r['duration_s'], ' s')}  requests {r['requests']}  completed {r['completed']}"
+        f"simulated {_fmt(r['duration_s'], ' s')}  requests {r['requests']}"
+        f"  refused {sum(r['refused'].values())}{_kinds(r['refused'])}  completed {r['completed']}"
         f"  rejected {r['rejected']}"
         f"  SLO attainment {_pct(r['slo_attainment'])}  reconfigurations {r['reconfigurations']}"
         + _kinds(r.get("reconfigurations_by_kind")),
@@ -530,6 +561,7 @@ def write_report(report: Mapping[str, Any], path: Path) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is as readable as the plots beside it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,6 +23,9 @@ class ModelArch:
     ffn_size: int
     vocab_size: int
     bytes_per_param: int  # 2 for bf16 weights, activations and KV cache
+    # Longest input + output the model accepts (its trained context; vLLM's max_model_len default):
+    # a longer request is refused at admission, never served.
+    max_context_tokens: int
 
     @property
     def head_dim(self) -> int:
@@ -66,9 +69,9 @@ class GpuSpec:
 
 # Architectures from the models' Hugging Face config.json files.
 ARCHS: dict[str, ModelArch] = {
-    "llama2-70b": ModelArch("llama2-70b", 80, 8192, 64, 8, 28672, 32000, 2),
-    "llama3.1-8b": ModelArch("llama3.1-8b", 32, 4096, 32, 8, 14336, 128256, 2),
-    "llama3.1-70b": ModelArch("llama3.1-70b", 80, 8192, 64, 8, 28672, 128256, 2),
+    "llama2-70b": ModelArch("llama2-70b", 80, 8192, 64, 8, 28672, 32000, 2, 4096),
+    "llama3.1-8b": ModelArch("llama3.1-8b", 32, 4096, 32, 8, 14336, 128256, 2, 131072),
+    "llama3.1-70b": ModelArch("llama3.1-70b", 80, 8192, 64, 8, 28672, 128256, 2, 131072),
 }
 
 # H100 SXM5 80 GB: 989.4 TFLOP/s dense BF16 and 3.35 TB/s HBM3 (NVIDIA data sheet), 700 W TDP,

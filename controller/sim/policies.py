@@ -1,0 +1,57 @@
+"""The policies the simulator can run: the registry of `controller.policy.registry` plus the oracle
+(which needs the trace's future, so it exists only here), and the settings a simulation builds them
+with, so that the policy prices reconfigurations with the very costs the executor times them with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from types import MappingProxyType
+
+from agent.sim.physics import load_perf_model
+from controller.model.cluster import GPUS_PER_SERVER
+from controller.model.state import Periods
+from controller.policy.base import SimPolicy
+from controller.policy.registry import POLICIES, PolicyFactory, PolicySettings, make_policy
+from controller.sim.oracle import Oracle
+
+
+def _oracle(s: PolicySettings) -> Oracle:
+    return Oracle(
+        periods=s.periods,
+        costs=s.costs,
+        merge_fill=s.merge_fill,
+        largest_headroom=s.largest_headroom,
+        clock_headroom=s.clock_headroom,
+        mip_rel_gap=s.mip_rel_gap,
+        time_limit_s=s.time_limit_s,
+        mix_window_s=s.mix_window_s,
+        sustained_window_s=s.sustained_window_s,
+        burst_miss_share=s.burst_miss_share,
+    )
+
+
+SIM_POLICIES: Mapping[str, PolicyFactory] = MappingProxyType({**POLICIES, "oracle": _oracle})
+
+
+def sim_settings(
+    model: str,
+    gpu: str,
+    *,
+    periods: Periods | None = None,
+    fast_reshard: bool = False,
+    base: PolicySettings | None = None,
+) -> PolicySettings:
+    """Settings for a simulated cluster: `base` (default `PolicySettings()`) with the control periods,
+    the re-shard path and the GPUs' idle power (what a loading or draining GPU draws, in both the
+    policy's prices and the executor's energy) of the simulated hardware."""
+    start = base or PolicySettings()
+    idle_w = load_perf_model(model=model, gpu=gpu, tp=GPUS_PER_SERVER).idle_power_w
+    costs = replace(start.costs, fast_reshard=fast_reshard, idle_power_w_per_gpu=idle_w)
+    return replace(start, periods=periods or start.periods, costs=costs)
+
+
+def sim_policy(name: str, settings: PolicySettings | None = None) -> SimPolicy:
+    """The simulator's policy called `name` (errors name `--policy`)."""
+    return make_policy(name, settings, SIM_POLICIES)
