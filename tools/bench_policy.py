@@ -8,11 +8,13 @@ Where it sits: a developer tool over `controller.policy` (pure code), timed here
    of `--pool-gpus` GPUs (default 512), at random loads (5-100% of what the budget holds at maximum
    performance) and with the pool's previous decision as its current instances (what the control loop
    sees every 5 minutes). Reports p50/p99/max wall time per call (CVXPY parameter substitution + HiGHS;
-   the first call of each problem structure also builds and compiles it, as in a real run), the
-   solver's own run time, and how often each status (fallbacks included) came out.
+   the first call of each problem structure also builds and compiles it into the caller's
+   `ProblemCache`, as in a policy object over a real run), the solver's own run time, and how often
+   each status (fallbacks included) came out.
 2. Full decision at `--cluster-gpus` GPUs (default 4096): `DynamoLLM.pool_step` (forecast per class ->
-   `plan_pools` -> per pool `pool_capacities` + `solve_pool`) on an observed state with an hour of
-   per-minute history, loads scaled to fill about 80% of the cluster at maximum performance.
+   `plan_pools` -> per pool `pool_capacities` + `solve_pool` + the greedy runner-up of its decision
+   record) on an observed state with an hour of per-minute history, loads scaled to fill about 80% of
+   the cluster at maximum performance; epochs in force as the control cycle would have them.
 
 Usage: PYTHONPATH=. .venv/bin/python tools/bench_policy.py [--trials 200] [--seed 0]
 """
@@ -29,10 +31,11 @@ import numpy as np
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.profile import Profile
-from controller.model.state import ClusterObs, InstanceObs, Phase
+from controller.model.state import ClusterObs, InstanceObs, Periods, Phase
 from controller.policy.capacity import pool_capacities
-from controller.policy.pool import reconfig_cost_j_per_gpu, solve_pool
-from controller.sim.profiling import default_profile
+from controller.policy.dynamollm import DynamoLLM
+from controller.policy.pool import ProblemCache, reconfig_cost_j_per_gpu, solve_pool
+from controller.profiles import default_profile
 
 EPOCH_S = 300.0
 COSTS_J = reconfig_cost_j_per_gpu(75.0, start_s=60.0, stop_s=0.0, retp_s=90.0, clock_s=0.065)
@@ -52,13 +55,23 @@ def bench_pools(profile: Profile, pool_gpus: int, trials: int, rng: np.random.Ge
     solver_s: list[float] = []
     decision_s: list[float] = []
     statuses: Counter[str] = Counter()
-    solve_pool(1.0, pool_gpus, caps["SS"], {}, reconfig_cost_j=COSTS_J, epoch_s=EPOCH_S)  # import + warm
+    problems = ProblemCache()  # the built MILPs, owned by the caller as a policy object owns its own
+    # import + warm
+    solve_pool(1.0, pool_gpus, caps["SS"], {}, reconfig_cost_j=COSTS_J, epoch_s=EPOCH_S, problems=problems)
     for _ in range(trials):
         t_decision = 0.0
         for c in CLASS_NAMES:
             load = float(rng.uniform(0.05, 1.0)) * full_rps[c]
             t0 = time.perf_counter()
-            d = solve_pool(load, pool_gpus, caps[c], current[c], reconfig_cost_j=COSTS_J, epoch_s=EPOCH_S)
+            d = solve_pool(
+                load,
+                pool_gpus,
+                caps[c],
+                current[c],
+                reconfig_cost_j=COSTS_J,
+                epoch_s=EPOCH_S,
+                problems=problems,
+            )
             dt = time.perf_counter() - t0
             t_decision += dt
             wall_s.append(dt)
@@ -90,6 +103,7 @@ def _obs(
         )
         for i, (pool, spec) in enumerate((p.name, s) for p in plan.pools for s in p.instances)
     )
+    periods = Periods()  # the epochs in force, as a control cycle started at t = 0 has them
     return ClusterObs(
         now_s=now_s,
         start_unix_s=None,
@@ -98,12 +112,12 @@ def _obs(
         history_bin_s=60.0,
         class_rate_history_rps=tuple(tuple(float(v) for v in row) for row in rates_rps),
         total_gpus=total_gpus,
+        epoch_start_s=now_s // periods.cluster_s * periods.cluster_s,
+        pool_period_start_s=now_s // periods.pool_s * periods.pool_s,
     )
 
 
 def bench_cluster(profile: Profile, cluster_gpus: int, trials: int, rng: np.random.Generator) -> None:
-    from controller.policy.policies import DynamoLLM
-
     policy = DynamoLLM()
     top = max(profile.clocks_mhz)
     # Class mix of the Azure conversation trace, roughly; scaled so the peaks fill ~80% of the cluster.
@@ -115,16 +129,20 @@ def bench_cluster(profile: Profile, cluster_gpus: int, trials: int, rng: np.rand
     plan = ClusterPlan(pools=(PoolPlan(name="LL", class_names=CLASS_NAMES, instances=()),))
     times_s: list[float] = []
     gpus: list[int] = []
+    statuses: Counter[str] = Counter()
     policy.pool_step(_obs(profile, _history(shares, total_rps, rng), plan, cluster_gpus, 3600.0), profile)
     for k in range(trials):
         obs = _obs(profile, _history(shares, total_rps, rng), plan, cluster_gpus, 3600.0 + 300.0 * k)
         t0 = time.perf_counter()
-        plan = policy.pool_step(obs, profile)
+        step = policy.pool_step(obs, profile)
         times_s.append(time.perf_counter() - t0)
+        plan = step.plan
         gpus.append(plan.gpus)
+        statuses.update(d.solver_status for d in step.pools)
     print(f"DynamoLLM.pool_step (forecast + plan_pools + 9x solve_pool), {cluster_gpus} GPUs, {trials} runs:")
     print(f"  wall               {_pct(times_s)}")
     print(f"  GPUs planned       mean {np.mean(gpus):.0f} of {cluster_gpus}, {total_rps:.0f} rps offered")
+    print("  pool status: " + ", ".join(f"{k} {v}" for k, v in statuses.most_common()))
 
 
 def _history(shares: np.ndarray, total_rps: float, rng: np.random.Generator) -> np.ndarray:

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(json_path.read_text())
     iterations = report["engine_iterations"]
     print(
-        f"trace: {trace.name}: {report['requests']} requests, {report['duration_s']:.0f} s simulated, "
+        f"trace: {trace.name}: {report['requests']} requests ({report['admitted']} admitted, refused "
+        f"{report['refused'] or 'none'}), {report['duration_s']:.0f} s simulated, "
         f"policy {report['policy']}, {report['plan']['gpus']} GPUs"
     )
     sizing = report["workload"]["sizing"]

@@ -43,10 +43,10 @@ from controller.dctl.cmd_simulate import (  # noqa: E402  (after the sys.path in
     DEFAULT_ENERGY_USD_PER_KWH,
     DEFAULT_GPU_USD_PER_SERVER_HOUR,
 )
+from controller.profiles import default_profile  # noqa: E402
 from controller.sim.carbon import CarbonIntensity, ConstantEnergyPrice, EnergyPrice  # noqa: E402
 from controller.sim.cluster import SimConfig  # noqa: E402
 from controller.sim.compare import normalised_rows, policy_registry, resolve_trace, run_compare  # noqa: E402
-from controller.sim.profiling import default_profile  # noqa: E402
 from controller.sim.report import Pricing  # noqa: E402
 
 SETS = ("hour", "sweep", "accuracy", "week")
@@ -94,6 +94,12 @@ def _x(value: float | None) -> str:
 
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+def _refused(report: Mapping[str, Any]) -> str:
+    """The requests refused at admission (beyond the model's context): outside every SLO figure."""
+    refused = sum(report["refused"].values())
+    return f"{refused:,} refused at admission (SLO met is over the {report['admitted']:,} admitted)"
 
 
 def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
@@ -154,7 +160,10 @@ class Evaluation:
     def hour(self, policies: Sequence[str]) -> None:
         for name, file in HOUR_TRACES.items():
             reports, wall_s = self.compare(f"hour/{name}", str(self.trace_dir / file), policies)
-            print(f"\n### {name}: {file}, {reports[0]['requests']} requests ({wall_s:.0f} s wall)\n")
+            print(
+                f"\n### {name}: {file}, {reports[0]['requests']} requests, {_refused(reports[0])} "
+                f"({wall_s:.0f} s wall)\n"
+            )
             print(markdown_table(reports))
 
     def sweep(self, scales: Sequence[float]) -> None:
@@ -211,7 +220,8 @@ class Evaluation:
             span_h = reports[0]["trace_duration_s"] / 3600.0
             print(
                 f"\n### {spec} (rate scale {rate_scale:g}, {span_h:.1f} h, "
-                f"{reports[0]['requests']:,} requests; {wall_s:.0f} s wall for all policies)\n"
+                f"{reports[0]['requests']:,} requests, {_refused(reports[0])}; "
+                f"{wall_s:.0f} s wall for all policies)\n"
             )
             print(markdown_table(reports))
 

@@ -110,6 +110,8 @@ class ControlCycle:
             raise InvalidArgumentError("profile", None, f"a profile for the policy {policy.name!r}")
         self.policy = policy
         self.profile = profile
+        # A fixed plan has nothing to decide: its steps are skipped (the boundaries still advance).
+        self._fixed = isinstance(policy, FixedPlan)
         self.config = cfg = config or CycleConfig()
         self.periods: Periods = policy.periods
         self.costs: ReconfigCosts = policy.costs
@@ -193,11 +195,9 @@ class ControlCycle:
     def _observe(self, now_s: float, view: FleetView, history_s: float | None) -> ClusterObs:
         """The observation at `now_s`; `history_s` None: the whole history with burst peaks (cluster and
         pool steps), else only its last `history_s` without them (the instance level)."""
-        rates = self.history.rates_rps(now_s)
+        keep = None if history_s is None else max(1, round(history_s / self.config.history_bin_s))
+        rates = self.history.rates_rps(now_s, keep)
         bursts = self.history.bursts_rps(now_s) if history_s is None else ()
-        if history_s is not None:
-            keep = max(1, round(history_s / self.config.history_bin_s))
-            rates = tuple(row[-keep:] for row in rates)
         period_s = self.periods.instance_s
         load = {i: view.of(i).routed / period_s for i in self.executor.instances}
         queues = {i: (view.of(i).waiting, view.of(i).running) for i in self.executor.instances}
@@ -227,12 +227,14 @@ class ControlCycle:
         if "pool" in levels:
             self.pool_period_start_s = now_s
             self.next_pool_s += self.periods.pool_s
+        if self._fixed:
+            return [], records
         for level in levels:
             step = self._step(level, self._observe(now_s, view, None))
             self.plan = step.plan
             horizon_s = self.periods.cluster_s if level == "cluster" else self.periods.pool_s
             records.append(StepRecord(now_s, level, horizon_s, step, self.executor.generation + 1))
-        rates = self.history.rates_rps(now_s)
+        rates = self.history.rates_rps(now_s, _MODEL_MIX_BINS)
         recent = tuple(sum(row[-_MODEL_MIX_BINS:]) / max(1, len(row[-_MODEL_MIX_BINS:])) for row in rates)
         self._model = self._instance_model(recent)
         obs = self._observe(now_s, view, INSTANCE_HISTORY_S)
@@ -251,8 +253,10 @@ class ControlCycle:
 
     def _instance_step(self, now_s: float, view: FleetView) -> tuple[list[Command], list[Decision]]:
         """Clocks from the policy's instance level, then escalation, per ACTIVE instance."""
-        clocks: Mapping[int, int] = {}
-        if self.profile is not None:
+        clocks: Mapping[int, int]
+        if self._fixed or self.profile is None:
+            clocks = self._planned_clocks()
+        else:
             clocks = self.policy.instance_step(self._observe(now_s, view, INSTANCE_HISTORY_S), self.profile)
         commands: list[Command] = []
         decisions: list[Decision] = []
@@ -280,9 +284,20 @@ class ControlCycle:
                 self._routes_dirty = True
         return commands, decisions
 
+    def _planned_clocks(self) -> dict[int, int]:
+        """A fixed plan's clocks: each instance back at its pool's planned clock for its TP degree once
+        an escalation is over (the lowest such clock where a pool plans several)."""
+        planned: dict[tuple[str, int], int] = {}
+        for pool in self.plan.pools:
+            for spec in pool.instances:
+                key = (pool.name, spec.tp)
+                planned[key] = min(planned.get(key, spec.clock_mhz), spec.clock_mhz)
+        return {
+            i: planned.get((r.pool, r.spec.tp), r.spec.clock_mhz) for i, r in self.executor.instances.items()
+        }
+
     def _step(self, level: Level, obs: ClusterObs) -> PlanStep:
-        if self.profile is None:
-            return PlanStep(plan=obs.plan, pools=())  # a fixed plan (checked at construction)
+        assert self.profile is not None  # only a fixed plan runs without one, and it skips its steps
         if level == "cluster":
             return self.policy.cluster_step(obs, self.profile)
         return self.policy.pool_step(obs, self.profile)
@@ -314,6 +329,8 @@ class ControlCycle:
         return {str(kind): n for kind, n in self.executor.executed.items()}
 
 
+DEFAULT_PERIODS = Periods()
+DEFAULT_COSTS = ReconfigCosts()
 # Capacity of a spec that cannot serve its pool's mix within the SLO: routed to only as a last resort.
 _TINY_CAP_RPS = 1e-6
 
@@ -341,8 +358,8 @@ class FixedPlan:
     clocks stay as planned. `name` is the static policy's."""
 
     name: str
-    periods: Periods = Periods()
-    costs: ReconfigCosts = ReconfigCosts()
+    periods: Periods = DEFAULT_PERIODS
+    costs: ReconfigCosts = DEFAULT_COSTS
 
     @property
     def reconfiguration_free(self) -> bool:
@@ -360,4 +377,4 @@ class FixedPlan:
         return PlanStep(plan=obs.plan, pools=())
 
     def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
-        return {}
+        return {}  # not called: the cycle returns each instance to its planned clock itself

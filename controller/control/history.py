@@ -72,14 +72,15 @@ class ArrivalHistory:
             if len(self._windows):
                 self._tail[c] = seen[seen > seen[-1] - self._windows[-1]]
 
-    def _span(self, now_s: float) -> tuple[int, int]:
+    def _span(self, now_s: float, max_bins: int | None = None) -> tuple[int, int]:
         done = max(0, int((now_s - self.origin_s) // self.bin_s))
         self._ensure(done)
-        return max(0, done - self.max_bins), done
+        return max(0, done - min(self.max_bins, max_bins or self.max_bins)), done
 
-    def rates_rps(self, now_s: float) -> tuple[tuple[float, ...], ...]:
-        """Per class, the arrival rate of each finished bin up to `now_s` (at most `max_bins`)."""
-        lo, hi = self._span(now_s)
+    def rates_rps(self, now_s: float, max_bins: int | None = None) -> tuple[tuple[float, ...], ...]:
+        """Per class, the arrival rate of each finished bin up to `now_s` (at most `max_bins`, and never
+        more than the history keeps)."""
+        lo, hi = self._span(now_s, max_bins)
         return tuple(tuple(row) for row in (self._counts[:, lo:hi] / self.bin_s).tolist())
 
     def bursts_rps(self, now_s: float) -> tuple[tuple[tuple[float, ...], ...], ...]:
@@ -92,7 +93,7 @@ class ArrivalHistory:
 
     def counts(self, lo_s: float, hi_s: float) -> npt.NDArray[np.int64]:
         """Arrivals per class in the bins covering [lo_s, hi_s) (for scoring forecasts)."""
-        lo = max(0, int(round((lo_s - self.origin_s) / self.bin_s)))
-        hi = max(lo, int(round((hi_s - self.origin_s) / self.bin_s)))
+        lo = max(0, round((lo_s - self.origin_s) / self.bin_s))
+        hi = max(lo, round((hi_s - self.origin_s) / self.bin_s))
         self._ensure(hi)
         return self._counts[:, lo:hi].copy()

@@ -16,8 +16,8 @@ the previous generation's actions not yet due and its starts still waiting for G
   when the old one is idle (restart path: vLLM cannot re-shard a live engine, so the GPUs must be free)
   or at once beside it (the GPU-to-GPU fast path, a simulator option), taking the re-shard time.
 A `reconfiguration_free` policy (the oracle) gets every change at once: starts are ACTIVE immediately.
-Every action carried out is counted by kind (`executed`); one that finds its instance gone or
-draining does nothing and is not counted.
+Every action carried out is counted by kind (`executed`; a start when it is issued, even if it waits
+for GPUs); one that finds its instance gone or draining does nothing and is not counted.
 """
 
 from __future__ import annotations
@@ -109,8 +109,11 @@ class Executor:
         """A new plan's actions: the previous generation's pending ones are superseded."""
         self.generation += 1
         self._waiting_starts.clear()
-        due = [a for a in actions if self.free or a.not_before_s <= now_s]
-        self._pending = sorted((a for a in actions if a not in due), key=lambda a: a.not_before_s)
+        due: list[Action] = []
+        later: list[Action] = []
+        for action in actions:
+            (due if self.free or action.not_before_s <= now_s else later).append(action)
+        self._pending = sorted(later, key=lambda a: a.not_before_s)
         commands: list[Command] = []
         for action in due:
             commands += self._execute(action, now_s)
@@ -145,12 +148,8 @@ class Executor:
     # ------------------------------------------------------------------ actions
     def _execute(self, action: Action, t_s: float) -> list[Command]:
         if action.kind == "start":
-            commands = self._start(action.pool, action.spec, t_s, action.duration_s)
-            if commands is None:
-                self._waiting_starts.append(action)
-                return []
             self.executed["start"] += 1
-            return commands
+            return self._start_or_wait(action.pool, action.spec, t_s, action.duration_s)
         assert action.instance_id is not None
         record = self.instances.get(action.instance_id)
         if record is None or record.phase is Phase.DRAINING:
@@ -177,6 +176,14 @@ class Executor:
         record.gpus = gpus
         return [StartInstance(record.instance_id, pool, spec, gpus, t_s, 0.0 if instant else load_s)]
 
+    def _start_or_wait(self, pool: str, spec: InstanceSpec, t_s: float, load_s: float) -> list[Command]:
+        """A start now, or, with no GPUs free, one queued until GPUs are freed (in order)."""
+        commands = self._start(pool, spec, t_s, load_s)
+        if commands is None:
+            self._waiting_starts.append(Action("start", pool, None, spec, t_s, load_s, 0.0))
+            return []
+        return commands
+
     def _stop(self, record: InstanceRecord, t_s: float) -> list[Command]:
         if record.phase is Phase.STARTING:
             commands: list[Command] = [AbortStart(record.instance_id, t_s)]
@@ -187,13 +194,10 @@ class Executor:
 
     def _retp(self, record: InstanceRecord, spec: InstanceSpec, t_s: float) -> list[Command]:
         if record.phase is Phase.STARTING:
-            stopped = self._stop(record, t_s)
-            started = self._start(record.pool, spec, t_s, self.costs.start_s)
-            return stopped + (started or [])
+            return self._stop(record, t_s) + self._start_or_wait(record.pool, spec, t_s, self.costs.start_s)
         commands = self._stop(record, t_s)
         if self.free or self.costs.fast_reshard:
-            started = self._start(record.pool, spec, t_s, self.costs.reshard_s)
-            return commands + (started or [])
+            return commands + self._start_or_wait(record.pool, spec, t_s, self.costs.reshard_s)
         successor = self._new(record.pool, spec, Phase.STARTING, t_s)
         record.successor = successor.instance_id
         return commands

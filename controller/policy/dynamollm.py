@@ -67,10 +67,12 @@ from controller.policy.observed import (
 from controller.policy.pool import (
     DEFAULT_MIP_REL_GAP,
     DEFAULT_TIME_LIMIT_S,
-    PoolDecision as PoolSolution,
     ProblemCache,
     greedy_decision,
     solve_pool,
+)
+from controller.policy.pool import (
+    PoolDecision as PoolSolution,
 )
 
 # Class shares of a pool's mix are measured over this much recent history: long enough for a stable

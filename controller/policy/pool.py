@@ -25,8 +25,9 @@ concerned (`reconfig_cost_j`, keys RECONFIG_KINDS; `reconfig_cost_j_per_gpu` der
 durations). Solved with HiGHS through CVXPY with a relative MIP gap and a time limit; a time-limited run
 with an incumbent is accepted ("incumbent"). The CVXPY problem is built once per structure (the
 configurations' TP degrees and the TP degrees present) with a `cp.Parameter` for every number that
-changes between calls, and kept in a small cache the caller owns (`ProblemCache`, one per policy object): CVXPY compiles it on its first solve
-(DPP) and afterwards only substitutes the values, instead of canonicalising a new problem each call.
+changes between calls, and kept in a small cache the caller owns (`ProblemCache`, one per policy):
+CVXPY compiles it on its first solve (DPP) and afterwards only substitutes the values, instead of
+canonicalising a new problem each call.
 
 Fallbacks, explicit in `PoolDecision.status`: when the load cannot be covered within the budget the MILP
 is infeasible ("fallback-infeasible"; also used if the solver fails outright), and when the time limit
@@ -107,8 +108,8 @@ def reconfig_cost_j_per_gpu(
 ) -> dict[str, float]:
     """Reconfiguration costs in J per GPU: each kind holds the GPU idle (serving nothing) for its duration.
 
-    Durations come from the reconfiguration model (docs/pool-manager.md: warm start ~60 s, restart re-shard ~90 s,
-    clock change ~0.065 s; stop ~0: a draining instance keeps serving its requests).
+    Durations come from the reconfiguration model (docs/pool-manager.md: warm start ~60 s, restart
+    re-shard ~90 s, clock change ~0.065 s; stop ~0: a draining instance keeps serving its requests).
     """
     costs = {"start": start_s, "stop": stop_s, "retp": retp_s, "clock": clock_s}
     for kind, duration_s in costs.items():

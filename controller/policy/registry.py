@@ -19,6 +19,8 @@ from controller.policy.baselines import MultiPool, ScaleFreq, ScaleInst, ScaleSh
 from controller.policy.cluster_manager import DEFAULT_LARGEST_HEADROOM, DEFAULT_MERGE_FILL
 from controller.policy.dynamollm import (
     DEFAULT_BURST_MISS_SHARE,
+    DEFAULT_COSTS,
+    DEFAULT_PERIODS,
     DEFAULT_MIX_WINDOW_S,
     DEFAULT_SUSTAINED_WINDOW_S,
     DynamoLLM,
@@ -33,8 +35,8 @@ class PolicySettings:
     """Every policy's tunables in one place: the control periods and reconfiguration costs (shared by
     deciding and acting), and DynamoLLM's knobs (the baselines use those they have)."""
 
-    periods: Periods = Periods()
-    costs: ReconfigCosts = ReconfigCosts()
+    periods: Periods = DEFAULT_PERIODS
+    costs: ReconfigCosts = DEFAULT_COSTS
     merge_fill: float = DEFAULT_MERGE_FILL
     largest_headroom: float = DEFAULT_LARGEST_HEADROOM
     clock_headroom: float = DEFAULT_CLOCK_HEADROOM

@@ -190,7 +190,8 @@ def load_vidur(data_dir: Path) -> tuple[VidurBlockRow, ...]:
             vocab = _int(path, line, row, "vocab_size")
             if row.get("use_gated_mlp") != "True":
                 raise DataFileError(str(path), line, "use_gated_mlp", "expected True (Llama blocks)")
-            arch = ModelArch(name, 1, hidden, n_heads, n_kv, ffn, vocab, 2)
+            # One block of the model, for per-op timings; the context limit plays no part there.
+            arch = ModelArch(name, 1, hidden, n_heads, n_kv, ffn, vocab, 2, max_context_tokens=0)
             tp = _int(path, line, row, "num_tensor_parallel_workers")
             tokens = _int(path, line, row, "num_tokens")
             block_ms = sum(_positive(path, line, row, f"time_stats.{op}.median") for op in VIDUR_BLOCK_OPS)

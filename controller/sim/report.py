@@ -509,8 +509,8 @@ def _dynamic_lines(r: Mapping[str, Any]) -> list[str]:
         mapes = [v for v in f["mape_by_class"].values() if v is not None]
         worst = max(mapes) if mapes else None
         lines.append(
-            f"forecast error ({_fmt(f['horizon_s'], ' s')} {f.get('kind', 'peak')} forecasts, {f['epochs']} epochs):"
-            " MAPE per class "
+            f"forecast error ({_fmt(f['horizon_s'], ' s')} {f.get('kind', 'peak')} forecasts,"
+            f" {f['epochs']} epochs): MAPE per class "
             + " ".join(f"{c} {_pct(v)}" for c, v in f["mape_by_class"].items() if v is not None)
             + ("" if worst is None else f"  worst {_pct(worst)}")
         )

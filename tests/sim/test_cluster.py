@@ -14,10 +14,11 @@ from agent.sim.engine_core import EngineConfig
 from agent.sim.physics import load_perf_model
 from controller.model.classes import CLASS_NAMES, ClassBins
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
+from controller.model.decisions import StepRecord
 from controller.policy.singlepool import SinglePool, size_singlepool
+from controller.profiles import default_profile
 from controller.sim.cluster import SimConfig, check_profile_engine, run_policy, simulate, size_by_simulation
-from controller.sim.profiling import default_profile
-from controller.sim.report import SimResult, meets_slo
+from controller.sim.report import SimResult, meets_slo, slo_attainment
 from controller.sim.traces import Trace, load_trace
 
 IDLE_W = 75.0
@@ -65,7 +66,10 @@ class FlatPhysics:
 
 
 FLAT = {tp: FlatPhysics(tp) for tp in (1, 2, 4, 8)}
+# With physics given, the model only sets the context limit of admission (4,096 tokens for Llama-2-70B).
+MODEL = "llama2-70b"
 NO_JITTER = SimConfig(engine=EngineConfig(jitter_cv=0.0))
+PROFILE = default_profile(MODEL, "h100-sxm")
 
 
 def _trace(arrival_s: list[float], inputs: list[int], outputs: list[int], end_s: float) -> Trace:
@@ -84,7 +88,7 @@ def _plan(*tps: int, classes: tuple[str, ...] = CLASS_NAMES) -> ClusterPlan:
 
 
 def _flat(trace: Trace, plan: ClusterPlan, config: SimConfig = NO_JITTER) -> SimResult:
-    return simulate(trace, plan, model="flat", gpu="flat", config=config, perf=FLAT)
+    return simulate(trace, plan, model=MODEL, gpu="flat", config=config, perf=FLAT)
 
 
 def test_golden_two_requests_on_one_instance() -> None:
@@ -165,20 +169,85 @@ def test_drain_is_bounded_and_unfinished_requests_count_as_incomplete() -> None:
     assert r.energy_j == pytest.approx(float(r.energy_by_bin_j.sum()))
 
 
-def test_classes_without_a_pool_and_oversized_requests_are_rejected() -> None:
+def test_classes_without_a_pool_go_to_a_larger_pool_and_oversized_requests_are_rejected() -> None:
     bins = ClassBins()
     small = FlatPhysics(8, kv_capacity_tokens=2000)  # holds requests of up to 1980 tokens
     trace = _trace([0.0, 0.1, 0.2], [100, 300, 1100], [10, 10, 10], end_s=2.0)
     assert [bins.classify(i, 10).name for i in (100, 300, 1100)] == ["SS", "MS", "LS"]
+    # MS has no pool of its own: the routing table sends it to the pool serving a larger class (LS).
     plan = _plan(8, classes=("SS", "LS"))
-    r = simulate(trace, plan, model="flat", gpu="flat", config=NO_JITTER, perf={8: small})
-    assert r.completed.tolist() == [True, False, True]
-    assert r.rejected == 1
-    assert r.instance_index.tolist() == [0, -1, 0]
+    r = simulate(trace, plan, model=MODEL, gpu="flat", config=NO_JITTER, perf={8: small})
+    assert r.completed.tolist() == [True, True, True]
+    assert r.rejected == 0
+    assert r.instance_index.tolist() == [0, 0, 0]
+    # No instance anywhere: nothing can be routed, every request is rejected.
+    empty = ClusterPlan((PoolPlan("all", ("SS", "LS"), ()),))
+    r0 = simulate(trace, empty, model=MODEL, gpu="flat", config=NO_JITTER, perf={8: small})
+    assert r0.rejected == 3 and not r0.completed.any()
+    assert r0.instance_index.tolist() == [-1, -1, -1]
     # a request larger than the KV cache is rejected, not an error
     big = _trace([0.0], [1980], [10], end_s=2.0)
-    r2 = simulate(big, _plan(8), model="flat", gpu="flat", config=NO_JITTER, perf={8: small})
+    r2 = simulate(big, _plan(8), model=MODEL, gpu="flat", config=NO_JITTER, perf={8: small})
     assert r2.rejected == 1 and not r2.completed.any()
+    assert r2.admitted_mask.all() and r2.refused == {}
+
+
+def test_requests_beyond_the_models_context_are_refused_at_admission() -> None:
+    # Llama-2-70B's context is 4,096 tokens: 4,000 + 96 fits, 4,000 + 97 does not.
+    trace = _trace([0.0, 0.1, 0.2], [4000, 4000, 100], [96, 97, 10], end_s=5.0)
+    r = _flat(trace, _plan(8))
+    assert r.refused == {"context_length": 1}
+    assert r.admitted_mask.tolist() == [True, False, True]
+    assert r.completed.tolist() == [True, False, True]
+    assert r.rejected == 0 and r.instance_index.tolist() == [0, -1, 0]
+    # Attainment is over the admitted requests: the refused one neither helps nor hurts.
+    slos = {c: PROFILE.slo(c) for c in CLASS_NAMES}
+    ok = meets_slo(r, slos)
+    assert not ok[1]
+    assert slo_attainment(r, slos) == pytest.approx(float(ok[[0, 2]].mean()))
+
+
+def test_with_a_profile_a_static_run_serves_the_earliest_deadline_first() -> None:
+    # r0 (LS) prefills in chunks of 512 tokens; meanwhile r1 (LS, TTFT target 2.67 s) and then r2 (SS,
+    # 0.23 s) wait. Without a profile (how profiles are measured) the queue is first come first served;
+    # with one, every request carries its TTFT deadline and r2 overtakes r1, as under any policy.
+    trace = _trace([0.0, 0.001, 0.002], [1500, 1500, 100], [2, 2, 2], end_s=3.0)
+    assert [ClassBins().classify(i, 2).name for i in (1500, 1500, 100)] == ["LS", "LS", "SS"]
+    fcfs = _flat(trace, _plan(8))
+    edf = simulate(trace, _plan(8), model=MODEL, gpu="flat", config=NO_JITTER, perf=FLAT, profile=PROFILE)
+    assert fcfs.completed.all() and edf.completed.all()
+    assert fcfs.ttft_s[1] < fcfs.ttft_s[2]
+    assert edf.ttft_s[2] < edf.ttft_s[1]
+
+
+def test_with_a_profile_a_static_run_escalates_like_a_dynamic_one() -> None:
+    # 150 SS requests per second for 12 s overload one instance: the queue outgrows the 0.23-s TTFT
+    # target. With a profile, each tick rejects the requests already past their deadline; without one
+    # (profiling), nothing is ever rejected and every request is served late.
+    n = 1800
+    trace = _trace([i / 150.0 for i in range(n)], [100] * n, [40] * n, end_s=12.0)
+    config = SimConfig(engine=EngineConfig(jitter_cv=0.0), max_drain_s=600.0)
+    plain = _flat(trace, _plan(8), config)
+    assert plain.rejected == 0 and plain.completed.all()
+    assert plain.escalations["rejected_past_deadline"] == 0
+    escalated = simulate(
+        trace,
+        _plan(8),
+        model=MODEL,
+        gpu="flat",
+        config=config,
+        perf=FLAT,
+        profile=PROFILE,
+        policy="singlepool",
+    )
+    past = escalated.escalations["rejected_past_deadline"]
+    assert past > 0 and escalated.rejected == past
+    assert int(escalated.completed.sum()) == n - past
+    # The static plan's run records its decisions: the initial plan, never changed.
+    levels = {d.level for d in escalated.decisions if isinstance(d, StepRecord)}
+    assert "initial" in levels
+    assert all(d.step.plan == _plan(8) for d in escalated.decisions if isinstance(d, StepRecord))
+    assert escalated.reconfigurations_by_kind == {"start": 0, "stop": 0, "retp": 0, "clock": 0}
 
 
 def _real_run(seed: int) -> SimResult:
@@ -221,8 +290,11 @@ def test_singlepool_sized_for_the_peak_meets_the_slo_on_a_synthetic_trace() -> N
     n = sizing.plan.instances
     assert n == math.ceil(stats.peak_rate_rps / sizing.capacity_rps)
     slos = {c: profile.slo(c) for c in CLASS_NAMES}
-    assert result.completed.all()
-    assert float(meets_slo(result, slos).mean()) >= 0.99
+    # The synthetic conversations hold prompts beyond the model's context: refused, never planned for.
+    refused = int((~result.admitted_mask).sum())
+    assert result.refused == {"context_length": refused} and stats.requests == len(trace) - refused
+    assert (result.completed == result.admitted_mask).all()
+    assert slo_attainment(result, slos) >= 0.99
 
 
 def test_short_window_of_the_real_conversation_trace(shared_data: Path) -> None:
@@ -232,13 +304,16 @@ def test_short_window_of_the_real_conversation_trace(shared_data: Path) -> None:
     profile = default_profile("llama2-70b", "h100-sxm")
     run = run_policy(trace, SinglePool(), profile, slo_target=0.99)
     result, stats = run.result, run.arrivals
-    assert len(trace) == stats.requests > 1000
+    # Requests beyond the model's context are refused at admission and left out of the statistics.
+    assert stats.requests == int(result.admitted_mask.sum()) == len(trace) - sum(result.refused.values())
+    assert stats.requests > 1000
     # the chosen size meets the target and one instance fewer (if tried) does not
     chosen = result.plan.instances
     by_count = {t.instances: t.slo_attainment for t in run.sizing_trials}
     assert by_count[chosen] >= 0.99
     assert chosen == 1 or by_count.get(chosen - 1, 0.0) < 0.99
-    assert result.completed.all()
+    # Every admitted request is served, on time or not, or rejected past its deadline (escalation).
+    assert int(result.completed.sum()) == stats.requests - result.escalations["rejected_past_deadline"]
     assert result.plan.instances >= 2
     assert result.start_unix_s == pytest.approx(1700158546.68059 + 600.0, abs=1.0)
     mean_power_w = result.energy_j / result.duration_s
@@ -251,31 +326,24 @@ def test_sizing_search_finds_the_smallest_count_meeting_the_target() -> None:
     trace = load_trace("synthetic:coding", duration_s=900.0, seed=1)
     slos = {c: profile.slo(c) for c in CLASS_NAMES}
     policy = SinglePool()
-    result, trials = size_by_simulation(
-        trace,
-        lambda n: policy.plan_with(n, profile),
-        1,
-        slos,
-        model="llama2-70b",
-        gpu="h100-sxm",
-        slo_target=0.99,
-        max_instances=64,
-    )
+    sizes: list[int] = []
+
+    def simulate_with(n: int) -> SimResult:
+        sizes.append(n)
+        plan = policy.plan_with(n, profile)
+        return simulate(trace, plan, model="llama2-70b", gpu="h100-sxm", profile=profile, policy=policy.name)
+
+    result, trials = size_by_simulation(simulate_with, 1, slos, slo_target=0.99, max_instances=64)
     chosen = result.plan.instances
     attained = {t.instances: t.slo_attainment for t in trials}
     assert attained[chosen] >= 0.99 and chosen - 1 in attained and attained[chosen - 1] < 0.99
+    assert attained[chosen] == slo_attainment(result, slos)
+    assert [t.instances for t in trials] == sizes  # one simulation per trial, in order
     assert [t.instances for t in trials][:2] == [1, 2]  # doubling from the first guess
     with pytest.raises(InvalidArgumentError, match="--slo-target"):
-        size_by_simulation(
-            trace,
-            lambda n: policy.plan_with(n, profile),
-            1,
-            slos,
-            model="llama2-70b",
-            gpu="h100-sxm",
-            slo_target=0.99,
-            max_instances=chosen - 1,
-        )
+        size_by_simulation(simulate_with, 1, slos, slo_target=0.99, max_instances=chosen - 1)
+    with pytest.raises(InvalidArgumentError, match="slo_target"):
+        size_by_simulation(simulate_with, 1, slos, slo_target=0.0, max_instances=64)
 
 
 def test_profile_measured_on_another_engine_is_refused() -> None:

@@ -15,11 +15,14 @@ import pytest
 from agent.sim.engine_core import EngineConfig, SimEngine
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
+from controller.model.decisions import ClockDecision, PlanStep, StepRecord
 from controller.model.profile import Profile
 from controller.model.state import DEFAULT_BURST_WINDOWS_S, ClusterObs, Periods, Phase
+from controller.orchestrator.plan import ReconfigCosts
 from controller.policy.base import ArrivalStats
+from controller.profiles import default_profile
 from controller.sim.cluster import SimConfig, run_policy, simulate_dynamic
-from controller.sim.profiling import default_profile
+from controller.sim.policies import sim_policy, sim_settings
 from controller.sim.report import SimResult
 from controller.sim.traces import Trace
 from tests.sim.test_cluster import DECODE_S, FLAT, IDLE_W, FlatPhysics
@@ -29,6 +32,8 @@ MAX_MHZ = max(PROFILE.clocks_mhz)
 TP8 = InstanceSpec(8, MAX_MHZ)
 PERIODS = Periods(cluster_s=120.0, pool_s=30.0, instance_s=5.0)
 NO_JITTER = EngineConfig(jitter_cv=0.0)
+# The policy's reconfiguration costs: the executor times (and a policy prices) every change with them.
+COSTS = ReconfigCosts()
 
 
 def _plan(n: int, spec: InstanceSpec = TP8) -> ClusterPlan:
@@ -45,6 +50,7 @@ class Scripted:
     clock_mhz: int = MAX_MHZ
     free: bool = False
     periods: Periods = PERIODS
+    costs: ReconfigCosts = COSTS
 
     @property
     def name(self) -> str:
@@ -57,13 +63,13 @@ class Scripted:
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
         return _plan(self.first)
 
-    def cluster_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
-        return obs.plan
+    def cluster_step(self, obs: ClusterObs, profile: Profile) -> PlanStep:
+        return PlanStep(plan=obs.plan, pools=())
 
-    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> PlanStep:
         # Level-based: the pool plan carries the clock the instance manager runs the instances at.
         n = self.later if obs.now_s >= self.switch_s else self.first
-        return _plan(n, InstanceSpec(8, self.clock_mhz))
+        return PlanStep(plan=_plan(n, InstanceSpec(8, self.clock_mhz)), pools=())
 
     def instance_step(self, obs: ClusterObs, profile: Profile) -> Mapping[int, int]:
         return {i.instance_id: self.clock_mhz for i in obs.instances if i.phase is Phase.ACTIVE}
@@ -130,9 +136,17 @@ def test_clock_changes_are_counted_and_slow_the_engine() -> None:
     assert fast.reconfigurations_by_kind["clock"] == 0
     assert slow.reconfigurations_by_kind["clock"] == 1  # set once at the first instance step
     assert slow.escalations["max_clock"] == 0
+    # The instance level's change is recorded with its reason.
+    assert [d for d in slow.decisions if isinstance(d, ClockDecision)] == [
+        ClockDecision(PERIODS.instance_s, 0, MAX_MHZ, 800, "load")
+    ]
     escalated = _run(Scripted(later=1, clock_mhz=800), _trace(20.0, 60.0))
     assert escalated.escalations["max_clock"] > 0  # an overloaded queue takes the clock back up
     assert escalated.reconfigurations_by_kind["clock"] > 1
+    # The count holds the instance level's changes (recorded with their reasons) and the plan's.
+    reasons = [d.reason for d in escalated.decisions if isinstance(d, ClockDecision)]
+    assert reasons.count("escalation") == escalated.escalations["max_clock"]
+    assert len(reasons) <= escalated.reconfigurations_by_kind["clock"]
 
 
 def test_same_seed_same_result_and_every_request_accounted() -> None:
@@ -166,13 +180,22 @@ def test_predictor_knob_sets_the_routing_accuracy() -> None:
 
 
 def test_dynamollm_runs_on_the_real_profile_and_physics() -> None:
-    from controller.policy.policies import POLICIES
-
     trace = _trace(3.0, 600.0, output_tokens=200)
-    policy = POLICIES["dynamollm"]()
+    policy = sim_policy("dynamollm", sim_settings("llama2-70b", "h100-sxm"))
     run = run_policy(trace, policy, PROFILE, config=SimConfig(max_drain_s=120.0))
     r = run.result
     assert r.periods is not None and r.forecast
+    # Its forecasts are scored from its decision records: mean rates over the pool steps' horizons.
+    assert {f.kind for f in r.forecast} == {"rate"}
+    steps = [d for d in r.decisions if isinstance(d, StepRecord)]
+    assert steps[0].level == "initial" and steps[0].t_s == 0.0
+    # Ten minutes of trace: the cluster epoch (30 min) in force throughout, a pool step every 5 min.
+    assert [(d.t_s, d.level) for d in steps[1:]] == [(300.0, "pool"), (600.0, "pool")]
+    for d in steps:
+        if d.level != "initial":
+            assert d.step.forecast_kind == "rate" and len(d.step.class_forecast_rps) == len(CLASS_NAMES)
+            assert [p.pool for p in d.step.pools] == [p.name for p in d.step.plan.pools]
+    assert r.admitted_mask.all() and r.refused == {}
     assert r.completed.mean() > 0.95
     assert r.energy_j == pytest.approx(r.energy_by_bin_j.sum(), rel=1e-6)
     assert r.gpu_s > 0 and r.server_s * 8 >= r.gpu_s
@@ -223,7 +246,7 @@ class Recording(Scripted):
 
     seen: list[ClusterObs] = field(default_factory=list)
 
-    def pool_step(self, obs: ClusterObs, profile: Profile) -> ClusterPlan:
+    def pool_step(self, obs: ClusterObs, profile: Profile) -> PlanStep:
         self.seen.append(obs)
         return Scripted.pool_step(self, obs, profile)
 

@@ -14,6 +14,7 @@ import pytest
 from agent.api.errors import InvalidArgumentError, OutOfRangeError
 from controller.model.classes import CLASS_NAMES, ClassSlo
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
+from controller.model.decisions import ClockDecision, MixChoice, PlanStep, PoolDecision, StepRecord
 from controller.sim.carbon import CarbonIntensity, ConstantCarbonIntensity, ConstantEnergyPrice, EnergyPrice
 from controller.sim.report import (
     SCHEMA,
@@ -24,6 +25,7 @@ from controller.sim.report import (
     check_pricing_covers,
     format_table,
     meets_slo,
+    slo_attainment,
     weighted_percentile,
     write_report,
 )
@@ -97,6 +99,8 @@ REQUIRED = (
     "gpu",
     "duration_s",
     "requests",
+    "admitted",
+    "refused",
     "completed",
     "energy_j",
     "energy_kwh",
@@ -116,6 +120,7 @@ REQUIRED = (
     "cost_usd",
     "wall_s",
     "plan",
+    "decisions",
 )
 
 
@@ -123,7 +128,8 @@ def test_report_has_every_field_and_they_are_consistent() -> None:
     r = _report()
     assert set(REQUIRED) <= set(r)
     assert r["schema"] == SCHEMA == "dynamollm.simreport/v1"
-    assert r["requests"] == 5 and r["completed"] == 4 <= r["requests"]
+    assert r["requests"] == r["admitted"] == 5 and r["completed"] == 4 <= r["requests"]
+    assert r["refused"] == {} and r["decisions"] == []
     assert r["energy_j"] == 36_000.0
     assert r["energy_kwh"] == r["energy_j"] / 3.6e6
     assert r["avg_gpus"] == 12.0 and r["avg_servers"] == 2.0
@@ -161,6 +167,63 @@ def test_slo_attainment_counts_incomplete_requests_as_misses() -> None:
     assert r["per_class"]["SM"]["slo_attainment"] == 1.0  # one token: no gap to miss
     assert r["per_class"]["MM"]["requests"] == 0
     assert r["per_class"]["MM"]["slo_attainment"] is None and r["per_class"]["MM"]["ttft_s_p50"] is None
+
+
+def test_refused_requests_are_reported_beside_the_attainment_not_in_it() -> None:
+    # Request 3 (LL, never finished) was refused at admission (beyond the model's context).
+    admitted = np.array([True, True, True, False, True])
+    result = _result(admitted=admitted, refused={"context_length": 1})
+    assert meets_slo(result, SLOS).tolist() == [True, True, False, False, True]
+    assert slo_attainment(result, SLOS) == 3 / 4
+    assert slo_attainment(_result(), SLOS) == 3 / 5
+    r = _report(result)
+    assert (r["requests"], r["admitted"], r["refused"]) == (5, 4, {"context_length": 1})
+    assert r["slo_attainment"] == 3 / 4
+    assert r["per_class"]["LL"]["requests"] == 1 and r["per_class"]["LL"]["slo_attainment"] == 0.0
+    # Nothing admitted: no attainment to report.
+    none = _result(admitted=np.zeros(5, dtype=bool), refused={"context_length": 5})
+    assert slo_attainment(none, SLOS) == 1.0 and _report(none)["slo_attainment"] is None
+
+
+def test_decisions_are_reported_as_records() -> None:
+    spec = InstanceSpec(8, 1980)
+    decision = PoolDecision(
+        pool="all",
+        class_names=CLASS_NAMES,
+        gpu_budget=16,
+        forecast_rps=2.5,
+        solver_status="optimal",
+        shortfall_rps=0.0,
+        chosen=MixChoice(((spec, 1),), 1234.56789),
+        runner_up=None,
+    )
+    step = PlanStep(PLAN, (decision,), (0.5,) * len(CLASS_NAMES), "rate")
+    records = (StepRecord(300.0, "pool", 300.0, step, 2), ClockDecision(305.0, 1, 1980, 800, "load"))
+    r = _report(_result(decisions=records))
+    assert r["decisions"] == [
+        {
+            "t_s": 300.0,
+            "level": "pool",
+            "horizon_s": 300.0,
+            "generation": 2,
+            "forecast_kind": "rate",
+            "class_forecast_rps": [0.5] * len(CLASS_NAMES),
+            "pools": [
+                {
+                    "pool": "all",
+                    "classes": list(CLASS_NAMES),
+                    "gpu_budget": 16,
+                    "forecast_rps": 2.5,
+                    "solver_status": "optimal",
+                    "shortfall_rps": 0.0,
+                    "chosen": {"instances": [{"tp": 8, "clock_mhz": 1980, "count": 1}], "power_w": 1234.568},
+                    "runner_up": None,
+                }
+            ],
+        },
+        {"t_s": 305.0, "instance_id": 1, "from_mhz": 1980, "to_mhz": 800, "reason": "load"},
+    ]
+    json.dumps(r, allow_nan=False)
 
 
 def test_tbt_percentiles_are_token_weighted() -> None:

@@ -86,12 +86,21 @@ def test_the_report_records_exactly_what_the_cycle_decided() -> None:
         if isinstance(d, ClockDecision) and d.reason == "load":
             assert (d.t_s, d.instance_id, d.to_mhz) in asked
     report = build_report(
-        result, policy="dynamollm", seed=0, model="llama2-70b", gpu="h100-sxm", slos=SLOS, pricing=PRICING, wall_s=0
+        result,
+        policy="dynamollm",
+        seed=0,
+        model="llama2-70b",
+        gpu="h100-sxm",
+        slos=SLOS,
+        pricing=PRICING,
+        wall_s=0,
     )
     assert report["decisions"] == [d.to_json() for d in result.decisions]
     json.dumps(report, allow_nan=False)
     first = next(d for d in report["decisions"] if d.get("level") == "pool")["pools"][0]
-    assert {"pool", "classes", "gpu_budget", "forecast_rps", "solver_status", "chosen", "runner_up"} <= set(first)
+    assert {"pool", "classes", "gpu_budget", "forecast_rps", "solver_status", "chosen", "runner_up"} <= set(
+        first
+    )
 
 
 def _with_request(trace: Trace, at_s: float, input_tokens: int, output_tokens: int) -> Trace:
@@ -108,7 +117,14 @@ def _with_request(trace: Trace, at_s: float, input_tokens: int, output_tokens: i
 
 def test_a_request_beyond_the_context_is_refused_for_every_policy() -> None:
     base = _hour_slice(300.0)
-    base = Trace(base.name, base.arrival_s, np.minimum(base.input_tokens, 3000), np.minimum(base.output_tokens, 500), base.start_unix_s, base.end_s)
+    base = Trace(
+        base.name,
+        base.arrival_s,
+        np.minimum(base.input_tokens, 3000),
+        np.minimum(base.output_tokens, 500),
+        base.start_unix_s,
+        base.end_s,
+    )
     trace = _with_request(base, 100.0, 100_000, 200)
     config = SimConfig(max_drain_s=60.0)
     sized = run_policy(trace, SinglePool(), PROFILE, config=config, slo_target=0.99)

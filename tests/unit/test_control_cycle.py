@@ -18,6 +18,7 @@ from controller.model.fleet import (
     Arrivals,
     DrainInstance,
     FleetView,
+    GpuSet,
     InstanceIdle,
     InstanceReady,
     InstanceView,
@@ -28,7 +29,9 @@ from controller.model.fleet import (
 )
 from controller.model.profile import Profile
 from controller.model.state import ClusterObs, Periods
-from controller.orchestrator.plan import ReconfigCosts
+from controller.orchestrator.executor import Executor
+from controller.orchestrator.placement import Placement
+from controller.orchestrator.plan import Action, ReconfigCosts
 from controller.policy.singlepool import singlepool_plan
 from controller.profiles import default_profile
 
@@ -36,6 +39,7 @@ PROFILE = default_profile("llama2-70b", "h100-sxm")
 MAX = max(PROFILE.clocks_mhz)
 LOW = min(PROFILE.clocks_mhz)
 PERIODS = Periods(cluster_s=60.0, pool_s=20.0, instance_s=5.0)
+COSTS = ReconfigCosts(warm_start_s=30.0, stagger_s=0.0)
 
 
 @dataclass
@@ -46,7 +50,7 @@ class Scripted:
     clocks: dict[int, int] = field(default_factory=dict)
     seen: list[ClusterObs] = field(default_factory=list)
     periods: Periods = PERIODS
-    costs: ReconfigCosts = ReconfigCosts(warm_start_s=30.0, stagger_s=0.0)
+    costs: ReconfigCosts = COSTS
     name: str = "scripted"
 
     @property
@@ -77,7 +81,10 @@ def test_start_places_the_initial_plan_and_routes_every_class() -> None:
     cycle = ControlCycle(Scripted([]), PROFILE, singlepool_plan(2, 8, MAX), CycleConfig(escalation=False))
     result = cycle.start(0.0)
     starts = [c for c in result.commands if isinstance(c, StartInstance)]
-    assert [(c.instance_id, c.gpus.node, c.gpus.first_gpu, c.load_s) for c in starts] == [(0, 0, 0, 0.0), (1, 1, 0, 0.0)]
+    assert [(c.instance_id, c.gpus.node, c.gpus.first_gpu, c.load_s) for c in starts] == [
+        (0, 0, 0, 0.0),
+        (1, 1, 0, 0.0),
+    ]
     assert isinstance(result.decisions[0], StepRecord) and result.decisions[0].level == "initial"
     assert result.routes is not None
     assert all({i for i, _ in row} == {0, 1} for row in result.routes.primary)
@@ -93,7 +100,9 @@ def test_scale_out_then_ready_then_scale_in() -> None:
     result = cycle.tick(20.0, quiet([0]), Arrivals.none())  # the first pool step
     (start,) = result.commands
     assert isinstance(start, StartInstance) and start.instance_id == 1 and start.load_s == 30.0
-    assert result.routes is not None and all(row == ((0, pytest.approx(row[0][1])),) for row in result.routes.primary)
+    assert result.routes is not None and all(
+        row == ((0, pytest.approx(row[0][1])),) for row in result.routes.primary
+    )
     step = [d for d in result.decisions if isinstance(d, StepRecord)]
     assert [s.level for s in step] == ["pool"] and step[0].step.plan == two
     # The fleet reports it ready: it joins the routing table.
@@ -145,7 +154,9 @@ def test_escalation_rejects_late_moves_at_risk_and_raises_the_clock() -> None:
 def test_epoch_boundaries_are_state_not_time_modulo_period() -> None:
     """A cycle started at t = 1000 (e.g. a restarted controller) steps 20 s and 60 s after ITS start."""
     policy = Scripted([])
-    cycle = ControlCycle(policy, PROFILE, singlepool_plan(1, 8, MAX), CycleConfig(escalation=False), origin_s=1000.0)
+    cycle = ControlCycle(
+        policy, PROFILE, singlepool_plan(1, 8, MAX), CycleConfig(escalation=False), origin_s=1000.0
+    )
     cycle.start(1000.0)
     levels: list[tuple[float, str]] = []
     t = 1005.0
@@ -160,7 +171,9 @@ def test_epoch_boundaries_are_state_not_time_modulo_period() -> None:
 
 def test_arrivals_become_the_history_the_policy_sees() -> None:
     policy = Scripted([])
-    cycle = ControlCycle(policy, PROFILE, singlepool_plan(1, 8, MAX), CycleConfig(escalation=False, history_bin_s=10.0))
+    cycle = ControlCycle(
+        policy, PROFILE, singlepool_plan(1, 8, MAX), CycleConfig(escalation=False, history_bin_s=10.0)
+    )
     cycle.start(0.0)
     times = np.array([0.5, 1.0, 7.0, 12.0])
     arrivals = Arrivals(times, np.array([0, 0, 4, 8], dtype=np.int64))
@@ -181,3 +194,58 @@ def test_a_fixed_plan_never_changes_and_needs_no_profile() -> None:
     assert cycle.plan == plan
     with pytest.raises(InvalidArgumentError, match="profile"):
         ControlCycle(Scripted([]), None, plan)
+
+
+# ---------------------------------------------------------------------------------------------- executor
+
+TP8, TP4 = InstanceSpec(8, MAX), InstanceSpec(4, MAX)
+
+
+def test_restart_path_tp_change_starts_the_successor_on_the_freed_gpus() -> None:
+    ex = Executor(ReconfigCosts(), gpu_budget=64, free=False, placement=Placement())
+    ex.initial("all", TP8, 0.0)
+    assert ex.apply([Action("retp", "all", 0, TP4, 0.0, 90.0, 0.0)], 0.0) == [DrainInstance(0, 0.0)]
+    (successor,) = [i for i in ex.instances if i != 0]
+    assert ex.instances[successor].gpus is None  # waits for its predecessor's GPUs
+    started = ex.on_event(InstanceIdle(0, 30.0))
+    assert started == [StartInstance(successor, "all", TP4, GpuSet(0, 0, 4), 30.0, 90.0)]
+    assert ex.executed == {"retp": 1}
+
+
+def test_starts_beyond_the_budget_wait_for_freed_gpus_unless_a_new_plan_supersedes_them() -> None:
+    ex = Executor(ReconfigCosts(), gpu_budget=8, free=False, placement=Placement())
+    ex.initial("all", TP8, 0.0)
+    start = Action("start", "all", None, TP4, 0.0, 60.0, 0.0)
+    stop = Action("stop", "all", 0, TP8, 0.0, 0.0, 0.0)
+    assert ex.apply([start, stop], 0.0) == [DrainInstance(0, 0.0)]
+    assert ex.on_event(InstanceIdle(0, 12.0)) == [StartInstance(1, "all", TP4, GpuSet(0, 0, 4), 12.0, 60.0)]
+    # A start still waiting when the next plan comes is dropped with its generation.
+    ex.apply([Action("start", "all", None, TP8, 20.0, 60.0, 0.0)], 20.0)
+    ex.apply([], 25.0)
+    assert ex.on_event(InstanceIdle(1, 30.0)) == []
+
+
+def test_actions_fall_due_at_their_own_time_and_a_gone_instance_is_skipped() -> None:
+    ex = Executor(ReconfigCosts(), gpu_budget=64, free=False, placement=Placement())
+    ex.initial("all", TP8, 0.0)
+    ex.initial("all", TP8, 0.0)
+    later = [Action("stop", "all", 0, TP8, 70.0, 0.0, 0.0), Action("stop", "all", 0, TP8, 80.0, 0.0, 0.0)]
+    assert ex.apply(later, 10.0) == [] and ex.next_due_s() == 70.0
+    assert ex.due(75.0) == [DrainInstance(0, 70.0)]
+    assert ex.due(80.0) == []  # already draining: nothing done, not counted
+    assert ex.executed == {"stop": 1} and math.isinf(ex.next_due_s())
+
+
+def test_placement_packs_best_fit_and_frees_whole_nodes() -> None:
+    p = Placement()
+    a, b, c = p.allocate(4), p.allocate(2), p.allocate(8)
+    assert (a, b, c) == (GpuSet(0, 0, 4), GpuSet(0, 4, 2), GpuSet(1, 0, 8))
+    assert p.allocate(2) == GpuSet(0, 6, 2)  # the fullest node with room
+    p.release(c)
+    assert p.nodes_held == 1 and p.gpus_held == 8
+    assert Placement(max_nodes=1).allocate(8) is not None
+    full = Placement(max_nodes=1)
+    full.allocate(8)
+    assert full.allocate(2) is None
+    with pytest.raises(InvalidArgumentError, match="gpus"):
+        p.release(c)

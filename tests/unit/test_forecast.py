@@ -14,12 +14,11 @@ from controller.policy.forecast import (
     DAY_S,
     WEEK_S,
     WeeklyTemplate,
-    backtest_peak_forecast,
     expected_max_sigmas,
-    forecast_error,
     forecast_next_peak_rps,
     learn_template,
 )
+from controller.sim.evaluation import backtest_peak_forecast, forecast_error
 from controller.sim.traces import read_trace_file
 
 MONDAY_UNIX_S = datetime(2024, 5, 13, tzinfo=UTC).timestamp()

@@ -1,8 +1,10 @@
-"""The policies (controller/policy/policies.py) on hand-built observations with the default profile."""
+"""The policies (controller/policy/dynamollm.py, baselines.py, the oracle of controller/sim/oracle.py) on
+hand-built observations with the default profile."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -10,25 +12,20 @@ import pytest
 from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
+from controller.model.decisions import PlanStep
 from controller.model.state import ClusterObs, InstanceObs, Periods, Phase
 from controller.orchestrator import ReconfigCosts
 from controller.policy.base import ArrivalStats, DynamicPolicy
+from controller.policy.baselines import MultiPool, ScaleFreq, ScaleInst, ScaleShard
+from controller.policy.bursts import class_burst_rps, poisson_quantile
+from controller.policy.dynamollm import DynamoLLM
 from controller.policy.forecast import forecast_next_peak_rps, forecast_next_rate_rps
-from controller.policy.policies import (
-    POLICIES,
-    DynamoLLM,
-    MultiPool,
-    Oracle,
-    ScaleFreq,
-    ScaleInst,
-    ScaleShard,
-    class_burst_rps,
-    instance_model,
-    keep_current_clocks,
-    make_policy,
-    poisson_quantile,
-)
-from controller.sim.profiling import default_profile
+from controller.policy.instance_model import instance_model
+from controller.policy.observed import keep_current_clocks
+from controller.policy.registry import POLICIES, PolicySettings, make_policy, policy_settings_from_doc
+from controller.profiles import default_profile
+from controller.sim.oracle import Oracle, Truth
+from controller.sim.policies import SIM_POLICIES, sim_policy
 
 PROFILE = default_profile("llama2-70b", "h100-sxm")
 MAX_CLOCK = max(PROFILE.clocks_mhz)
@@ -54,6 +51,9 @@ def observe(
     )
     # A steady load with a little alternating noise, so the forecaster sees some spread.
     history = tuple(tuple(r * scale * (1.1 if b % 2 else 0.9) for b in range(bins)) for r in RATES)
+    # The epochs in force, as the control cycle with the default periods has them (started at t = 0).
+    periods = Periods()
+    epoch_start_s = math.floor(now_s / periods.cluster_s) * periods.cluster_s
     return ClusterObs(
         now_s=now_s,
         start_unix_s=1.7e9,
@@ -62,9 +62,33 @@ def observe(
         history_bin_s=60.0,
         class_rate_history_rps=history,
         total_gpus=256,
-        true_next_rate_rps=tuple(r * scale * 1.2 for r in RATES),
-        true_period_s=300.0,
+        epoch_start_s=epoch_start_s,
+        pool_period_start_s=math.floor(now_s / periods.pool_s) * periods.pool_s,
     )
+
+
+class KnownFuture:
+    """The oracle's foresight in a test: the same coming period whenever asked, each question recorded."""
+
+    def __init__(
+        self,
+        rates_rps: tuple[float, ...],
+        burst_windows_s: tuple[float, ...] = (),
+        bursts_rps: tuple[tuple[float, ...], ...] = (),
+    ) -> None:
+        self.rates_rps = rates_rps
+        self.burst_windows_s = burst_windows_s
+        self.bursts_rps = bursts_rps
+        self.asked: list[tuple[float, float]] = []
+
+    def coming(self, now_s: float, period_s: float) -> Truth:
+        self.asked.append((now_s, period_s))
+        return Truth(period_s, self.rates_rps, self.burst_windows_s, self.bursts_rps)
+
+
+def true_rates(scale: float = 1.0) -> tuple[float, ...]:
+    """What the old observation's truth held for `observe(..., scale)`: the rates 20% up."""
+    return tuple(r * scale * 1.2 for r in RATES)
 
 
 def assert_valid(plan: ClusterPlan, total_gpus: int) -> None:
@@ -78,49 +102,62 @@ def assert_valid(plan: ClusterPlan, total_gpus: int) -> None:
 
 
 def test_registry_and_factory() -> None:
-    assert set(POLICIES) == {
-        "singlepool",
-        "multipool",
-        "scaleinst",
-        "scaleshard",
-        "scalefreq",
-        "dynamollm",
-        "oracle",
-    }
-    for name in POLICIES:
-        policy = make_policy(name)
+    # The policy core's registry has no oracle (it needs the future); the simulator's adds it.
+    assert set(POLICIES) == {"singlepool", "multipool", "scaleinst", "scaleshard", "scalefreq", "dynamollm"}
+    assert set(SIM_POLICIES) == {*POLICIES, "oracle"}
+    for name in SIM_POLICIES:
+        policy = sim_policy(name)
         assert policy.name == name
+        if name in POLICIES:
+            assert make_policy(name).name == name
         if name not in ("singlepool", "multipool"):
             assert isinstance(policy, DynamicPolicy)
     with pytest.raises(InvalidArgumentError, match="--policy"):
         make_policy("bogus")
-    fast = make_policy("dynamollm", periods=Periods(600.0, 60.0, 5.0), costs=ReconfigCosts(fast_reshard=True))
+    with pytest.raises(InvalidArgumentError, match="--policy"):
+        make_policy("oracle")
+    settings = PolicySettings(periods=Periods(600.0, 60.0, 5.0), costs=ReconfigCosts(fast_reshard=True))
+    fast = make_policy("dynamollm", settings)
     assert isinstance(fast, DynamoLLM)
     assert fast.periods.pool_s == 60.0 and fast.costs.fast_reshard
-    assert make_policy("multipool", periods=Periods()) == MultiPool()
+    oracle = sim_policy("oracle", settings)
+    assert isinstance(oracle, Oracle)
+    assert oracle.periods.pool_s == 60.0 and oracle.costs.fast_reshard
+    assert make_policy("multipool", PolicySettings()) == MultiPool()
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.mix_window_s = 1.0  # type: ignore[misc]
+
+
+def assert_step(step: PlanStep, total_gpus: int) -> ClusterPlan:
+    """A decided step: a valid plan and one decision record per pool, matching the plan."""
+    assert_valid(step.plan, total_gpus)
+    assert [d.pool for d in step.pools] == [p.name for p in step.plan.pools]
+    for decision, pool in zip(step.pools, step.plan.pools, strict=True):
+        assert decision.class_names == pool.class_names
+        assert decision.gpu_budget >= pool.gpus
+        assert decision.forecast_rps >= 0.0 and decision.shortfall_rps >= 0.0
+    return step.plan
 
 
 def test_dynamollm_plans_are_valid_deterministic_and_follow_load() -> None:
     policy = DynamoLLM()
     start = policy.initial_plan(stats(), PROFILE)
     assert_valid(start, 10**6)
-    low = policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
-    assert_valid(low, 256)
-    assert low == policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
-    high = policy.cluster_step(observe(start, now_s=1800.0, bins=30, scale=4.0), PROFILE)
-    assert_valid(high, 256)
+    step = policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
+    low = assert_step(step, 256)
+    assert step.forecast_kind == "rate" and len(step.class_forecast_rps) == len(CLASS_NAMES)
+    assert step == policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
+    high = assert_step(policy.cluster_step(observe(start, now_s=1800.0, bins=30, scale=4.0), PROFILE), 256)
     assert high.gpus > low.gpus
-    # Empty history: the initial plan stands.
-    empty = dataclasses.replace(observe(start, now_s=0.0, bins=0), true_next_rate_rps=None)
-    assert policy.cluster_step(empty, PROFILE) == start
+    # Empty history: the initial plan stands, and nothing is decided.
+    empty = policy.cluster_step(observe(start, now_s=0.0, bins=0), PROFILE)
+    assert empty.plan == start and empty.pools == ()
 
 
 def test_pool_step_keeps_the_epochs_pools() -> None:
     policy = DynamoLLM(merge_fill=0.5)
     start = policy.initial_plan(stats(), PROFILE)
-    at_boundary = policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE)
+    at_boundary = policy.cluster_step(observe(start, now_s=1800.0, bins=30), PROFILE).plan
     # Ten minutes later the load has quadrupled; pool composition stays what the boundary decided.
     obs = observe(at_boundary, now_s=2400.0, bins=40)
     busier = dataclasses.replace(
@@ -129,7 +166,7 @@ def test_pool_step_keeps_the_epochs_pools() -> None:
             s[:30] + tuple(4 * x for x in s[30:]) for s in obs.class_rate_history_rps
         ),
     )
-    mid = policy.pool_step(busier, PROFILE)
+    mid = policy.pool_step(busier, PROFILE).plan
     assert [(p.name, p.class_names) for p in mid.pools] == [
         (p.name, p.class_names) for p in at_boundary.pools
     ]
@@ -148,27 +185,38 @@ def test_instance_step_lowers_clocks_at_low_load() -> None:
 
 
 def test_oracle_uses_true_rates_and_bursts_and_is_free() -> None:
-    oracle = Oracle()
-    assert oracle.reconfiguration_free and not DynamoLLM().reconfiguration_free
+    assert Oracle().reconfiguration_free and not DynamoLLM().reconfiguration_free
+    known = KnownFuture(true_rates())
+    oracle = Oracle(foresight=known)
     plan = oracle.initial_plan(stats(), PROFILE)
     obs = observe(plan, now_s=1800.0, bins=30)
     small = oracle.cluster_step(obs, PROFILE)
-    big_rates = tuple(4 * x for x in obs.true_next_rate_rps or ())
-    big = oracle.cluster_step(dataclasses.replace(obs, true_next_rate_rps=big_rates), PROFILE)
-    assert_valid(big, 256)
-    assert big.gpus > small.gpus
+    # It asks the simulator for the coming period of the level it decides, from now.
+    assert known.asked == [(1800.0, Periods().cluster_s)]
+    assert small.forecast_kind == "true" and small.class_forecast_rps == true_rates()
+    big = Oracle(foresight=KnownFuture(true_rates(4.0))).cluster_step(obs, PROFILE)
+    assert_step(big, 256)
+    assert big.plan.gpus > small.plan.gpus
     # A true burst of the coming period (60 LL requests within 5 s) is provisioned for; none is not.
     windows = (1.0, 5.0)
-    calm = tuple(tuple(r for r in obs.true_next_rate_rps or ()) for _ in windows)
+    calm = tuple(true_rates() for _ in windows)
     ll = CLASS_NAMES.index("LL")
     burst = (calm[0], tuple(12.0 if c == ll else r for c, r in enumerate(calm[1])))
-    with_calm = dataclasses.replace(obs, true_burst_windows_s=windows, true_next_burst_rps=calm)
-    with_burst = dataclasses.replace(obs, true_burst_windows_s=windows, true_next_burst_rps=burst)
-    assert oracle.pool_step(with_burst, PROFILE).gpus > oracle.pool_step(with_calm, PROFILE).gpus
-    with pytest.raises(InvalidArgumentError, match="true_next_rate_rps"):
-        oracle.pool_step(dataclasses.replace(obs, true_next_rate_rps=None), PROFILE)
-    with pytest.raises(InvalidArgumentError, match="true_next_burst_rps"):
-        dataclasses.replace(obs, true_burst_windows_s=windows, true_next_burst_rps=calm[:1])
+    with_calm = Oracle(foresight=KnownFuture(true_rates(), windows, calm))
+    with_burst = Oracle(foresight=KnownFuture(true_rates(), windows, burst))
+    assert with_burst.pool_step(obs, PROFILE).plan.gpus > with_calm.pool_step(obs, PROFILE).plan.gpus
+    pool_known = KnownFuture(true_rates())
+    Oracle(foresight=pool_known).pool_step(obs, PROFILE)
+    assert pool_known.asked == [(1800.0, Periods().pool_s)]
+    # Without the simulator's foresight there is nothing to decide from (the observation holds no truth).
+    with pytest.raises(InvalidArgumentError, match="foresight"):
+        Oracle().pool_step(obs, PROFILE)
+    # Even with no history yet the oracle decides: it knows what is coming.
+    assert (
+        Oracle(foresight=KnownFuture(true_rates()))
+        .cluster_step(observe(plan, now_s=0.0, bins=0), PROFILE)
+        .pools
+    )
 
 
 def test_rate_forecast_leaves_the_poisson_noise_to_the_capacities() -> None:
@@ -202,18 +250,24 @@ def test_one_knob_baselines_turn_only_their_knob() -> None:
     (pool,) = plan.pools
     assert set(pool.instances) == {InstanceSpec(8, MAX_CLOCK)}
 
-    inst = ScaleInst().pool_step(observe(plan, now_s=600.0, bins=10, scale=3.0), PROFILE)
+    inst_step = ScaleInst().pool_step(observe(plan, now_s=600.0, bins=10, scale=3.0), PROFILE)
+    inst = inst_step.plan
     assert set(inst.pools[0].instances) == {InstanceSpec(8, MAX_CLOCK)}
     assert inst.instances > plan.instances
+    (decision,) = inst_step.pools
+    assert decision.solver_status in ("optimal", "incumbent") and decision.forecast_rps > 0.0
+    assert dict(decision.chosen.counts) == {InstanceSpec(8, MAX_CLOCK): inst.instances}
 
-    shard = ScaleShard().pool_step(observe(plan, now_s=600.0, bins=10, scale=0.3), PROFILE)
+    shard_step = ScaleShard().pool_step(observe(plan, now_s=600.0, bins=10, scale=0.3), PROFILE)
+    shard = shard_step.plan
     assert shard.gpus == plan.gpus
     assert len({s.tp for s in shard.pools[0].instances}) == 1
     assert {s.clock_mhz for s in shard.pools[0].instances} == {MAX_CLOCK}
+    assert [d.solver_status for d in shard_step.pools] == ["rule"]
 
     freq = ScaleFreq()
     obs = observe(plan, now_s=600.0, bins=10, load_rps=0.5)
-    assert freq.pool_step(obs, PROFILE) == plan == freq.cluster_step(obs, PROFILE)
+    assert freq.pool_step(obs, PROFILE).plan == plan == freq.cluster_step(obs, PROFILE).plan
     assert max(freq.instance_step(obs, PROFILE).values()) < MAX_CLOCK
     assert ScaleFreq().plan_with(3, PROFILE).instances == 3
 
@@ -277,7 +331,7 @@ def test_pool_step_leaves_clocks_to_the_instance_level() -> None:
             for p in start.pools
         ),
     )
-    step = policy.pool_step(observe(low, now_s=600.0, bins=10), PROFILE)
+    step = policy.pool_step(observe(low, now_s=600.0, bins=10), PROFILE).plan
     for before, after in zip(low.pools, step.pools, strict=True):
         for tp in {s.tp for s in before.instances}:
             stay = min(
@@ -361,11 +415,13 @@ def test_dynamollm_provisions_for_an_observed_burst() -> None:
     obs = observe(start, now_s=1800.0, bins=30)
     smooth = policy.cluster_step(with_burst(obs, CLASS_NAMES.index("MS"), 25, 0), PROFILE)
     bursty = policy.cluster_step(with_burst(obs, CLASS_NAMES.index("MS"), 25, 80), PROFILE)
-    assert_valid(bursty, 256)
+    assert_step(bursty, 256)
     assert smooth == policy.cluster_step(obs, PROFILE)
-    assert bursty.gpus > smooth.gpus
+    assert bursty.plan.gpus > smooth.plan.gpus
+    ms = CLASS_NAMES.index("MS")
+    assert bursty.class_forecast_rps[ms] > smooth.class_forecast_rps[ms]
     # The oracle plans on the true bursts of the coming period, not on the observed past ones.
-    oracle = Oracle()
+    oracle = Oracle(foresight=KnownFuture(true_rates()))
     assert oracle.cluster_step(with_burst(obs, CLASS_NAMES.index("MS"), 25, 80), PROFILE) == (
         oracle.cluster_step(obs, PROFILE)
     )
@@ -383,3 +439,30 @@ def test_cluster_obs_checks_the_burst_history() -> None:
         dataclasses.replace(obs, burst_windows_s=(5.0, 1.0), class_burst_history_rps=(rows, rows))
     with pytest.raises(InvalidArgumentError, match="burst_windows_s"):
         dataclasses.replace(obs, burst_windows_s=(0.0,))
+
+
+def test_cluster_obs_checks_the_epoch_boundaries() -> None:
+    obs = observe(ClusterPlan(pools=()), now_s=2400.0, bins=40)
+    assert (obs.epoch_start_s, obs.pool_period_start_s) == (1800.0, 2400.0)
+    with pytest.raises(InvalidArgumentError, match="epoch_start_s"):
+        dataclasses.replace(obs, pool_period_start_s=1500.0)
+    with pytest.raises(InvalidArgumentError, match="epoch_start_s"):
+        dataclasses.replace(obs, epoch_start_s=2700.0, pool_period_start_s=2700.0)
+
+
+def test_policy_settings_from_a_document() -> None:
+    doc = {"merge_fill": 1, "periods": {"pool_s": 60.0}, "costs": {"fast_reshard": True}}
+    settings = policy_settings_from_doc(doc)
+    assert settings.merge_fill == 1.0 and settings.periods == Periods(pool_s=60.0)
+    assert settings.costs.fast_reshard and settings.costs.start_s == ReconfigCosts().start_s
+    policy = make_policy("dynamollm", settings)
+    assert isinstance(policy, DynamoLLM)
+    assert policy.merge_fill == 1.0 and policy.periods.pool_s == 60.0
+    with pytest.raises(InvalidArgumentError, match=r"policy\.bogus"):
+        policy_settings_from_doc({"bogus": 1.0})
+    with pytest.raises(InvalidArgumentError, match=r"costs\.fast_reshard"):
+        policy_settings_from_doc({"costs": {"fast_reshard": 1}})
+    with pytest.raises(InvalidArgumentError, match="periods"):
+        policy_settings_from_doc({"periods": 5})
+    with pytest.raises(InvalidArgumentError, match="clock_headroom"):
+        PolicySettings(clock_headroom=1.0)

@@ -24,11 +24,13 @@ from controller.policy.capacity import ConfigCapacity, pool_capacities
 from controller.policy.pool import (
     RECONFIG_KINDS,
     PoolDecision,
+    ProblemCache,
+    greedy_decision,
     greedy_pool,
     reconfig_cost_j_per_gpu,
     solve_pool,
 )
-from controller.sim.profiling import default_profile
+from controller.profiles import default_profile
 
 EPOCH_S = 300.0
 RESTART_COSTS_J = reconfig_cost_j_per_gpu(75.0, start_s=60.0, stop_s=0.0, retp_s=90.0, clock_s=0.065)
@@ -338,7 +340,9 @@ def test_reconfig_costs_from_durations() -> None:
 
 def test_policy_modules_do_not_import_cvxpy_until_a_solve() -> None:
     code = (
-        "import sys; import controller.policy.pool, controller.policy.capacity, controller.policy.frequency; "
+        "import sys; import controller.policy.pool, controller.policy.capacity, controller.policy.frequency, "
+        "controller.policy.dynamollm, controller.policy.baselines, controller.policy.registry; "
+        "controller.policy.registry.make_policy('dynamollm'); "
         "assert 'cvxpy' not in sys.modules, 'cvxpy imported at module level'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -410,6 +414,7 @@ def test_cached_parametrised_solve_matches_a_freshly_built_problem() -> None:
     rng = np.random.default_rng(0)
     knobs = (((2, 4, 8), None), ((8,), (1980,)), ((2, 4, 8), (1980,)), ((4, 8), None))
     clocks = _profile().clocks_mhz
+    problems = ProblemCache()  # owned by the caller, as a policy object owns its own
     same = solved = 0
     for _ in range(50):
         caps = _caps(int(rng.integers(len(MIXES))))
@@ -440,6 +445,7 @@ def test_cached_parametrised_solve_matches_a_freshly_built_problem() -> None:
             allowed_clocks=allowed_clocks,
             headroom=headroom,
             time_limit_s=5.0,
+            problems=problems,
         )
         if load_rps == 0.0 and not any(current.values()):
             continue  # answered without a solver
@@ -465,10 +471,36 @@ def test_cached_parametrised_solve_matches_a_freshly_built_problem() -> None:
 
 
 def test_cached_problem_is_dpp_and_the_cache_is_bounded() -> None:
-    problem = pool_module._pool_problem((2, 4, 8, 8), (2, 4, 8))
+    # No module-level cache: each policy object owns a ProblemCache.
+    assert not hasattr(pool_module, "_problems")
+    cache = ProblemCache(size=4)
+    problem = cache.get((2, 4, 8, 8), (2, 4, 8))
     assert problem.problem.is_dpp()
-    assert pool_module._pool_problem((2, 4, 8, 8), (2, 4, 8)) is problem
-    for k in range(1, pool_module._PROBLEM_CACHE_SIZE + 2):
-        pool_module._pool_problem((8,) * k, (8,))
-    assert len(pool_module._problems) == pool_module._PROBLEM_CACHE_SIZE
-    assert pool_module._pool_problem((2, 4, 8, 8), (2, 4, 8)) is not problem  # evicted, rebuilt
+    assert cache.get((2, 4, 8, 8), (2, 4, 8)) is problem
+    assert ProblemCache().get((2, 4, 8, 8), (2, 4, 8)) is not problem  # caches share nothing
+    for k in range(1, 4 + 2):
+        cache.get((8,) * k, (8,))
+    assert len(cache._problems) == 4
+    assert cache.get((2, 4, 8, 8), (2, 4, 8)) is not problem  # evicted, rebuilt
+    # solve_pool builds into the cache it is given, and reuses what is there.
+    solving = ProblemCache()
+    solve_pool(10.0, 64, _caps(0), {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=EPOCH_S, problems=solving)
+    assert len(solving._problems) == 1
+    solve_pool(12.0, 64, _caps(0), {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=EPOCH_S, problems=solving)
+    assert len(solving._problems) == 1
+
+
+def test_greedy_decision_is_the_greedy_rule_as_a_decision() -> None:
+    caps = _caps(1)
+    d = greedy_decision(5.0, 64, caps, epoch_s=EPOCH_S, headroom=0.0)
+    counts, _, short = greedy_pool(5.0, 64, caps, headroom=0.0)
+    assert d.counts == {c.spec: n for c, n in zip(caps, counts, strict=True) if n}
+    assert short == 0.0 and d.shortfall_rps == 0.0 and d.solve_s == 0.0
+    _check_decision(d, 5.0, 64, caps, (2, 4, 8), None)
+    # The MILP never does worse on energy than the greedy rule it is compared with.
+    milp = solve_pool(5.0, 64, caps, {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=EPOCH_S, headroom=0.0)
+    assert milp.energy_j_estimate <= d.energy_j_estimate * 1.02
+    # Restricted like a one-knob baseline, and short when the budget cannot cover the load.
+    tight = greedy_decision(500.0, 16, caps, epoch_s=EPOCH_S, allowed_tps=(8,), allowed_clocks=(1980,))
+    assert set(tight.counts) == {InstanceSpec(8, 1980)} and tight.gpus == 16
+    assert tight.shortfall_rps > 0.0

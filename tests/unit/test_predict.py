@@ -13,15 +13,13 @@ from agent.api.errors import InvalidArgumentError
 from controller.model.classes import ClassBins
 from controller.policy.predict import (
     OutputPredictor,
-    accuracy_of,
     default_bucket_edges_tokens,
-    inject_accuracy,
     predict_output_bin,
     predict_output_bins,
-    replay_predictions,
     update,
     update_many,
 )
+from controller.sim.evaluation import accuracy_of, inject_accuracy, replay_predictions
 from controller.sim.traces import read_trace_file
 
 S, M, L = 0, 1, 2
