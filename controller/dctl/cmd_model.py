@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.api.errors import InvalidArgumentError, NotFoundError
+from controller.dctl.output import echo
 
 DATA_DIR_ENV = "DYNAMOLLM_SHARED_DATA"
 VALIDATION_FORMAT = "dynamollm.model-validation/v1"
@@ -88,7 +89,7 @@ def validate(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         raise NotFoundError(f"--data-dir: {data_dir} is not a directory (set --data-dir or ${DATA_DIR_ENV})")
     rows = run_validation(data_dir)
-    print(format_table(rows))
+    echo(format_table(rows))
     if args.json is not None:
         doc = {
             "format": VALIDATION_FORMAT,
@@ -120,5 +121,5 @@ def show_model(args: argparse.Namespace) -> int:
         summary = model_summary(args.model, args.gpu, args.tp)
     except InvalidArgumentError as err:  # name the flag the operator typed
         raise InvalidArgumentError(f"--{err.field}", err.value, err.allowed) from None
-    print(json.dumps(summary, indent=2))
+    echo(json.dumps(summary, indent=2))
     return 0

@@ -28,13 +28,13 @@ import contextlib
 import json
 import math
 import os
-import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.api.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from controller.dctl.output import echo, stdout
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -276,7 +276,7 @@ def message_dict(message: Message) -> dict[str, Any]:
 
 
 def _print_json(doc: object) -> None:
-    print(json.dumps(doc, indent=2))
+    echo(json.dumps(doc, indent=2))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -339,7 +339,7 @@ def status_cmd(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print_json({"inventory": message_dict(inventory), "sample": message_dict(sample)})
         return 0
-    print(_status_table(inventory, sample))
+    echo(_status_table(inventory, sample))
     return 0
 
 
@@ -462,13 +462,13 @@ async def _watch(
 
     async with conn.client() as client:
         if output == "table":
-            print(row(_WATCH_HEADER), flush=True)
+            echo(row(_WATCH_HEADER), flush=True)
         seen = 0
         stream = client.stream_telemetry(period_s=period_s, gpu_indices=gpus, include_engines=engines)
         async with contextlib.aclosing(stream):
             async for sample in stream:
                 if output == "json":
-                    print(json.dumps(message_dict(sample)), flush=True)
+                    echo(json.dumps(message_dict(sample)), flush=True)
                 else:
                     when = _utc(sample.ts_unix_ns)
                     for g in sample.gpus:
@@ -476,15 +476,15 @@ async def _watch(
                         cells += [g.sm_clock_mhz, g.mem_clock_mhz, f"{g.util_gpu_ratio * 100:.0f}"]
                         cells += [f"{g.mem_used_bytes / 2**30:.1f}", f"{g.temperature_c:.0f}"]
                         cells += [f"{g.enforced_power_limit_w:.0f}", sample.dropped_samples_count]
-                        print(row(cells))
+                        echo(row(cells))
                     for m in sample.engines:
-                        print(
+                        echo(
                             f"{'':>24}  engine {m.engine_id}: running {m.running_requests_count}, waiting "
                             f"{m.waiting_requests_count}, KV {m.kv_cache_usage_ratio * 100:.0f}%, "
                             f"prompt {m.prompt_tokens_per_s:.0f} tok/s, "
                             f"generation {m.generation_tokens_per_s:.0f} tok/s"
                         )
-                    sys.stdout.flush()
+                    stdout().flush()
                 seen += 1
                 if count is not None and seen >= count:
                     break
@@ -507,11 +507,11 @@ def set_clocks_cmd(args: argparse.Namespace) -> int:
         _print_json(message_dict(reply))
         return 0
     what = "would apply (dry run)" if reply.dry_run else "applied"
-    print(f"{what} generation {reply.generation}{' (replayed)' if reply.replayed else ''}")
+    echo(f"{what} generation {reply.generation}{' (replayed)' if reply.replayed else ''}")
     for a in reply.applied:
         lock = a.sm_clock_lock if a.HasField("sm_clock_lock") else None
-        print(f"  GPU {a.gpu_index}: SM clock {_lock(lock)} MHz, power limit {a.power_limit_w:.0f} W")
-    print(_lease_line(reply.lease))
+        echo(f"  GPU {a.gpu_index}: SM clock {_lock(lock)} MHz, power limit {a.power_limit_w:.0f} W")
+    echo(_lease_line(reply.lease))
     return 0
 
 
@@ -542,11 +542,11 @@ def reset_clocks_cmd(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print_json(message_dict(reply))
         return 0
-    print(f"restored defaults, generation {reply.generation}{' (replayed)' if reply.replayed else ''}")
+    echo(f"restored defaults, generation {reply.generation}{' (replayed)' if reply.replayed else ''}")
     for r in reply.restored:
         lock = r.sm_clock_lock if r.HasField("sm_clock_lock") else None
-        print(f"  GPU {r.gpu_index}: SM clock {_lock(lock)}, power limit {r.power_limit_w:.0f} W")
-    print(_lease_line(reply.lease))
+        echo(f"  GPU {r.gpu_index}: SM clock {_lock(lock)}, power limit {r.power_limit_w:.0f} W")
+    echo(_lease_line(reply.lease))
     return 0
 
 
@@ -568,14 +568,14 @@ def _print_engine_reply(
     if output == "json":
         _print_json(message_dict(reply))
         return
-    print(_engine_line(reply.engine) + (" (replayed)" if reply.replayed else ""))
+    echo(_engine_line(reply.engine) + (" (replayed)" if reply.replayed else ""))
     steps = f"drain {reply.drain_s:.2f} s, stop {reply.stop_s:.2f} s"
     if isinstance(reply, control_pb2.StopEngineResponse):
-        print(f"  {steps}")
+        echo(f"  {steps}")
     elif reply.restarted:
-        print(f"  {steps}, start {reply.start_s:.2f} s")
+        echo(f"  {steps}, start {reply.start_s:.2f} s")
     else:
-        print("  already running this configuration; nothing done")
+        echo("  already running this configuration; nothing done")
 
 
 def engine_start_cmd(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """`dctl profile`: generate a performance/energy profile on the simulated engine, or show one.
 
-Where it sits: the operator-facing shell over `controller.sim.profiling` (measurement, files) and
-`controller.model.profile` (the data model). Heavy imports (numpy, the simulator) happen inside the
-handlers so that `dctl --help` stays fast. Format: docs/profile-format.md.
+Where it sits: the operator-facing shell over `controller.sim.profiling` (measurement),
+`controller.profiles` (files) and `controller.model.profile` (the data model). Heavy imports (numpy,
+the simulator) happen inside the handlers so that `dctl --help` stays fast. Format: docs/profile-format.md.
 
     dctl profile generate --model llama2-70b --gpu h100-sxm --out FILE [--tp 2,4,8] [--clocks 800,...]
                           [--classes SS,...] [--seed N] [--jobs N]
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.api.errors import InvalidArgumentError
+from controller.dctl.files import named_by
+from controller.dctl.output import echo
 
 # generate_profile's parameter names -> the flags that set them, so errors name what the operator typed
 _FLAG_FOR_FIELD = {
@@ -71,7 +73,8 @@ def generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from controller.model.classes import CLASS_NAMES
-    from controller.sim.profiling import generate_profile, save_profile
+    from controller.profiles import save_profile
+    from controller.sim.profiling import generate_profile
 
     tps = _int_list("--tp", args.tp, "2,4,8")
     clocks = None if args.clocks is None else _int_list("--clocks", args.clocks, "1200,1980")
@@ -107,7 +110,7 @@ def generate(args: argparse.Namespace) -> int:
                 raise
             raise InvalidArgumentError(flag, err.value, err.allowed) from None
     save_profile(profile, out)
-    print(
+    echo(
         f"wrote {out}: {len(profile.classes)} classes x TP {','.join(map(str, profile.tps))} x "
         f"{len(profile.clocks_mhz)} clocks ({','.join(map(str, profile.clocks_mhz))} MHz)"
     )
@@ -115,9 +118,10 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def show_profile(args: argparse.Namespace) -> int:
-    from controller.sim.profiling import load_profile
+    from controller.profiles import load_profile
 
-    profile = load_profile(args.file)
+    with named_by("profile file"):
+        profile = load_profile(args.file)
     if args.class_name is None:
         names = list(profile.class_names)
     elif args.class_name in profile.class_names:
@@ -136,22 +140,22 @@ def show_profile(args: argparse.Namespace) -> int:
             }
             for name in names
         }
-        print(json.dumps(doc, indent=2))
+        echo(json.dumps(doc, indent=2))
         return 0
 
-    print(
+    echo(
         f"profile {args.file}: {profile.model} on {profile.gpu}; max load (requests/s) meeting the class SLO"
     )
     header = "  TP \\ MHz" + "".join(f"{c:>9}" for c in profile.clocks_mhz)
     for name in names:
         slo = profile.slo(name)
-        print(f"\nclass {name}: SLO p99 TTFT {slo.ttft_s:.3g} s, p99 TBT {slo.tbt_s * 1e3:.3g} ms")
-        print(header)
+        echo(f"\nclass {name}: SLO p99 TTFT {slo.ttft_s:.3g} s, p99 TBT {slo.tbt_s * 1e3:.3g} ms")
+        echo(header)
         for tp in profile.tps:
             cells = []
             for c in profile.clocks_mhz:
                 cfg = profile.config(name, tp, c)
                 cells.append("-" if not cfg.load_rps else f"{cfg.max_load_rps:.3g}")
-            print(f"  TP{tp:<7}" + "".join(f"{cell:>9}" for cell in cells))
-    print("\n'-' = not servable: a request of the class does not fit in the KV cache")
+            echo(f"  TP{tp:<7}" + "".join(f"{cell:>9}" for cell in cells))
+    echo("\n'-' = not servable: a request of the class does not fit in the KV cache")
     return 0

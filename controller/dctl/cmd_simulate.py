@@ -1,15 +1,21 @@
-"""`dctl simulate`: evaluate a cluster policy on a request trace with the cluster simulator (DESIGN §8).
+"""`dctl simulate`: evaluate a cluster policy on a request trace with the cluster simulator
+(docs/simulator.md; where it sits in the system: docs/architecture.md).
 
-Flow: validate every flag (nothing runs on a bad one) -> load trace, profile, carbon and price data
-(controller.sim) -> `run_policy` (arrival statistics -> policy plan -> discrete-event simulation; a
-static policy is sized by simulation to the smallest count meeting --slo-target unless --instances is
-given; a progress bar over simulated time on stderr) -> `build_report` -> JSON written atomically (`--json`)
-and a table (or the JSON, `--output json`) on stdout. Heavy imports happen inside `run`.
+Flow: validate every flag (nothing runs on a bad one; a named file that does not exist is reported as
+not found) -> load trace, profile, carbon and price data (controller.sim, controller.profiles; a file
+that is unreadable, binary or malformed is one error line naming the flag and the file) -> `run_policy`
+(arrival statistics -> policy plan -> discrete-event simulation; a static policy is sized by simulation
+to the smallest count meeting --slo-target unless --instances is given; a progress bar over simulated
+time on stderr) -> `build_report` -> JSON written atomically (`--json`) and a table (or the JSON,
+`--output json`) on stdout. `--compare` runs several policies through `controller.sim.compare`, with one
+line per policy ("[i/n] policy") and its progress bar on stderr; a policy that cannot run is reported
+and the others still run (exit 1). Heavy imports happen inside `run`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,12 +28,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.api.errors import InvalidArgumentError
+from controller.dctl.files import existing_file, named_by
+from controller.dctl.output import echo
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from controller.sim.carbon import CarbonSource, PriceSource
+    from controller.sim.cluster import ProgressCallback
     from controller.sim.report import Pricing
 
-# Names of controller.policy.policies.POLICIES (listed here so that --help and validation need no heavy
+# Names of controller.sim.policies.SIM_POLICIES (listed here so that --help and validation need no heavy
 # import; tests/sim/test_cmd_simulate.py checks they agree).
 POLICIES = ("singlepool", "multipool", "scaleinst", "scaleshard", "scalefreq", "dynamollm", "oracle")
 TRACE_FORMS = "a trace CSV file, synthetic:conversation, synthetic:coding, azure-week:conv, azure-week:code"
@@ -35,7 +46,7 @@ WEEK_PREFIX = "azure-week:"  # controller.sim.week.WEEK_SPEC_PREFIX, repeated to
 DEFAULT_TRACE_DIR = Path("..") / "shared" / "data" / "traces"
 DEFAULT_MODEL = "llama2-70b"
 DEFAULT_GPU = "h100-sxm"
-# DESIGN §8 (after the DynamoLLM paper's cost model): rental of one 8-GPU H100 server for one hour.
+# After the DynamoLLM paper's cost model (docs/evaluation.md): rental of one 8-GPU H100 server for an hour.
 DEFAULT_GPU_USD_PER_SERVER_HOUR = 88.5
 # Mean of the hourly CAISO price over 2024, 40.67 USD/MWh (../shared/data/carbon/
 # US-CAL-CISO_electricity_prices_2024.csv, HewlettPackard/sustain-cluster).
@@ -46,6 +57,14 @@ DEFAULT_CARBON_G_PER_KWH = 194.0
 DEFAULT_MAX_DRAIN_S = 600.0
 # Share of requests that must meet both latency targets of their class (the issue's bar for "SLO met").
 DEFAULT_SLO_TARGET = 0.99
+CARBON_FILE = "an hourly carbon-intensity CSV (Electricity Maps format)"
+PRICE_FILE = "an hourly energy-price CSV (Datetime (UTC), Price (USD/MWh))"
+EXIT_CODES = (
+    "exit codes: 0 success; 1 with --compare, at least one policy could not run (the others ran and "
+    "were written; its reason is on stderr, in the table and in report.json); 2 bad flags or input "
+    "files; 3 a needed resource is unavailable; 4 internal error; 141 stdout closed by its reader "
+    "(e.g. | head)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "report GPU energy, TTFT/TBT percentiles, SLO attainment, carbon and cost "
             "(dynamollm.simreport/v1). Definitions: docs/simulator.md."
         ),
+        epilog=EXIT_CODES,
     )
     p.add_argument(
         "--trace", required=True, metavar="PATH|synthetic:conversation|synthetic:coding|azure-week:conv|code"
@@ -67,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--compare",
         nargs="*",
         metavar="POLICY",
-        help="run these policies (none: all) and singlepool on the same trace; needs --out DIR",
+        help="run these policies (none: all) and singlepool on the same trace; needs --out DIR. A policy "
+        "that cannot run is reported (table, report.json, stderr), the others still run; exit status 1",
     )
     p.add_argument(
         "--out", default=None, metavar="DIR", help="with --compare: report.json, table.txt and PNG plots"
@@ -163,7 +184,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--json", default=None, metavar="FILE", help="write the report here (atomically)")
     p.add_argument("--output", default="table", metavar="table|json", help="stdout format (default table)")
     p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (drawn on stderr when it is a terminal)"
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr: no progress bar (drawn only on a terminal) and, with --compare, no "
+        "'[i/n] POLICY' lines (a policy that fails is still reported)",
     )
     p.set_defaults(func=run)
 
@@ -211,15 +235,6 @@ def _number(value: str, flag: str, ok: Callable[[float], bool], allowed: str) ->
     return x
 
 
-def _existing_file(value: str | None, flag: str, what: str) -> Path | None:
-    if value is None:
-        return None
-    path = Path(value)
-    if not path.is_file():
-        raise InvalidArgumentError(flag, value, f"an existing {what}")
-    return path
-
-
 def _periods(value: str | None) -> tuple[float, float, float] | None:
     if value is None:
         return None
@@ -259,6 +274,10 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         raise InvalidArgumentError("--out", None, "a folder (required with --compare)")
     if args.compare is None and args.out is not None:
         raise InvalidArgumentError("--out", args.out, "only with --compare")
+    if args.compare is not None and args.json is not None:
+        raise InvalidArgumentError(
+            "--json", args.json, "only with --policy (--compare writes --out/report.json)"
+        )
     if args.compare is None and args.sizing_window is not None:
         raise InvalidArgumentError("--sizing-window", args.sizing_window, "only with --compare")
     trace_dir = Path(args.trace_dir)
@@ -271,8 +290,8 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
     trace = str(args.trace)
     if trace.startswith(WEEK_PREFIX) and not trace_dir.is_dir():
         raise InvalidArgumentError("--trace-dir", str(trace_dir), "a folder with the Azure trace files")
-    if not trace.startswith(("synthetic:", WEEK_PREFIX)) and not Path(trace).is_file():
-        raise InvalidArgumentError("--trace", trace, TRACE_FORMS)
+    if not trace.startswith(("synthetic:", WEEK_PREFIX)):
+        existing_file(trace, "--trace", TRACE_FORMS)
     seed = _number(args.seed, "--seed", lambda x: x >= 0 and x == int(x), "an integer >= 0")
     return _Options(
         trace=trace,
@@ -291,12 +310,12 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         seed=int(seed),
         model=args.model,
         gpu=args.gpu,
-        profile=_existing_file(args.profile, "--profile", "dynamollm.profile/v1 JSON file"),
-        carbon=_existing_file(args.carbon, "--carbon", "hourly carbon-intensity CSV file"),
+        profile=existing_file(args.profile, "--profile", "a dynamollm.profile/v1 JSON file"),
+        carbon=existing_file(args.carbon, "--carbon", CARBON_FILE),
         carbon_g_per_kwh=None
         if args.carbon_g_per_kwh is None
         else _number(args.carbon_g_per_kwh, "--carbon-g-per-kwh", lambda x: x >= 0, "a number >= 0"),
-        prices=_existing_file(args.prices, "--prices", "hourly energy-price CSV file"),
+        prices=existing_file(args.prices, "--prices", PRICE_FILE),
         energy_usd_per_kwh=None
         if args.energy_usd_per_kwh is None
         else _number(args.energy_usd_per_kwh, "--energy-usd-per-kwh", lambda x: x >= 0, "a number >= 0"),
@@ -335,7 +354,9 @@ def _pricing(opts: _Options) -> Pricing:
     carbon: CarbonSource
     price: PriceSource
     if opts.carbon is not None:
-        carbon, carbon_source = CarbonIntensity.from_csv(opts.carbon), f"hourly {opts.carbon} (direct)"
+        with named_by("--carbon"):
+            carbon = CarbonIntensity.from_csv(opts.carbon)
+        carbon_source = f"hourly {opts.carbon} (direct)"
     elif opts.carbon_g_per_kwh is not None:
         carbon = ConstantCarbonIntensity(opts.carbon_g_per_kwh)
         carbon_source = f"constant {opts.carbon_g_per_kwh:g} g/kWh"
@@ -343,7 +364,9 @@ def _pricing(opts: _Options) -> Pricing:
         carbon = ConstantCarbonIntensity(DEFAULT_CARBON_G_PER_KWH)
         carbon_source = f"constant {DEFAULT_CARBON_G_PER_KWH:g} g/kWh (default: CAISO 2023 mean, direct)"
     if opts.prices is not None:
-        price, price_source = EnergyPrice.from_csv(opts.prices), f"hourly {opts.prices}"
+        with named_by("--prices"):
+            price = EnergyPrice.from_csv(opts.prices)
+        price_source = f"hourly {opts.prices}"
     else:
         usd_per_kwh = (
             DEFAULT_ENERGY_USD_PER_KWH if opts.energy_usd_per_kwh is None else opts.energy_usd_per_kwh
@@ -361,21 +384,99 @@ def _pricing(opts: _Options) -> Pricing:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
+@contextlib.contextmanager
+def _progress_bar(desc: str, total_s: float, enabled: bool) -> Iterator[ProgressCallback]:
+    """A tqdm bar over simulated seconds on stderr (drawn only on a terminal); the callback restarts it
+    when the sizing search starts another trial run."""
     from tqdm import tqdm
 
+    total = max(1, math.ceil(total_s))
+    with tqdm(
+        total=total,
+        unit="sim-s",
+        desc=desc,
+        file=sys.stderr,
+        # None: tqdm draws only on a terminal, so logs and pipes get no carriage-return noise
+        disable=None if enabled else True,
+        leave=False,
+    ) as bar:
+
+        def progress(now_s: float) -> None:
+            if now_s < bar.n:  # the sizing search started another trial run
+                bar.reset()
+            bar.update(max(0, min(total, math.floor(now_s)) - bar.n))
+
+        yield progress
+
+
+class _CompareProgress:
+    """`--compare` on stderr: "[i/n] policy: running" and its progress bar, then how it ended."""
+
+    def __init__(self, total_s: float, enabled: bool) -> None:
+        self._total_s = total_s
+        self._enabled = enabled
+        self._bar: contextlib.ExitStack | None = None
+
+    def policy_started(self, index: int, total: int, name: str) -> ProgressCallback | None:
+        self._close_bar()
+        if not self._enabled:
+            return None
+        print(f"dctl simulate: [{index}/{total}] {name}: running", file=sys.stderr, flush=True)
+        self._bar = contextlib.ExitStack()
+        return self._bar.enter_context(_progress_bar(f"[{index}/{total}] {name}", self._total_s, True))
+
+    def policy_finished(self, index: int, total: int, name: str, error: str | None, wall_s: float) -> None:
+        self._close_bar()
+        if error is not None:  # always said, also with --no-progress: the table comes only at the end
+            print(
+                f"dctl simulate: [{index}/{total}] {name}: FAILED after {wall_s:.1f} s: {error}",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif self._enabled:
+            print(f"dctl simulate: [{index}/{total}] {name}: done in {wall_s:.1f} s", file=sys.stderr)
+
+    def close(self) -> None:
+        """Take down a bar left open by a run that ended in an exception."""
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     from controller.model.classes import CLASS_NAMES
     from controller.model.state import Periods
     from controller.policy.base import DynamicPolicy
-    from controller.policy.policies import make_policy
-    from controller.sim.cluster import GPU_NAMES, MODEL_NAMES, SimConfig, check_profile_engine, run_policy
-    from controller.sim.compare import format_compare_table, resolve_trace, run_compare, sizing_json
-    from controller.sim.profiling import default_profile, load_profile
-    from controller.sim.report import build_report, check_pricing_covers, format_table, write_report
+    from controller.profiles import default_profile, load_profile
+    from controller.sim.cluster import (
+        GPU_NAMES,
+        MODEL_NAMES,
+        SimConfig,
+        beyond_context,
+        check_profile_engine,
+        run_policy,
+    )
+    from controller.sim.compare import (
+        format_compare_table,
+        pool_lines,
+        resolve_trace,
+        run_compare,
+        sizing_json,
+        write_text_atomic,
+    )
+    from controller.sim.policies import sim_policy, sim_settings
+    from controller.sim.report import build_report, check_pricing_covers, format_table
 
     opts = validate(args, tuple(MODEL_NAMES), tuple(GPU_NAMES))
-    profile = load_profile(opts.profile) if opts.profile else default_profile(opts.model, opts.gpu)
+    if opts.profile is not None:
+        with named_by("--profile"):
+            profile = load_profile(opts.profile)
+    else:
+        profile = default_profile(opts.model, opts.gpu)
     profile_name = str(opts.profile) if opts.profile else "the built-in profile"
     if (profile.model, profile.gpu) != (opts.model, opts.gpu):
         raise InvalidArgumentError(
@@ -393,19 +494,26 @@ def run(args: argparse.Namespace) -> int:
         seed=opts.seed,
         max_drain_s=opts.max_drain_s,
         predictor_accuracy=opts.predictor_accuracy,
-        periods=periods,
-        fast_reshard=opts.fast_reshard,
     )
+    settings = sim_settings(opts.model, opts.gpu, periods=periods, fast_reshard=opts.fast_reshard)
     check_profile_engine(profile, config.engine, profile_name)
     pricing = _pricing(opts)
-    trace = resolve_trace(
-        opts.trace,
-        trace_dir=opts.trace_dir,
-        rate_scale=opts.rate_scale,
-        start_s=opts.start_s,
-        duration_s=opts.duration_s,
-        seed=opts.seed,
-    )
+    with named_by("--trace-dir" if opts.trace.startswith(WEEK_PREFIX) else "--trace"):
+        trace = resolve_trace(
+            opts.trace,
+            trace_dir=opts.trace_dir,
+            rate_scale=opts.rate_scale,
+            start_s=opts.start_s,
+            duration_s=opts.duration_s,
+            seed=opts.seed,
+        )
+    refused = int(beyond_context(trace, opts.model).sum())
+    if refused:
+        print(
+            f"dctl simulate: warning: {refused} of {len(trace)} requests exceed the context of {opts.model}"
+            " (input + output tokens) and are refused at admission, for every policy (report: refused)",
+            file=sys.stderr,
+        )
     # Bins up to the latest possible end: the trace, the whole drain allowance, one last iteration.
     check_pricing_covers(
         pricing,
@@ -415,40 +523,38 @@ def run(args: argparse.Namespace) -> int:
     )
     if opts.compare is not None:
         assert opts.out is not None  # validate() requires it
-        outcome = run_compare(
-            trace,
-            opts.compare,
-            profile,
-            config=config,
-            pricing=pricing,
-            out_dir=opts.out,
-            slo_target=opts.slo_target,
-            sizing_window_s=opts.sizing_window_s,
-            workload={"trace_spec": opts.trace, "rate_scale": opts.rate_scale, "start_s": opts.start_s},
-            registry={name: partial(make_policy, name, periods=periods) for name in POLICIES},
-        )
-        print(format_compare_table(outcome.reports))
+        compare_progress = _CompareProgress(trace.duration_s, opts.progress)
+        try:
+            outcome = run_compare(
+                trace,
+                opts.compare,
+                profile,
+                config=config,
+                pricing=pricing,
+                out_dir=opts.out,
+                slo_target=opts.slo_target,
+                sizing_window_s=opts.sizing_window_s,
+                workload={"trace_spec": opts.trace, "rate_scale": opts.rate_scale, "start_s": opts.start_s},
+                registry={name: partial(sim_policy, name, settings) for name in POLICIES},
+                progress=compare_progress,
+            )
+        finally:
+            compare_progress.close()
+        echo(format_compare_table(outcome.entries))
+        if outcome.failures:
+            names = ", ".join(f.policy for f in outcome.failures)
+            print(
+                f"dctl simulate: {len(outcome.failures)} of {len(outcome.entries)} policies could not run "
+                f"({names}); the others were written to {opts.out}",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     assert opts.policy is not None  # argparse: --policy or --compare
-    policy = make_policy(opts.policy, periods=periods)
+    policy = sim_policy(opts.policy, settings)
     dynamic = isinstance(policy, DynamicPolicy)
 
-    total_s = max(1, math.ceil(trace.duration_s))
-    with tqdm(
-        total=total_s,
-        unit="sim-s",
-        desc="simulate",
-        file=sys.stderr,
-        # None: tqdm draws only on a terminal, so logs and pipes get no carriage-return noise
-        disable=None if opts.progress else True,
-        leave=False,
-    ) as bar:
-
-        def progress(now_s: float) -> None:
-            if now_s < bar.n:  # the sizing search started another trial run
-                bar.reset()
-            bar.update(max(0, min(total_s, math.floor(now_s)) - bar.n))
-
+    with _progress_bar("simulate", trace.duration_s, opts.progress) as progress:
         run = run_policy(
             trace,
             policy,
@@ -487,10 +593,12 @@ def run(args: argparse.Namespace) -> int:
         wall_s=time.perf_counter() - t0,
         workload=workload,
     )
+    text = json.dumps(report, indent=2, allow_nan=False)
     if opts.json_path is not None:
-        write_report(report, opts.json_path)
+        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(opts.json_path, text + "\n")
     if opts.output == "json":
-        print(json.dumps(report, indent=2, allow_nan=False))
+        echo(text)
     else:
-        print(format_table(report))
+        echo("\n".join([format_table(report), "", *pool_lines([report])]))
     return 0

@@ -1,5 +1,6 @@
 """Grid carbon intensity and energy prices over time, to turn the simulator's energy per time bin into
-grams of CO2eq and dollars (DESIGN §8). Read once at the edge (`from_csv`); lookups are pure.
+grams of CO2eq and dollars (docs/traces.md, docs/evaluation.md). Read once at the edge (`from_csv`);
+lookups are pure.
 
 Flow: `dctl simulate --carbon FILE [--prices FILE]` (or constants `--carbon-g-per-kwh X`) ->
 these sources -> the report multiplies each power bin's energy by the value of the hour it starts in,
@@ -10,23 +11,29 @@ Files: Electricity Maps hourly CSVs (`Datetime (UTC)`, ..., `Carbon Intensity gC
 price CSVs (`Datetime (UTC)`, `Datetime (Local)`, `Price (USD/MWh)`). Each row covers the hour starting
 at its timestamp; a time in no covered hour (before the first, after the last, or in a missing hour)
 raises OutOfRangeError naming the time and the file's range. Timestamps are UTC, with or without an
-explicit offset; rows must be in increasing time order.
+explicit offset; rows must be in increasing time order. A missing file raises NotFoundError; an
+unreadable, binary (NUL bytes) or non-UTF-8 one DataFileError naming the file, never a traceback.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
+from controller.sim.traces import open_error, quoted
+
+if TYPE_CHECKING:
+    from _csv import Reader as CsvReader
 
 HOUR_S = 3600
 J_PER_KWH = 3.6e6
@@ -160,47 +167,72 @@ class ConstantEnergyPrice:
         return float(np.sum(energy_j)) / J_PER_MWH * self.usd_per_mwh
 
 
+def _read_text(path: Path, column: str) -> str:
+    """The whole file as text (hourly files are small: 8,784 rows a year); DataFileError when it cannot
+    be read or is not UTF-8 text, NotFoundError when it is not there."""
+    expected = f"an hourly CSV with columns {TIME_COLUMN!r} and {column!r}"
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise open_error(path, err, expected) from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        reason = f"binary data (NUL byte at offset {nul}), not text; expected {expected}"
+        raise DataFileError(str(path), data.count(b"\n", 0, nul) + 1, None, reason)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        byte = f"0x{data[err.start]:02x}"
+        reason = f"not UTF-8 text (byte {byte} at offset {err.start}), binary?; expected {expected}"
+        raise DataFileError(str(path), data.count(b"\n", 0, err.start) + 1, None, reason) from None
+
+
 def _read_hourly(path: Path, column: str, *, allow_negative: bool) -> HourlySeries:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataFileError(str(path), None, None, "empty file: no header line")
-        for needed in (TIME_COLUMN, column):
-            if needed not in header:
-                raise DataFileError(str(path), 1, needed, f"missing column; header is {header}")
-        time_at, value_at = header.index(TIME_COLUMN), header.index(column)
-        starts: list[int] = []
-        values: list[float] = []
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) <= max(time_at, value_at):
-                missing = TIME_COLUMN if len(row) <= time_at else column
-                raise DataFileError(str(path), line, missing, f"missing column: row has {len(row)} fields")
-            unix_s = _parse_utc(row[time_at])
-            if unix_s is None:
-                reason = (
-                    f"bad timestamp {row[time_at]!r}; expected YYYY-MM-DD HH:MM:SS[+00:00] at a whole hour"
-                )
-                raise DataFileError(str(path), line, TIME_COLUMN, reason)
-            if starts and unix_s <= starts[-1]:
-                raise DataFileError(
-                    str(path), line, TIME_COLUMN, f"{row[time_at]} is not after the previous row"
-                )
-            try:
-                value = float(row[value_at])
-            except ValueError:
-                value = math.nan
-            if not math.isfinite(value) or (value < 0.0 and not allow_negative):
-                allowed = "a finite number" if allow_negative else "a finite number >= 0"
-                raise DataFileError(str(path), line, column, f"got {row[value_at]!r}; expected {allowed}")
-            starts.append(unix_s)
-            values.append(value)
+    reader = csv.reader(io.StringIO(_read_text(path, column), newline=""))
+    try:
+        return _parse_hourly(reader, str(path), column, allow_negative=allow_negative)
+    except csv.Error as err:  # e.g. a field above csv's size limit: not the CSV it should be
+        reason = f"not a valid CSV: {err}; expected an hourly CSV with columns {TIME_COLUMN!r} and {column!r}"
+        raise DataFileError(str(path), reader.line_num or None, None, reason) from None
+
+
+def _parse_hourly(reader: CsvReader, path: str, column: str, *, allow_negative: bool) -> HourlySeries:
+    header = next(reader, None)
+    if header is None:
+        raise DataFileError(path, None, None, "empty file: no header line")
+    for needed in (TIME_COLUMN, column):
+        if needed not in header:
+            raise DataFileError(path, 1, needed, f"missing column; header is {quoted(','.join(header))}")
+    time_at, value_at = header.index(TIME_COLUMN), header.index(column)
+    starts: list[int] = []
+    values: list[float] = []
+    for row in reader:
+        line = reader.line_num
+        if not row:
+            continue
+        if len(row) <= max(time_at, value_at):
+            missing = TIME_COLUMN if len(row) <= time_at else column
+            raise DataFileError(path, line, missing, f"missing column: row has {len(row)} fields")
+        unix_s = _parse_utc(row[time_at])
+        if unix_s is None:
+            reason = (
+                f"bad timestamp {quoted(row[time_at])}; expected YYYY-MM-DD HH:MM:SS[+00:00] at a whole hour"
+            )
+            raise DataFileError(path, line, TIME_COLUMN, reason)
+        if starts and unix_s <= starts[-1]:
+            raise DataFileError(path, line, TIME_COLUMN, f"{row[time_at]} is not after the previous row")
+        try:
+            value = float(row[value_at])
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (value < 0.0 and not allow_negative):
+            allowed = "a finite number" if allow_negative else "a finite number >= 0"
+            raise DataFileError(path, line, column, f"got {quoted(row[value_at])}; expected {allowed}")
+        starts.append(unix_s)
+        values.append(value)
     if not starts:
-        raise DataFileError(str(path), None, None, "no rows after the header line")
-    return HourlySeries(str(path), np.array(starts, dtype=np.int64), np.array(values, dtype=np.float64))
+        raise DataFileError(path, None, None, "no rows after the header line")
+    return HourlySeries(path, np.array(starts, dtype=np.int64), np.array(values, dtype=np.float64))
 
 
 def _parse_utc(text: str) -> int | None:

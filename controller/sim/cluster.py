@@ -62,6 +62,7 @@ __all__ = [
     "ProgressCallback",
     "SimConfig",
     "SizingTrial",
+    "beyond_context",
     "check_profile_engine",
     "perf_models",
     "run_policy",
@@ -122,6 +123,11 @@ class SimConfig:
             raise InvalidArgumentError("predictor_accuracy", acc, "a share in [0, 1], or None (online)")
         if self.total_gpus < GPUS_PER_SERVER:
             raise InvalidArgumentError("total_gpus", self.total_gpus, f"an integer >= {GPUS_PER_SERVER}")
+
+
+def beyond_context(trace: Trace, model: str) -> npt.NDArray[np.bool_]:
+    """Per request: its input plus output exceeds `model`'s context, so admission refuses it."""
+    return np.asarray(trace.input_tokens + trace.output_tokens > arch_for(model).max_context_tokens)
 
 
 def perf_models(model: str, gpu: str, tps: Iterable[int]) -> dict[int, PerfModelLike]:
@@ -255,7 +261,7 @@ def run_policy(
     by simulation to the smallest count meeting `slo_target` (`size_by_simulation`). Requests refused at
     admission (beyond the model's context) are left out of the statistics: no policy plans for them."""
     cfg = config or SimConfig()
-    served = trace.input_tokens + trace.output_tokens <= arch_for(profile.model).max_context_tokens
+    served = ~beyond_context(trace, profile.model)
     stats = arrival_stats(
         trace.arrival_s[served],
         cfg.bins.class_indices(trace.input_tokens[served], trace.output_tokens[served]),

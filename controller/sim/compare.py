@@ -6,21 +6,30 @@ and builds the pricing; `run_compare` runs every policy on that same trace with 
 (`build_report`), and, when given an output folder, writes `DIR/report.json` (the list of reports, in
 run order), `DIR/table.txt` (the table normalised to the baseline) and the PNG plots of
 `controller.sim.plots`, drawn from the reports' `timeseries`. `format_compare_table` is the table;
-`normalised_rows` its numbers (pure).
+`normalised_rows` its numbers (pure). Files are written atomically and readable like the plots (0666
+less the umask: 0644 under the usual umask 022).
 
 Static policies that can be sized (`SizablePolicy`, e.g. `singlepool`) are sized by simulation to the
 smallest instance count meeting `slo_target` (`controller.sim.cluster.size_by_simulation`), exactly as
 `dctl simulate --policy` does, so the baseline is the cheapest static cluster that serves the trace.
 The baseline (default `singlepool`) is always run, first, even when not listed: every ratio needs it.
 Dynamic policies that tune a fleet of a given size (`scalefreq`, `scaleshard`: `SizablePolicy` and
-`DynamicPolicy`) start from the instance count the baseline was sized to (DESIGN §8: "singlepool's
-instances").
+`DynamicPolicy`) start from the instance count the baseline was sized to (docs/evaluation.md: the
+paper's baselines tune singlepool's fleet).
+
+One policy that cannot run (any `DynamoError`: e.g. `singlepool` cannot be sized to `slo_target` within
+the search limit) does not stop the others: it becomes a failure entry (`dynamollm.simfailure/v1`:
+policy, error type, message) in report.json at its place in the run order and a FAILED row in the
+table, and `CompareOutcome.failures` is non-empty (`dctl simulate` then exits 1). Without the baseline
+there is nothing to normalise to: the table then shows absolute figures only (every ratio column "-")
+and says so in its first line; `scalefreq` / `scaleshard` start from their own profile-based plan.
 
 The only wall clock is `clock` (injected, default `time.perf_counter`), used for each report's `wall_s`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,16 +37,20 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.api.errors import InvalidArgumentError
+from agent.api.errors import DynamoError, InvalidArgumentError
 from controller.model.profile import Profile
 from controller.policy.base import DynamicPolicy, SimPolicy, SizablePolicy
+from controller.policy.registry import PolicySettings
+from controller.sim import plots
 from controller.sim.cluster import PolicyRun, ProgressCallback, SimConfig, run_policy
+from controller.sim.policies import SIM_POLICIES, sim_policy, sim_settings
 from controller.sim.report import Pricing, build_report
 from controller.sim.traces import Trace, load_trace
 from controller.sim.week import WEEK_SPEC_PREFIX, load_week_spec
@@ -52,11 +65,10 @@ DEFAULT_SLO_TARGET = 0.99
 PolicyFactory = Callable[[], SimPolicy]
 
 
-def policy_registry() -> Mapping[str, PolicyFactory]:
-    """`--policy` / `--compare` name -> factory of the policy object."""
-    from controller.policy.policies import POLICIES
-
-    return POLICIES
+def policy_registry(settings: PolicySettings | None = None) -> Mapping[str, PolicyFactory]:
+    """`--policy` / `--compare` name -> factory of the simulator's policy with `settings`
+    (`controller.sim.policies`; default `PolicySettings()`)."""
+    return {name: partial(sim_policy, name, settings) for name in SIM_POLICIES}
 
 
 def resolve_trace(
@@ -77,13 +89,54 @@ def resolve_trace(
     return load_trace(spec, rate_scale=rate_scale, start_s=start_s, duration_s=duration_s, seed=seed)
 
 
+FAILURE_SCHEMA = "dynamollm.simfailure/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyFailure:
+    """A policy of the comparison that could not run, and why (the DynamoError's type and message)."""
+
+    policy: str
+    error_type: str
+    error: str
+    wall_s: float
+
+    def to_json(self, trace: str, seed: int) -> dict[str, Any]:
+        """Its entry in report.json (`dynamollm.simfailure/v1`), in run order among the reports."""
+        return {
+            "schema": FAILURE_SCHEMA,
+            "trace": trace,
+            "policy": self.policy,
+            "seed": seed,
+            "failed": True,
+            "error_type": self.error_type,
+            "error": self.error,
+            "wall_s": self.wall_s,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class CompareOutcome:
-    """The reports in run order (baseline first) and the files written (none without an output folder)."""
+    """The reports in run order (baseline first), the policies that failed, every report.json entry in
+    run order (reports and failure entries), and the files written (none without an output folder)."""
 
     baseline: str
     reports: tuple[dict[str, Any], ...]
     files: tuple[Path, ...]
+    failures: tuple[PolicyFailure, ...] = ()
+    entries: tuple[dict[str, Any], ...] = ()
+
+
+class CompareProgress(Protocol):
+    """What a caller hears while a comparison runs (`dctl simulate --compare` draws it on stderr)."""
+
+    def policy_started(self, index: int, total: int, name: str) -> ProgressCallback | None:
+        """Policy `index` of `total` (1-based) starts; may return the progress callback of its run."""
+        ...
+
+    def policy_finished(self, index: int, total: int, name: str, error: str | None, wall_s: float) -> None:
+        """It ended after `wall_s`: `error` None when it ran, else why it could not."""
+        ...
 
 
 def run_compare(
@@ -98,14 +151,17 @@ def run_compare(
     baseline: str = DEFAULT_BASELINE,
     workload: Mapping[str, Any] | None = None,
     registry: Mapping[str, PolicyFactory] | None = None,
-    on_progress: Callable[[str], ProgressCallback | None] | None = None,
+    progress: CompareProgress | None = None,
     sizing_window_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> CompareOutcome:
     """Run `policies` (empty: every registered one) and `baseline` on `trace`; write DIR's files.
 
-    `workload` (trace spec, rate scale, ...) is copied into every report's `workload`. `on_progress(name)`
-    may return a progress callback for that policy's run. Every name is checked before anything runs.
+    `registry` maps names to policy factories (default: `policy_registry` with the settings of the
+    profile's simulated hardware, `sim_settings`). `workload` (trace spec, rate scale, ...) is copied
+    into every report's `workload`. `progress` hears each policy start (and returns that run's progress
+    callback) and end. Every name is checked before anything runs; a policy that raises a DynamoError
+    is recorded as a failure and the others still run.
 
     `sizing_window_s` (for week-long traces): a static policy is sized by simulating only the trace's
     busiest window of that length (most arrivals), then run once over the whole trace at that size; the
@@ -113,86 +169,150 @@ def run_compare(
     """
     if sizing_window_s is not None and not (math.isfinite(sizing_window_s) and sizing_window_s > 0):
         raise InvalidArgumentError("--sizing-window", sizing_window_s, "a positive number of seconds")
-    known = policy_registry() if registry is None else registry
+    known = policy_registry(sim_settings(profile.model, profile.gpu)) if registry is None else registry
     names = order_policies(policies, tuple(known), baseline)
     reports: list[dict[str, Any]] = []
+    failures: list[PolicyFailure] = []
+    entries: list[dict[str, Any]] = []
     baseline_instances = 0
-    for name in names:
+    for index, name in enumerate(names, start=1):
         started_s = clock()
-        policy = known[name]()
-        # A dynamic policy with a size (scalefreq, scaleshard) tunes the baseline's fleet: it starts from
-        # the instance count the baseline was sized to; only static ones are sized themselves.
-        sizable = isinstance(policy, SizablePolicy) and not isinstance(policy, DynamicPolicy)
-        progress = None if on_progress is None else on_progress(name)
-        sizing: dict[str, Any] | None = None
-        if isinstance(policy, SizablePolicy) and isinstance(policy, DynamicPolicy) and baseline_instances:
-            run = run_policy(
-                trace, policy, profile, config=config, on_progress=progress, instances=baseline_instances
-            )
-            sizing = sizing_json(f"the {baseline} baseline's instance count", run)
-        elif sizable and sizing_window_s is not None and trace.duration_s > sizing_window_s:
-            window_start_s = busiest_window_start_s(trace.arrival_s, sizing_window_s)
-            sized = run_policy(
-                trace.window(window_start_s, sizing_window_s),
-                policy,
+        on_progress = None if progress is None else progress.policy_started(index, len(names), name)
+        try:
+            report, instances = _run_one(
+                trace,
+                name,
+                known[name],
                 profile,
                 config=config,
-                on_progress=progress,
+                pricing=pricing,
                 slo_target=slo_target,
+                baseline=baseline,
+                baseline_instances=baseline_instances,
+                workload=workload,
+                on_progress=on_progress,
+                sizing_window_s=sizing_window_s,
+                started_s=started_s,
+                clock=clock,
             )
-            run = run_policy(
-                trace,
-                policy,
-                profile,
-                config=config,
-                on_progress=progress,
-                instances=sized.result.plan.instances,
-            )
-            sizing = sizing_json(
-                f"smallest instance count whose simulation of the busiest {sizing_window_s:g} s "
-                f"(from {window_start_s:g} s) meets slo_attainment >= {slo_target:g}",
-                sized,
-            )
-        else:
-            run = run_policy(
-                trace,
-                policy,
-                profile,
-                config=config,
-                on_progress=progress,
-                slo_target=slo_target if sizable else None,
-            )
-            if sizable:
-                sizing = sizing_json(
-                    f"smallest instance count whose simulation meets slo_attainment >= {slo_target:g}", run
-                )
-        stats = run.arrivals
-        run_workload: dict[str, Any] = {
-            **(workload or {}),
-            "peak_window_s": stats.window_s,
-            "peak_rate_rps": stats.peak_rate_rps,
-            "mean_rate_rps": stats.mean_rate_rps,
-        }
-        if sizing is not None:
-            run_workload["sizing"] = sizing
-        report = build_report(
-            run.result,
-            policy=name,
-            seed=config.seed,
-            model=profile.model,
-            gpu=profile.gpu,
-            slos={c: profile.slo(c) for c in profile.class_names},
-            pricing=pricing,
-            wall_s=clock() - started_s,
-            workload=run_workload,
-        )
+        except DynamoError as err:
+            failure = PolicyFailure(name, type(err).__name__, str(err), clock() - started_s)
+            failures.append(failure)
+            entries.append(failure.to_json(trace.name, config.seed))
+            if progress is not None:
+                progress.policy_finished(index, len(names), name, failure.error, failure.wall_s)
+            continue
         reports.append(report)
+        entries.append(report)
         if name == baseline:
-            baseline_instances = run.result.plan.instances
+            baseline_instances = instances
+        if progress is not None:
+            progress.policy_finished(index, len(names), name, None, report["wall_s"])
     files: tuple[Path, ...] = ()
     if out_dir is not None:
-        files = write_outputs(out_dir, reports, baseline)
-    return CompareOutcome(baseline=baseline, reports=tuple(reports), files=files)
+        files = write_outputs(out_dir, entries, baseline)
+    return CompareOutcome(
+        baseline=baseline,
+        reports=tuple(reports),
+        files=files,
+        failures=tuple(failures),
+        entries=tuple(entries),
+    )
+
+
+def _run_one(
+    trace: Trace,
+    name: str,
+    factory: PolicyFactory,
+    profile: Profile,
+    *,
+    config: SimConfig,
+    pricing: Pricing,
+    slo_target: float,
+    baseline: str,
+    baseline_instances: int,
+    workload: Mapping[str, Any] | None,
+    on_progress: ProgressCallback | None,
+    sizing_window_s: float | None,
+    started_s: float,
+    clock: Callable[[], float],
+) -> tuple[dict[str, Any], int]:
+    """One policy of the comparison: its report and the instance count it ran with."""
+    policy = factory()
+    # A dynamic policy with a size (scalefreq, scaleshard) tunes the baseline's fleet: it starts from
+    # the instance count the baseline was sized to; only static ones are sized themselves.
+    sizable = isinstance(policy, SizablePolicy) and not isinstance(policy, DynamicPolicy)
+    sizing: dict[str, Any] | None = None
+    if isinstance(policy, SizablePolicy) and isinstance(policy, DynamicPolicy):
+        if baseline_instances:
+            run = run_policy(
+                trace, policy, profile, config=config, on_progress=on_progress, instances=baseline_instances
+            )
+            sizing = sizing_json(f"the {baseline} baseline's instance count", run)
+        else:
+            run = run_policy(trace, policy, profile, config=config, on_progress=on_progress)
+            sizing = sizing_json(
+                f"its own profile-based initial plan: the {baseline} baseline did not run, so there is "
+                "no baseline instance count to start from",
+                run,
+            )
+    elif sizable and sizing_window_s is not None and trace.duration_s > sizing_window_s:
+        window_start_s = busiest_window_start_s(trace.arrival_s, sizing_window_s)
+        sized = run_policy(
+            trace.window(window_start_s, sizing_window_s),
+            policy,
+            profile,
+            config=config,
+            on_progress=on_progress,
+            slo_target=slo_target,
+        )
+        run = run_policy(
+            trace,
+            policy,
+            profile,
+            config=config,
+            on_progress=on_progress,
+            instances=sized.result.plan.instances,
+        )
+        sizing = sizing_json(
+            f"smallest instance count whose simulation of the busiest {sizing_window_s:g} s "
+            f"(from {window_start_s:g} s) meets slo_attainment >= {slo_target:g}",
+            sized,
+        )
+    else:
+        run = run_policy(
+            trace,
+            policy,
+            profile,
+            config=config,
+            on_progress=on_progress,
+            slo_target=slo_target if sizable else None,
+        )
+        if sizable:
+            sizing = sizing_json(
+                f"smallest instance count whose simulation meets slo_attainment >= {slo_target:g}", run
+            )
+    stats = run.arrivals
+    run_workload: dict[str, Any] = {
+        **(workload or {}),
+        "peak_window_s": stats.window_s,
+        "peak_rate_rps": stats.peak_rate_rps,
+        "mean_rate_rps": stats.mean_rate_rps,
+    }
+    if sizing is not None:
+        run_workload["sizing"] = sizing
+    report = build_report(
+        run.result,
+        policy=name,
+        seed=config.seed,
+        model=profile.model,
+        gpu=profile.gpu,
+        slos={c: profile.slo(c) for c in profile.class_names},
+        pricing=pricing,
+        wall_s=clock() - started_s,
+        workload=run_workload,
+    )
+    return report, run.result.plan.instances
 
 
 def sizing_json(rule: str, run: PolicyRun) -> dict[str, Any]:
@@ -251,32 +371,39 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 
 
 def normalised_rows(
-    reports: Sequence[Mapping[str, Any]], baseline: str = DEFAULT_BASELINE
+    reports: Sequence[Mapping[str, Any]], baseline: str | None = DEFAULT_BASELINE
 ) -> tuple[CompareRow, ...]:
-    """Each report's headline figures and their ratios to the `baseline` policy's report."""
-    base = next((r for r in reports if r["policy"] == baseline), None)
-    if base is None:
-        raise InvalidArgumentError("reports", [r["policy"] for r in reports], f"a list including {baseline}")
-    rows = []
-    for r in reports:
-        rows.append(
-            CompareRow(
-                policy=r["policy"],
-                energy_kwh=r["energy_kwh"],
-                energy_x=_ratio(r["energy_j"], base["energy_j"]),
-                carbon_x=_ratio(r["carbon_g"], base["carbon_g"]),
-                cost_x=_ratio(r["cost_usd"], base["cost_usd"]),
-                avg_servers=r["avg_servers"],
-                servers_x=_ratio(r["avg_servers"], base["avg_servers"]),
-                ttft_p99_s=r["ttft_s_p99"],
-                ttft_p99_x=_ratio(r["ttft_s_p99"], base["ttft_s_p99"]),
-                tbt_p99_s=r["tbt_s_p99"],
-                tbt_p99_x=_ratio(r["tbt_s_p99"], base["tbt_s_p99"]),
-                slo_attainment=r["slo_attainment"],
-                reconfigurations=r["reconfigurations"],
+    """Each report's headline figures and their ratios to the `baseline` policy's report; `baseline`
+    None: absolute figures only (every ratio None). InvalidArgumentError when the baseline is missing."""
+    base: Mapping[str, Any] | None = None
+    if baseline is not None:
+        base = next((r for r in reports if r["policy"] == baseline), None)
+        if base is None:
+            raise InvalidArgumentError(
+                "reports", [r["policy"] for r in reports], f"a list including {baseline}"
             )
+
+    def ratio(key: str, r: Mapping[str, Any]) -> float | None:
+        return None if base is None else _ratio(r[key], base[key])
+
+    return tuple(
+        CompareRow(
+            policy=r["policy"],
+            energy_kwh=r["energy_kwh"],
+            energy_x=ratio("energy_j", r),
+            carbon_x=ratio("carbon_g", r),
+            cost_x=ratio("cost_usd", r),
+            avg_servers=r["avg_servers"],
+            servers_x=ratio("avg_servers", r),
+            ttft_p99_s=r["ttft_s_p99"],
+            ttft_p99_x=ratio("ttft_s_p99", r),
+            tbt_p99_s=r["tbt_s_p99"],
+            tbt_p99_x=ratio("tbt_s_p99", r),
+            slo_attainment=r["slo_attainment"],
+            reconfigurations=r["reconfigurations"],
         )
-    return tuple(rows)
+        for r in reports
+    )
 
 
 def _x(value: float | None) -> str:
@@ -287,20 +414,44 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def format_compare_table(reports: Sequence[Mapping[str, Any]], baseline: str = DEFAULT_BASELINE) -> str:
-    """The comparison for a terminal: ratios (x) are to the baseline, SLO attainment is absolute."""
-    rows = normalised_rows(reports, baseline)
-    first = reports[0]
+def is_failure(entry: Mapping[str, Any]) -> bool:
+    """True for a failure entry of report.json (a policy that could not run), False for a report."""
+    return entry.get("schema") == FAILURE_SCHEMA
+
+
+def format_compare_table(entries: Sequence[Mapping[str, Any]], baseline: str = DEFAULT_BASELINE) -> str:
+    """The comparison for a terminal, from report.json's entries in run order (reports and failure
+    entries): ratios (x) are to the baseline, SLO attainment is absolute; a policy that failed is a
+    FAILED row with its reason. Without a baseline report, absolute figures only, said in the first
+    line. Under the table: the pools each policy started with, labelled by the classes they serve, and
+    the key of the class names."""
+    reports = [e for e in entries if not is_failure(e)]
+    failed = {e["policy"]: e for e in entries if is_failure(e)}
+    have_base = any(r["policy"] == baseline for r in reports)
+    rows = {row.policy: row for row in normalised_rows(reports, baseline if have_base else None)}
+    first = reports[0] if reports else entries[0] if entries else {}
+    if have_base:
+        scale = f"normalised to {baseline}"
+    else:
+        why = "failed" if baseline in failed else "did not run"
+        scale = f"absolute figures only: {baseline} (the baseline) {why}, so there is nothing to normalise to"
+    head = f"trace {first.get('trace', '?')}"
+    if "requests" in first:
+        head += f"  requests {first['requests']}"
+    head += f"  seed {first.get('seed', '?')}"
+    if "model" in first:
+        head += f"  model {first['model']} on {first['gpu']}"
     header = (
         f"{'policy':<12}{'energy kWh':>11}{'energy x':>9}{'carbon x':>9}{'cost x':>8}{'servers':>9}"
         f"{'servers x':>10}{'TTFT p99':>9}{'x':>7}{'TBT p99':>9}{'x':>7}{'SLO met':>9}{'reconf':>8}"
     )
-    lines = [
-        f"trace {first['trace']}  requests {first['requests']}  seed {first['seed']}  "
-        f"model {first['model']} on {first['gpu']}  normalised to {baseline}",
-        header,
-    ]
-    for row in rows:
+    lines = [f"{head}  {scale}", header]
+    for entry in entries:
+        name = entry["policy"]
+        if is_failure(entry):
+            lines.append(f"{name:<12}FAILED ({entry['error_type']}): {entry['error']}")
+            continue
+        row = rows[name]
         slo = "-" if row.slo_attainment is None else f"{100.0 * row.slo_attainment:.2f}%"
         lines.append(
             f"{row.policy:<12}{row.energy_kwh:>11.3f}{_x(row.energy_x):>9}{_x(row.carbon_x):>9}"
@@ -308,14 +459,31 @@ def format_compare_table(reports: Sequence[Mapping[str, Any]], baseline: str = D
             f"{_x(row.ttft_p99_x):>7}{_s(row.tbt_p99_s):>9}{_x(row.tbt_p99_x):>7}{slo:>9}"
             f"{row.reconfigurations:>8}"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, *pool_lines(reports)])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Temporary file in the same folder, then rename: a reader never sees half a file."""
+def pool_lines(reports: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Under a table: the pools each run started with, labelled by the classes they serve, then the
+    one-line key of the class names."""
+    lines = [
+        "pools at the start of each run, with the classes each serves (a merged pool is named after its "
+        "heaviest class, the one an instance serves the fewest requests/s of; a dynamic policy may regroup "
+        "classes at each cluster step):"
+    ]
+    for r in reports:
+        labels = plots.pool_labels(r)
+        lines.append(f"  {r['policy']:<12}" + ("; ".join(labels.values()) or "-"))
+    lines.append(plots.class_key())
+    return lines
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary file in the same folder, then a rename: a reader
+    never sees half a file), readable like the plots: mode 0666 less the umask, as a plain write gives."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -325,22 +493,34 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (/proc), else set and reset."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_outputs(
     out_dir: Path,
-    reports: Sequence[Mapping[str, Any]],
+    entries: Sequence[Mapping[str, Any]],
     baseline: str = DEFAULT_BASELINE,
 ) -> tuple[Path, ...]:
-    """report.json, table.txt, power.png and, for each policy of MIX_POLICIES that ran, its TP-mix and
+    """report.json (every entry: reports and failure entries, in run order), table.txt, power.png (of
+    the policies that ran, when any did) and, for each policy of MIX_POLICIES that ran, its TP-mix and
     clock-mix figures, in `out_dir` (created); the paths written."""
-    from controller.sim import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / REPORT_FILE
-    _write_atomic(report_path, json.dumps(list(reports), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(report_path, json.dumps(list(entries), indent=2, allow_nan=False) + "\n")
     table_path = out_dir / TABLE_FILE
-    _write_atomic(table_path, format_compare_table(reports, baseline) + "\n")
+    write_text_atomic(table_path, format_compare_table(entries, baseline) + "\n")
     written = [report_path, table_path]
-    written.append(plots.plot_power(reports, out_dir / plots.POWER_FILE))
+    reports = [e for e in entries if not is_failure(e)]
+    if reports:
+        written.append(plots.plot_power(reports, out_dir / plots.POWER_FILE))
     for r in reports:
         if r["policy"] in MIX_POLICIES:
             for kind in plots.MIX_KINDS:

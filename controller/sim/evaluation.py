@@ -18,8 +18,8 @@ from controller.policy.forecast import (
     DEFAULT_HEADROOM_WINDOW_S,
     FloatArray,
     WeeklyTemplate,
-    validated_history,
     forecast_next_peak_rps,
+    validated_history,
 )
 from controller.policy.predict import N_OUTPUT_BINS, Counts, OutputPredictor, predict_output_bin, update
 

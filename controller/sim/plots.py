@@ -5,22 +5,67 @@ reports' `timeseries` (`controller.sim.report`: per-bin cluster power, and per p
 by (TP, clock) over time) and only draw and write files, so the figures can be redrawn from a saved
 report.json. matplotlib is imported inside each function with the non-interactive Agg backend: importing
 this module costs nothing and no display is ever needed.
+
+Names a reader sees are explained where they appear: a pool is labelled with the request classes it
+serves (`pool_label`: "ML (serves SS SM MS MM SL ML)"; a merged pool is named after its heaviest
+class), read from the plan the run started with (the report's `plan`), and every figure showing pools
+carries the one-line key of the class names (`class_key`: SS..LL = input bin x output bin, with the
+token edges).
+The table of `controller.sim.compare` and `dctl simulate` print the same two explanations.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from agent.api.errors import InvalidArgumentError
+from controller.model.classes import BIN_NAMES, CLASS_NAMES, ClassBins
 
 MixKind = Literal["tp", "clock"]
 
 POWER_FILE = "power.png"
 MIX_KINDS: tuple[MixKind, ...] = ("tp", "clock")
 SECONDS_PER_HOUR = 3600.0
+# Under every figure with pools, before the class key.
+POOL_NOTE = (
+    "Pools with the classes each serves at the start of the run (a merged pool is named after its heaviest "
+    "class, the one an instance serves the fewest requests/s of; a dynamic policy may regroup classes at "
+    "each cluster step)."
+)
 _DPI = 110
+
+
+def class_key(bins: ClassBins | None = None) -> str:
+    """One line saying what SS..LL mean, with the token edges of `bins` (default: the simulator's)."""
+    b = bins or ClassBins()
+    (i1, i2), (o1, o2) = b.input_edges_tokens, b.output_edges_tokens
+    s, m, long_ = BIN_NAMES
+    return (
+        f"Request classes XY: X = input bin, Y = output bin; input {s} <{i1}, {m} <{i2}, {long_} >={i2} "
+        f"tokens; output {s} <{o1}, {m} <{o2}, {long_} >={o2} tokens (e.g. {m}{long_} = medium prompt, "
+        "long answer)"
+    )
+
+
+def pool_label(name: str, class_names: Sequence[str], *, at_start: bool = False) -> str:
+    """A pool as a reader should see it: its name and the classes it serves when that is not obvious
+    (`at_start`: say that the classes are those of the start of the run)."""
+    classes = tuple(class_names)
+    if classes == (name,):
+        return name
+    serves = "at start serves" if at_start else "serves"
+    if set(classes) == set(CLASS_NAMES):
+        return f"{name} ({serves} all nine classes)"
+    return f"{name} ({serves} {' '.join(classes)})"
+
+
+def pool_labels(report: Mapping[str, Any], *, at_start: bool = False) -> dict[str, str]:
+    """Pool name -> `pool_label`, from the pools of the report's plan (the plan the run started with)."""
+    pools = report.get("plan", {}).get("pools", [])
+    return {p["name"]: pool_label(p["name"], p.get("class_names", ()), at_start=at_start) for p in pools}
 
 
 def mix_file(policy: str, kind: MixKind) -> str:
@@ -104,8 +149,9 @@ def plot_mix(report: Mapping[str, Any], kind: MixKind, path: Path) -> Path:
     plt = _pyplot()
     end_s = float(report["duration_s"])
     unit_s, label = _time_axis(end_s)
-    fig, axes = plt.subplots(len(pools), 1, figsize=(9, 1.8 * len(pools) + 1.2), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(pools), 1, figsize=(9, 1.8 * len(pools) + 1.6), sharex=True, squeeze=False)
     mixes = {name: mix_counts(pool, kind) for name, pool in pools.items()}
+    pool_names = pool_labels(report, at_start=True)
     # One colour per label across every panel, so "1400 MHz" looks the same in each pool.
     labels = sorted({k for m in mixes.values() for k in m}, key=_label_value)
     colours = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(labels)}
@@ -122,17 +168,23 @@ def plot_mix(report: Mapping[str, Any], kind: MixKind, path: Path) -> Path:
                     step="post",
                 )
                 ax.legend(loc="upper left", fontsize="x-small", ncol=min(len(counts), 8))
-            ax.set_ylabel(f"{name}\ninstances", fontsize="small")
+            shown = pool_names.get(name, f"{name} (formed during the run)")
+            ax.set_ylabel(_wrap(f"pool {shown}", 18) + "\ninstances", fontsize="x-small")
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel(label)
         what = "TP degree" if kind == "tp" else "SM clock"
         fig.suptitle(f"{report['policy']} on {report['trace']}: instances by {what}, per pool")
-        fig.tight_layout()
+        fig.text(0.01, 0.005, _wrap(POOL_NOTE + " " + class_key(), 150), fontsize="x-small", va="bottom")
+        fig.tight_layout(rect=(0.0, 0.05, 1.0, 1.0))
         fig.savefig(path, dpi=_DPI, format="png")
     finally:
         plt.close(fig)
     return path
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def _label_value(label: str) -> int:

@@ -1,13 +1,14 @@
-"""Profile generation by measurement on the simulated engine, and profile files on disk.
+"""Profile generation by measurement on the simulated engine.
 
 Where it sits: `dctl profile generate` calls `generate_profile`, which runs `agent.sim.engine_core.SimEngine`
 (driven by the physics model, with its per-iteration jitter) at several load levels for every request
 class x TP degree x SM clock and records what a client and a power meter would see. The result is a
-`controller.model.profile.Profile`, which the policy and the cluster simulator read through
-`load_profile` / `default_profile`. The committed default profile is regenerated with one command:
+`controller.model.profile.Profile`; files are written and read by `controller.profiles` (`save_profile`,
+`load_profile`, `default_profile`), which the daemon shares and which never imports this package. The
+committed default profile is regenerated with one command:
 
     PYTHONPATH=. .venv/bin/python -m controller.dctl.main profile generate --model llama2-70b \\
-        --gpu h100-sxm --out controller/sim/profiles/llama2-70b_h100-sxm.json --jobs 2
+        --gpu h100-sxm --out controller/profile_data/llama2-70b_h100-sxm.json --jobs 2
 
 Measurement (docs/profile-format.md has the full description):
   * SLOs: DEFAULT_SLO_SCALE x the unloaded TTFT and mean TBT on TP8 at the GPU's maximum clock, from
@@ -32,19 +33,16 @@ grid, the order of the runs or the number of worker processes. The request lengt
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.api.errors import DataFileError, InternalError, InvalidArgumentError, NotFoundError
+from agent.api.errors import InternalError, InvalidArgumentError
 from agent.sim.engine_core import EngineConfig, SimEngine
 from agent.sim.physics import GPU_NAMES, MODEL_NAMES, PerfModel, load_perf_model
 from controller.model.classes import CLASS_NAMES, DEFAULT_SLO_SCALE, ClassBins, ClassSlo, class_by_name
@@ -58,7 +56,6 @@ from controller.model.profile import (
 )
 from controller.sim.synthetic import WORKLOADS, sample_lengths
 
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 REFERENCE_TP = 8
 DEFAULT_TPS = (2, 4, 8)
 
@@ -75,7 +72,7 @@ _SLO_DIGITS = 4
 _DRAIN_STEP_S = 30.0
 # Candidate lengths drawn per round of rejection sampling (the rarest class, SL, keeps ~1.5% of them).
 _LENGTH_BATCH = 4096
-# The classes are defined on the default bins (DESIGN §5), so profiles are too.
+# The classes are defined on the default bins (docs/architecture.md, request classes), so profiles are too.
 _BINS = ClassBins()
 
 
@@ -501,55 +498,3 @@ def _map(
         results[futures[fut]] = fut.result()
         tick()
     return [results[k] for k in range(len(items))]
-
-
-# ------------------------------------------------------------------------------------- files
-def profile_to_json(profile: Profile) -> str:
-    """The document as text, one line per (class, TP, clock): diffs of regenerated files stay readable."""
-    doc = profile.to_dict()
-    head = {k: v for k, v in doc.items() if k != "classes"}
-    lines = ["{"]
-    for k, v in head.items():
-        lines.append(f"  {json.dumps(k)}: {json.dumps(v)},")
-    lines.append('  "classes": [')
-    for ci, cls in enumerate(doc["classes"]):
-        meta = {k: v for k, v in cls.items() if k != "configs"}
-        lines.append("    " + json.dumps(meta)[:-1] + ', "configs": [')
-        for j, cfg in enumerate(cls["configs"]):
-            sep = "," if j < len(cls["configs"]) - 1 else ""
-            lines.append("      " + json.dumps(cfg) + sep)
-        lines.append("    ]}" + ("," if ci < len(doc["classes"]) - 1 else ""))
-    lines.append("  ]")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:
-    """Write the profile atomically (a reader never sees a half-written file)."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(profile_to_json(profile))
-    os.replace(tmp, target)
-
-
-def load_profile(path: str | os.PathLike[str]) -> Profile:
-    """Read and validate a profile file; a bad field -> DataFileError naming the file and the field."""
-    p = Path(path)
-    text = p.read_text()
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataFileError(str(p), err.lineno, None, f"not valid JSON: {err.msg}") from None
-    return Profile.from_dict(doc, str(p))
-
-
-def default_profile(model: str, gpu: str) -> Profile:
-    """The committed profile generated from the physics model for (model, gpu)."""
-    path = PROFILES_DIR / f"{model}_{gpu}.json"
-    if not path.is_file():
-        available = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
-        raise NotFoundError(
-            f"no default profile for model {model!r} on gpu {gpu!r} "
-            f"(available: {', '.join(available) or 'none'}); generate one with `dctl profile generate`"
-        )
-    return load_profile(path)

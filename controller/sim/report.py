@@ -3,7 +3,7 @@
 Flow: `controller.sim.cluster.simulate` returns a `SimResult` (raw per-request outcomes, energy per
 1-s bin, engine TBT histograms); `build_report` turns it into the JSON-ready report, pricing energy with
 a carbon-intensity source and an energy-price source; `format_table` renders it for a terminal and
-`write_report` stores it atomically. Everything but `write_report` is pure.
+`controller.sim.compare.write_text_atomic` stores it. Pure.
 
 Definitions (also in docs/simulator.md):
 - A request meets its SLO when it completed, its TTFT <= its class's TTFT target, and its mean
@@ -21,13 +21,9 @@ Definitions (also in docs/simulator.md):
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -549,20 +545,3 @@ def format_table(report: Mapping[str, Any]) -> str:
             f"{_fmt(c['slo']['tbt_s']):>10}{_pct(c['slo_attainment']):>9}"
         )
     return "\n".join(lines)
-
-
-def write_report(report: Mapping[str, Any], path: Path) -> None:
-    """Write the report as JSON atomically: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is as readable as the plots beside it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,5 +1,11 @@
 """Built-in synthetic workloads `synthetic:conversation` and `synthetic:coding`, so the demo needs no
-download. `load_trace` calls `synthetic_trace`; the simulator then treats the result like a file trace.
+download: the fitted workload models and the request generator.
+
+Where it sits: a leaf under `controller.sim.traces`, which dispatches `--trace synthetic:KIND` to
+`traces.synthetic_trace`; that calls `synthetic_requests` here and wraps the arrays in a `Trace`, which
+the simulator then treats like a file trace. Profiling (`controller.sim.profiling`) draws request lengths
+from the same models (`sample_lengths`). This module imports no other simulator module (so there is no
+import cycle with `traces`): it only generates arrays.
 
 Every constant below was fitted by `tools/fit_synthetic.py` to the Azure LLM inference traces of
 2023-11-16 (AzureLLMInferenceTrace_conv.csv, 19,366 requests; AzureLLMInferenceTrace_code.csv, 8,819
@@ -31,8 +37,9 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.api.errors import InvalidArgumentError
-from controller.sim.traces import SYNTHETIC_KINDS, Trace
 
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_KINDS = ("conversation", "coding")
 DEFAULT_DURATION_S = 3600.0  # the Azure 2023 traces are one hour each
 GAP_THRESHOLD_S = 10.0  # longest gap of the conversation trace is 4.3 s; coding has 45 gaps above 10 s
 MODULATION_BIN_S = 60.0  # rate multiplier resolution: per minute, as the traces' published rate plots
@@ -172,16 +179,29 @@ WORKLOADS: dict[str, WorkloadParams] = {
 }
 
 
-def synthetic_trace(
+@dataclass(frozen=True, slots=True)
+class SyntheticRequests:
+    """The requests of one synthetic run: arrival times (s from t = 0, sorted) over [0, duration_s) with
+    their prompt and output token counts; t = 0 is the real trace's first request (`start_unix_s`)."""
+
+    name: str
+    arrival_s: npt.NDArray[np.float64]
+    input_tokens: npt.NDArray[np.int32]
+    output_tokens: npt.NDArray[np.int32]
+    start_unix_s: float
+    duration_s: float
+
+
+def synthetic_requests(
     kind: str, duration_s: float = DEFAULT_DURATION_S, seed: int = 0, rate_rps: float | None = None
-) -> Trace:
-    """A synthetic trace of `kind` ("conversation" | "coding") over [0, duration_s); deterministic per seed.
+) -> SyntheticRequests:
+    """The requests of `kind` ("conversation" | "coding") over [0, duration_s); deterministic per seed.
 
     `rate_rps` replaces the fitted mean rate (burst structure and lengths unchanged).
     """
     if kind not in WORKLOADS:
         raise InvalidArgumentError(
-            "--trace", f"synthetic:{kind}", [f"synthetic:{k}" for k in SYNTHETIC_KINDS]
+            "--trace", f"{SYNTHETIC_PREFIX}{kind}", [f"{SYNTHETIC_PREFIX}{k}" for k in SYNTHETIC_KINDS]
         )
     if not (math.isfinite(duration_s) and duration_s > 0.0):
         raise InvalidArgumentError("--duration", duration_s, "a positive number of seconds")
@@ -193,7 +213,9 @@ def synthetic_trace(
     on_rate_rps = params.on_rate_rps * mean_rate_rps / params.rate_rps
     arrival_s = _arrivals(params, on_rate_rps, duration_s, rng)
     input_tokens, output_tokens = sample_lengths(params, len(arrival_s), rng)
-    return Trace(f"synthetic:{kind}", arrival_s, input_tokens, output_tokens, params.start_unix_s, duration_s)
+    return SyntheticRequests(
+        f"{SYNTHETIC_PREFIX}{kind}", arrival_s, input_tokens, output_tokens, params.start_unix_s, duration_s
+    )
 
 
 def _arrivals(

@@ -1,8 +1,10 @@
 """Request traces for the simulator: the `Trace` value, the file readers and `load_trace`.
 
-Flow: `dctl simulate --trace SPEC` -> `load_trace` -> (file reader | `synthetic.synthetic_trace`) ->
-`Trace.window` -> `Trace.scale_rate` -> the cluster simulator replays `arrival_s` with the token counts.
-Reading files is the I/O edge; `Trace` and its transforms are pure (randomness injected as a Generator).
+Flow: `dctl simulate --trace SPEC` -> `load_trace` -> (file reader | `synthetic_trace`, which wraps the
+requests `controller.sim.synthetic` generates) -> `Trace.window` -> `Trace.scale_rate` -> the cluster
+simulator replays `arrival_s` with the token counts. Reading files is the I/O edge; `Trace` and its
+transforms are pure (randomness injected as a Generator). Imports go one way: this module uses
+`synthetic` (a leaf that only generates arrays); `synthetic` never imports this one.
 
 Two file formats, told apart by their header line (docs/traces.md has examples):
 
@@ -15,7 +17,9 @@ Two file formats, told apart by their header line (docs/traces.md has examples):
 Token counts are non-negative integers below one billion. Blank lines are skipped. Rows need not be in
 time order: they are stable-sorted by arrival (equal times keep file order), because merged or
 concatenated exports are common and the order carries no other meaning. Any bad row raises
-`DataFileError` naming the file, the 1-based line and the column.
+`DataFileError` naming the file, the 1-based line and the column (echoed text is cut to
+ECHO_CHARS). A missing file raises NotFoundError; an unreadable one, or a binary one (a NUL byte or
+invalid UTF-8 in its header or in a bad row), DataFileError saying so - never a traceback.
 
 The 2024 week files hold 17-27 million rows, so the parser works on 16 MiB blocks of bytes with numpy:
 line and comma positions by `flatnonzero`, integers and timestamps from fixed-width byte columns
@@ -35,11 +39,16 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
+from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError, OutOfRangeError
+from controller.sim.synthetic import (
+    DEFAULT_DURATION_S,
+    SYNTHETIC_KINDS,
+    SYNTHETIC_PREFIX,
+    synthetic_requests,
+)
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 GENERIC_COLUMNS = ("arrival_s", "input_tokens", "output_tokens")
-SYNTHETIC_KINDS = ("conversation", "coding")
 TRACE_SPEC_FORMS = (
     "a trace file (Azure CSV 'TIMESTAMP,ContextTokens,GeneratedTokens' or generic CSV "
     "'arrival_s,input_tokens,output_tokens')",
@@ -48,6 +57,12 @@ TRACE_SPEC_FORMS = (
 )
 
 MAX_TOKENS = 999_999_999  # nine digits: parses without overflow and fits int32
+ECHO_CHARS = 60  # longest piece of a bad row or header quoted back in an error
+_TRACE_CSV = (
+    "a trace CSV (Azure TIMESTAMP,ContextTokens,GeneratedTokens or generic "
+    "arrival_s,input_tokens,output_tokens)"
+)
+_MAX_HEADER_BYTES = 1 << 16  # a header or comment line longer than this is not one
 
 _BLOCK_BYTES = 1 << 24
 _INT_WIDTH = 9
@@ -197,29 +212,73 @@ def load_trace(
     if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0.0):
         raise InvalidArgumentError("--duration", duration_s, "a positive number of seconds")
     text = os.fspath(spec)
-    if text.startswith("synthetic:"):
-        kind = text.removeprefix("synthetic:")
+    if text.startswith(SYNTHETIC_PREFIX):
+        kind = text.removeprefix(SYNTHETIC_PREFIX)
         if kind not in SYNTHETIC_KINDS:
             raise InvalidArgumentError("--trace", text, TRACE_SPEC_FORMS)
-        # Imported here: synthetic.py builds `Trace` values from this module.
-        from controller.sim.synthetic import DEFAULT_DURATION_S, synthetic_trace
-
         span_s = DEFAULT_DURATION_S if duration_s is None else duration_s
         trace = synthetic_trace(kind, start_s + span_s, seed).window(start_s, span_s)
     else:
-        path = Path(text)
-        if not path.is_file():
-            raise InvalidArgumentError("--trace", text, TRACE_SPEC_FORMS)
-        trace = read_trace_file(path)
+        trace = read_trace_file(text)
         if start_s != 0.0 or duration_s is not None:
             trace = trace.window(start_s, duration_s)
     scale_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
     return trace.scale_rate(rate_scale, scale_rng)
 
 
+def synthetic_trace(
+    kind: str, duration_s: float = DEFAULT_DURATION_S, seed: int = 0, rate_rps: float | None = None
+) -> Trace:
+    """A synthetic trace of `kind` ("conversation" | "coding") over [0, duration_s); deterministic per seed
+    (`controller.sim.synthetic` has the model). `rate_rps` replaces the fitted mean rate."""
+    r = synthetic_requests(kind, duration_s, seed, rate_rps)
+    return Trace(r.name, r.arrival_s, r.input_tokens, r.output_tokens, r.start_unix_s, r.duration_s)
+
+
+def open_error(path: str | os.PathLike[str], err: OSError, expected: str) -> NotFoundError | DataFileError:
+    """The error to raise when a data file cannot be opened or read: NotFoundError when it is not there,
+    DataFileError (naming the file and what went wrong) otherwise."""
+    name = os.fspath(path)
+    if isinstance(err, FileNotFoundError):
+        return NotFoundError(f"{name}: not found (no such file); expected {expected}")
+    if isinstance(err, IsADirectoryError):
+        return DataFileError(name, None, None, f"a folder, not a file; expected {expected}")
+    return DataFileError(name, None, None, f"cannot read: {err.strerror or err}; expected {expected}")
+
+
+def binary_reason(raw: bytes, expected: str) -> str | None:
+    """Why `raw` (a line or the start of a file) is not text - a NUL byte or invalid UTF-8 - or None."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        return f"binary data (NUL byte at offset {nul} of the line), not text; expected {expected}"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # a multi-byte character cut by the end of a partial read is not an error
+        if err.reason == "unexpected end of data" and err.end == len(raw):
+            return None
+        return (
+            f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start} of the line), binary?; "
+            f"expected {expected}"
+        )
+    return None
+
+
+def quoted(text: str) -> str:
+    """`text` for quoting in an error: repr, cut to ECHO_CHARS characters."""
+    return repr(text) if len(text) <= ECHO_CHARS else repr(text[:ECHO_CHARS]) + f"... ({len(text)} chars)"
+
+
 def read_trace_file(path: str | os.PathLike[str], *, block_bytes: int = _BLOCK_BYTES) -> Trace:
     """Read an Azure or generic trace CSV (format chosen by its header line), `block_bytes` at a time."""
     file = Path(path)
+    try:
+        return _read_trace_file(file, block_bytes)
+    except OSError as err:  # unreadable, a folder, gone: one error naming the file
+        raise open_error(file, err, _TRACE_CSV) from None
+
+
+def _read_trace_file(file: Path, block_bytes: int) -> Trace:
     with file.open("rb") as f:
         header, line_no, start_unix_s = _read_header(f, str(file))
         azure = _header_format(header, str(file), line_no)
@@ -260,10 +319,16 @@ def _read_header(f: BinaryIO, path: str) -> tuple[list[str], int, float | None]:
     start_unix_s: float | None = None
     line_no = 0
     while True:
-        raw = f.readline()
+        raw = f.readline(_MAX_HEADER_BYTES)
         line_no += 1
         if not raw:
             raise DataFileError(path, None, None, "empty file: no header line")
+        binary = binary_reason(raw, _TRACE_CSV)
+        if binary is not None:
+            raise DataFileError(path, line_no, None, binary)
+        if len(raw) == _MAX_HEADER_BYTES and not raw.endswith(b"\n"):
+            reason = f"line longer than {_MAX_HEADER_BYTES} bytes where a header was expected; {_TRACE_CSV}"
+            raise DataFileError(path, line_no, None, reason)
         text = raw.decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
         if not text:
             continue
@@ -277,7 +342,7 @@ def _read_header(f: BinaryIO, path: str) -> tuple[list[str], int, float | None]:
                 start_unix_s = math.nan
             if not math.isfinite(start_unix_s):
                 raise DataFileError(
-                    path, line_no, "start_unix_s", f"not a number of seconds: {value.strip()!r}"
+                    path, line_no, "start_unix_s", f"not a number of seconds: {quoted(value.strip())}"
                 )
 
 
@@ -297,7 +362,7 @@ def _header_format(header: list[str], path: str, line_no: int) -> bool:
         path,
         line_no,
         None,
-        f"unknown header {','.join(header)!r}; expected {','.join(AZURE_COLUMNS)} (Azure) "
+        f"unknown header {quoted(','.join(header))}; expected {','.join(AZURE_COLUMNS)} (Azure) "
         f"or {','.join(GENERIC_COLUMNS)} (generic)",
     )
 
@@ -339,6 +404,9 @@ def _parse_block(
     n_commas = np.searchsorted(commas, ends) - first_comma
     if np.any(n_commas != 2):
         bad = int(np.flatnonzero(n_commas != 2)[0])
+        binary = binary_reason(block[int(starts[bad]) : int(ends[bad])], _TRACE_CSV)
+        if binary is not None:
+            raise DataFileError(path, int(line_numbers[bad]), None, binary)
         n_fields = int(n_commas[bad]) + 1
         if n_fields < 3:
             reason = f"missing column: expected 3 fields, got {n_fields}"
@@ -357,6 +425,9 @@ def _parse_block(
     bad_rows = ~(time_ok & input_ok & output_ok)
     if np.any(bad_rows):
         row = int(np.flatnonzero(bad_rows)[0])
+        binary = binary_reason(block[int(starts[row]) : int(ends[row])], _TRACE_CSV)
+        if binary is not None:
+            raise DataFileError(path, int(line_numbers[row]), None, binary)
         col = next(c for c in range(3) if not oks[c][row])
         bounds = ((starts, comma1), (comma1 + 1, comma2), (comma2 + 1, ends))[col]
         text = block[int(bounds[0][row]) : int(bounds[1][row])].decode("utf-8", errors="replace")
@@ -497,19 +568,20 @@ def _explain_tokens(text: str) -> str:
     if text.startswith("-") and text[1:].isdigit():
         return f"negative token count {text}"
     if not (text.isascii() and text.isdigit()):
-        return f"not a non-negative integer: {text!r}"
+        return f"not a non-negative integer: {quoted(text)}"
     return f"token count {text} above the maximum {MAX_TOKENS}"
 
 
 def _explain_arrival(text: str) -> str:
     if len(text) > _FLOAT_WIDTH:
-        return f"longer than {_FLOAT_WIDTH} characters: {text!r}"
+        return f"longer than {_FLOAT_WIDTH} characters: {quoted(text)}"
     try:
         float(text)
     except ValueError:
-        return f"not a number of seconds: {text!r}"
-    return f"arrival time must be finite and >= 0, got {text!r}"
+        return f"not a number of seconds: {quoted(text)}"
+    return f"arrival time must be finite and >= 0, got {quoted(text)}"
 
 
 def _explain_timestamp(text: str) -> str:
-    return f"bad timestamp {text!r}; expected YYYY-MM-DD HH:MM:SS[.fraction of 1-9 digits][Z|+HH:MM|-HH:MM]"
+    expected = "YYYY-MM-DD HH:MM:SS[.fraction of 1-9 digits][Z|+HH:MM|-HH:MM]"
+    return f"bad timestamp {quoted(text)}; expected {expected}"

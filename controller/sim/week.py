@@ -22,6 +22,7 @@ derived) and the 2023 one-hour traces of the same services. This module joins th
   `rate_scale` multiplies the rate (exact for a Poisson process; no thinning or copies).
 
 Reading the two CSV files is the I/O edge; the arrival and length sampling is pure given the generator.
+A missing file raises NotFoundError naming it; an unreadable or binary one DataFileError.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
-from controller.sim.traces import Trace, read_trace_file
+from controller.sim.traces import Trace, open_error, quoted, read_trace_file
 
 WEEK_SPEC_PREFIX = "azure-week:"
 WEEK_SERVICES = ("conv", "code")
@@ -76,13 +77,23 @@ def read_hourly_counts(path: str | os.PathLike[str], service: str) -> HourlyCoun
     if service not in WEEK_SERVICES:
         raise InvalidArgumentError("service", service, WEEK_SERVICES)
     file = Path(path)
+    expected = f"the hourly request counts CSV ({','.join(HOURLY_COLUMNS)})"
+    try:
+        return _read_hourly_counts(file, service)
+    except UnicodeDecodeError as err:
+        reason = f"not UTF-8 text (byte 0x{err.object[err.start]:02x}), binary?; expected {expected}"
+        raise DataFileError(str(file), None, None, reason) from None
+    except OSError as err:
+        raise open_error(file, err, expected) from None
+
+
+def _read_hourly_counts(file: Path, service: str) -> HourlyCounts:
     hours: list[tuple[float, int]] = []
     with file.open("r", encoding="utf-8") as f:
         header = [c.strip() for c in f.readline().removeprefix("\ufeff").split(",")]
         if tuple(header) != HOURLY_COLUMNS:
-            raise DataFileError(
-                str(file), 1, None, f"header must be {','.join(HOURLY_COLUMNS)}, got {header}"
-            )
+            reason = f"header must be {','.join(HOURLY_COLUMNS)}, got {quoted(','.join(header))}"
+            raise DataFileError(str(file), 1, None, reason)
         for line_no, raw in enumerate(f, start=2):
             text = raw.strip()
             if not text:
@@ -98,9 +109,13 @@ def read_hourly_counts(path: str | os.PathLike[str], service: str) -> HourlyCoun
             except ValueError:
                 when = None
             if when is None or when.minute or when.second:
-                raise DataFileError(str(file), line_no, "utc_hour_start", f"not a whole UTC hour: {stamp!r}")
+                raise DataFileError(
+                    str(file), line_no, "utc_hour_start", f"not a whole UTC hour: {quoted(stamp)}"
+                )
             if not (count.isascii() and count.isdigit()):
-                raise DataFileError(str(file), line_no, "requests", f"not a non-negative integer: {count!r}")
+                raise DataFileError(
+                    str(file), line_no, "requests", f"not a non-negative integer: {quoted(count)}"
+                )
             unix_s = when.timestamp()
             if hours and unix_s != hours[-1][0] + HOUR_S:
                 raise DataFileError(

@@ -4,6 +4,10 @@ and prints the table; bad flags and bad files exit 2 naming the flag, file or fi
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,7 +149,7 @@ def test_a_bad_trace_row_names_file_line_and_column(
 
 
 def test_a_profile_of_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from controller.sim.profiling import default_profile, save_profile
+    from controller.profiles import default_profile, save_profile
 
     profile = default_profile("llama2-70b", "h100-sxm")
     path = tmp_path / "p.json"
@@ -167,7 +171,7 @@ def test_an_hourly_file_must_cover_the_trace(shared_data: Path, capsys: pytest.C
 def test_a_profile_missing_classes_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dataclasses import replace
 
-    from controller.sim.profiling import default_profile, save_profile
+    from controller.profiles import default_profile, save_profile
 
     full = default_profile("llama2-70b", "h100-sxm")
     partial = replace(full, classes={k: v for k, v in full.classes.items() if k != "LL"})
@@ -199,3 +203,204 @@ def test_compare_writes_reports_table_and_plots(tmp_path: Path, capsys: pytest.C
 def test_bad_compare_flags_exit_2(flags: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["simulate", "--trace", "synthetic:conversation", "--no-progress", *flags])
     assert code == 2 and named in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the CLI as a user runs it (subprocess)
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe" + bytes(range(256)) * 8
+
+
+def _dctl(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`dctl` in a child process with stdout and stderr as pipes, on the checkout under test."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "controller.dctl.main", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("policy", ["dynamollm", "oracle"])
+def test_json_stdout_parses_when_the_solver_prints_its_banner(policy: str) -> None:
+    """HiGHS writes its banner to file descriptor 1 from C++: it must land on stderr, not in the JSON."""
+    done = _dctl(*SHORT[:4], policy, "--duration", "60", "--output", "json", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["policy"] == policy
+    assert "HiGHS" in done.stderr  # the banner was printed, and went to stderr
+
+
+def test_a_closed_stdout_exits_141_quietly() -> None:
+    """`dctl ... | head` when head has already gone: no "bad input", no traceback, the SIGPIPE status."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.dctl.main", *SHORT, "--duration", "30", "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away before dctl writes its table
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "error" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--carbon", "--prices", "--profile", "--trace"])
+def test_a_binary_file_is_one_line_naming_flag_and_file(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "image.png"
+    path.write_bytes(BINARY)
+    argv = [*SHORT, flag, str(path)]
+    if flag == "--trace":
+        argv[2] = str(path)
+        argv = argv[:-2]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith(f"dctl simulate: error: {flag} {path}")
+    reason = err.split(str(path), 1)[1]  # (the test's folder name says "binary" too)
+    assert "binary" in reason and len(err.strip().splitlines()) == 1 and len(err) < 400
+
+
+@pytest.mark.parametrize("flag", ["--carbon", "--prices", "--profile", "--trace"])
+def test_an_unreadable_file_is_one_line_naming_flag_and_file(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() != 0:  # a file this user may not read
+        path = tmp_path / "secret.csv"
+        path.write_text("x\n")
+        path.chmod(0)
+    elif Path("/proc/self/mem").exists():  # root reads every file; this one fails with EIO at offset 0
+        path = Path("/proc/self/mem")
+    else:
+        pytest.skip("no unreadable file available to root here")
+    argv = [*SHORT, flag, str(path)]
+    if flag == "--trace":
+        argv[2] = str(path)
+        argv = argv[:-2]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith(f"dctl simulate: error: {flag} {path}: cannot read: ")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_trace_is_reported_as_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no" / "trace.csv"
+    code, out, err = _run(capsys, "simulate", "--trace", str(missing), "--policy", "singlepool")
+    assert code == 2 and out == ""
+    assert err.startswith(f"dctl simulate: error: --trace {missing}: not found")
+
+
+def test_compare_says_which_policy_runs_i_of_n(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["simulate", "--trace", "synthetic:conversation", "--duration", "60"]
+    code = main([*argv, "--compare", "multipool", "--out", str(tmp_path / "cmp")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "[1/2] singlepool: running" in err and "[2/2] multipool: running" in err
+    assert err.index("[1/2] singlepool") < err.index("[2/2] multipool")
+    assert "[1/2]" not in out  # progress is stderr only
+
+
+def _two_request_trace(tmp_path: Path) -> Path:
+    # The request at the trace's end cannot finish within --max-drain 0.001 s on any cluster, so no
+    # instance count reaches 99% attainment: singlepool cannot be sized, the other policies still run.
+    path = tmp_path / "t.csv"
+    path.write_text("arrival_s,input_tokens,output_tokens\n0.0,100,50\n10.0,100,50\n")
+    return path
+
+
+def test_compare_survives_a_policy_that_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "cmp"
+    argv = ["simulate", "--trace", str(_two_request_trace(tmp_path)), "--max-drain", "0.001"]
+    code, out, err = _run(capsys, *argv, "--compare", "dynamollm", "--out", str(out_dir))
+    assert code == 1  # documented: a policy could not run
+    entries = json.loads((out_dir / "report.json").read_text())
+    assert [e["policy"] for e in entries] == ["singlepool", "dynamollm"]
+    failure, report = entries
+    assert failure["schema"] == "dynamollm.simfailure/v1" and failure["failed"] is True
+    assert failure["error_type"] == "InvalidArgumentError" and "--slo-target" in failure["error"]
+    assert report["schema"] == "dynamollm.simreport/v1" and report["requests"] == 2
+    table = (out_dir / "table.txt").read_text()
+    assert out.strip() == table.strip()
+    assert "absolute figures only: singlepool (the baseline) failed" in table
+    failed_row = next(line for line in table.splitlines() if line.startswith("singlepool"))
+    assert "FAILED (InvalidArgumentError): --slo-target" in failed_row
+    dynamo_row = next(line for line in table.splitlines() if line.startswith("dynamollm"))
+    assert dynamo_row.split()[2] == "-"  # no ratio without the baseline
+    for name in ("power.png", "dynamollm_tp_mix.png", "dynamollm_clock_mix.png"):
+        assert (out_dir / name).read_bytes()[:4] == b"\x89PNG"
+    assert "singlepool: FAILED after" in err and "1 of 2 policies could not run (singlepool)" in err
+
+
+def test_compare_files_are_readable_as_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "cmp"
+    argv = ["simulate", "--trace", str(_two_request_trace(tmp_path)), "--compare", "multipool"]
+    code, _, err = _run(capsys, *argv, "--out", str(out_dir), "--json", str(tmp_path / "unused.json"))
+    assert code == 2 and "--json" in err  # --json is for --policy runs; nothing written
+    code, _, err = _run(capsys, *argv, "--out", str(out_dir))
+    assert code == 0, err
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out_dir.iterdir()}
+    assert modes == {"report.json": expected, "table.txt": expected, "power.png": expected}, modes
+    single = tmp_path / "single.json"
+    code, _, err = _run(capsys, *SHORT, "--duration", "30", "--json", str(single))
+    assert code == 0, err
+    assert stat.S_IMODE(single.stat().st_mode) == expected
+
+
+def test_tables_explain_class_names_and_pools(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, *SHORT, "--duration", "30")
+    assert code == 0, err
+    assert "Request classes XY: X = input bin, Y = output bin; input S <256, M <1024, L >=1024 tokens" in out
+    assert "singlepool  all (serves all nine classes)" in out
+    out_dir = tmp_path / "cmp"
+    argv = ["simulate", "--trace", "synthetic:conversation", "--duration", "60", "--compare", "dynamollm"]
+    code, out, err = _run(capsys, *argv, "--out", str(out_dir))
+    assert code == 0, err
+    table = (out_dir / "table.txt").read_text()
+    assert "Request classes XY" in table and "output S <100, M <350, L >=350 tokens" in table
+    dynamo_pools = next(line for line in table.splitlines() if line.startswith("  dynamollm"))
+    report = json.loads((out_dir / "report.json").read_text())[1]
+    for pool in report["plan"]["pools"]:
+        if pool["class_names"] != [pool["name"]]:
+            assert f"{pool['name']} (serves {' '.join(pool['class_names'])})" in dynamo_pools
+
+
+def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 with --compare, at least one policy could not run" in out and "141 stdout closed" in out
+
+
+def test_the_policy_names_of_help_are_the_simulators() -> None:
+    from controller.dctl.cmd_simulate import POLICIES
+    from controller.sim.policies import SIM_POLICIES
+
+    assert set(POLICIES) == set(SIM_POLICIES)
+
+
+def test_a_request_beyond_the_context_is_refused_counted_and_warned_once(tmp_path: Path) -> None:
+    """A 100,000-token prompt (Llama-2-70B takes 4,096) is never served: the run completes, the report
+    counts it as refused, SLO attainment is over the rest, and stderr says so in one line."""
+    rows = [f"{t * 0.5:.1f},{200 + t},{50}" for t in range(60)]
+    rows.insert(10, "5.0,100000,100")
+    trace = tmp_path / "long.csv"
+    trace.write_text("arrival_s,input_tokens,output_tokens\n" + "\n".join(rows) + "\n")
+    for policy in ("dynamollm", "singlepool"):
+        done = _dctl("simulate", "--trace", str(trace), "--policy", policy, "--output", "json", "--no-progress")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["refused"] == {"context_length": 1}
+        assert report["admitted"] == 60 and report["requests"] == 61
+        assert report["slo_attainment"] is not None and report["slo_attainment"] > 0.9
+        warnings = [line for line in done.stderr.splitlines() if "refused at admission" in line]
+        assert len(warnings) == 1 and "1 of 61 requests" in warnings[0]

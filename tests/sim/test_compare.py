@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from agent.api.errors import InvalidArgumentError
-from controller.model.classes import CLASS_NAMES
+from controller.model.classes import CLASS_NAMES, ClassBins
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.profile import Profile
 from controller.policy.base import ArrivalStats, SimPolicy
 from controller.policy.singlepool import SinglePool
+from controller.profiles import default_profile
 from controller.sim.carbon import ConstantCarbonIntensity, ConstantEnergyPrice
 from controller.sim.cluster import SimConfig
 from controller.sim.compare import (
@@ -30,8 +31,15 @@ from controller.sim.compare import (
     resolve_trace,
     run_compare,
 )
-from controller.sim.plots import POWER_FILE, mix_counts, mix_file, plot_mix
-from controller.sim.profiling import default_profile
+from controller.sim.plots import (
+    POWER_FILE,
+    class_key,
+    mix_counts,
+    mix_file,
+    plot_mix,
+    pool_label,
+    pool_labels,
+)
 from controller.sim.report import Pricing
 from controller.sim.traces import Trace, load_trace
 
@@ -250,3 +258,81 @@ def test_resolve_trace_builds_the_week_from_the_trace_dir(shared_data: Path) -> 
     assert synthetic.name == "synthetic:coding"
     with pytest.raises(InvalidArgumentError, match="--trace"):
         resolve_trace("azure-week:chat", trace_dir=shared_data / "traces")
+
+
+def _broken() -> SimPolicy:
+    raise InvalidArgumentError("--slo-target", 0.99, "an attainment this test policy can never reach")
+
+
+def test_a_failing_policy_is_recorded_and_the_others_still_run(trace: Trace, tmp_path: Path) -> None:
+    heard: list[tuple[int, int, str, str | None]] = []
+
+    class Progress:
+        def policy_started(self, index: int, total: int, name: str) -> None:
+            heard.append((index, total, name, "started"))
+
+        def policy_finished(
+            self, index: int, total: int, name: str, error: str | None, wall_s: float
+        ) -> None:
+            heard.append((index, total, name, error))
+
+    outcome = run_compare(
+        trace,
+        ["broken", "big"],
+        default_profile("llama2-70b", "h100-sxm"),
+        config=SimConfig(seed=5, max_drain_s=120.0),
+        pricing=PRICING,
+        out_dir=tmp_path,
+        registry={**_registry(), "broken": _broken},
+        progress=Progress(),
+    )
+    assert [r["policy"] for r in outcome.reports] == ["singlepool", "big"]
+    (failure,) = outcome.failures
+    assert failure.policy == "broken" and failure.error_type == "InvalidArgumentError"
+    assert [e["policy"] for e in outcome.entries] == ["singlepool", "broken", "big"]
+    assert json.loads((tmp_path / REPORT_FILE).read_text()) == json.loads(json.dumps(list(outcome.entries)))
+    table = (tmp_path / TABLE_FILE).read_text()
+    assert "normalised to singlepool" in table  # the baseline ran: ratios as usual
+    assert any(
+        line.startswith("broken      FAILED (InvalidArgumentError): --slo-target")
+        for line in table.split("\n")
+    )
+    assert [h[:3] for h in heard if h[3] == "started"] == [
+        (1, 3, "singlepool"),
+        (2, 3, "broken"),
+        (3, 3, "big"),
+    ]
+    assert (2, 3, "broken", failure.error) in heard and (3, 3, "big", None) in heard
+
+
+def test_without_the_baseline_the_table_is_absolute(trace: Trace, tmp_path: Path) -> None:
+    outcome = run_compare(
+        trace,
+        ["big"],
+        default_profile("llama2-70b", "h100-sxm"),
+        config=SimConfig(seed=5, max_drain_s=120.0),
+        pricing=PRICING,
+        out_dir=tmp_path,
+        registry={**_registry(), "singlepool": _broken},
+    )
+    assert [f.policy for f in outcome.failures] == ["singlepool"]
+    table = format_compare_table(outcome.entries)
+    first, _, base_row, big_row = table.split("\n")[:4]
+    assert "absolute figures only: singlepool (the baseline) failed" in first
+    assert base_row.startswith("singlepool  FAILED")
+    big = outcome.reports[0]
+    assert big_row.split()[1] == f"{big['energy_kwh']:.3f}" and set(big_row.split()[2:5]) == {"-"}
+    assert (tmp_path / POWER_FILE).is_file()
+
+
+def test_pool_labels_and_class_key() -> None:
+    assert pool_label("SS", ["SS"]) == "SS"
+    assert pool_label("ML", ["SS", "SM", "MS", "MM", "SL", "ML"]) == "ML (serves SS SM MS MM SL ML)"
+    assert pool_label("all", list(CLASS_NAMES)) == "all (serves all nine classes)"
+    assert pool_label("LS", ["LM", "LS"], at_start=True) == "LS (at start serves LM LS)"
+    report = {"plan": {"pools": [{"name": "LL", "class_names": ["LS", "LM", "LL"]}]}}
+    assert pool_labels(report) == {"LL": "LL (serves LS LM LL)"}
+    key = class_key()
+    assert key.startswith("Request classes XY: X = input bin, Y = output bin")
+    assert "input S <256, M <1024, L >=1024 tokens" in key and "output S <100, M <350, L >=350" in key
+    assert "input S <100" in class_key(ClassBins(input_edges_tokens=(100, 2000)))

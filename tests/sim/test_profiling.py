@@ -13,15 +13,9 @@ from controller.dctl.main import main
 from controller.model.classes import CLASS_NAMES, ClassBins, class_by_name
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.profile import SLO_ATTAINMENT_TARGET, Profile
+from controller.profiles import PROFILES_DIR, default_profile, load_profile, save_profile
 from controller.sim.cluster import simulate
-from controller.sim.profiling import (
-    PROFILES_DIR,
-    default_profile,
-    generate_profile,
-    load_profile,
-    sample_class_lengths,
-    save_profile,
-)
+from controller.sim.profiling import generate_profile, sample_class_lengths
 from controller.sim.report import meets_slo
 from controller.sim.traces import Trace
 

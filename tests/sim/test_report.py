@@ -27,7 +27,6 @@ from controller.sim.report import (
     meets_slo,
     slo_attainment,
     weighted_percentile,
-    write_report,
 )
 
 SLOS = {name: ClassSlo(ttft_s=1.0, tbt_s=0.1) for name in CLASS_NAMES}
@@ -286,18 +285,6 @@ def test_power_percentiles_divide_the_partial_last_bin_by_its_length() -> None:
     bins = np.array([1000.0, 1000.0, 250.0])  # the last bin covers 0.25 s at 1000 W
     r = _report(_result(energy_by_bin_j=bins, duration_s=2.25))
     assert r["power_w_p50"] == r["power_w_p99"] == pytest.approx(1000.0)
-
-
-def test_write_report_is_atomic_and_strict(tmp_path: Path) -> None:
-    path = tmp_path / "out" / "r.json"
-    report = _report()
-    write_report(report, path)
-    assert json.loads(path.read_text()) == report
-    bad = dict(report, energy_j=math.nan)
-    with pytest.raises(ValueError):
-        write_report(bad, path)
-    assert json.loads(path.read_text()) == report  # the earlier report is intact
-    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary left behind
 
 
 def test_table_shows_the_headline_figures_and_every_class() -> None:

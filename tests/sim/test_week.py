@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
+from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError, OutOfRangeError
 from controller.sim.traces import read_trace_file
 from controller.sim.week import (
     HOURLY_FILE,
@@ -127,8 +127,16 @@ def test_bad_arguments(tmp_path: Path) -> None:
         azure_week_trace("conv", folder, seed=0, rate_scale=0.0)
     with pytest.raises(InvalidArgumentError, match="--duration"):
         azure_week_trace("conv", folder, seed=0, duration_s=-1.0)
-    with pytest.raises(FileNotFoundError):
+    # A missing file is named (the reader's errors are the CLI's, not a bare OSError).
+    with pytest.raises(NotFoundError, match=r"missing.*hourly request counts"):
         azure_week_trace("conv", tmp_path / "missing", seed=0)
+    binary = tmp_path / "binary"
+    (binary / HOURLY_FILE).parent.mkdir(parents=True)
+    (binary / HOURLY_FILE).write_bytes(HEADER.encode() + b"\xff\xfe\x00\n")
+    with pytest.raises(DataFileError, match="UTF-8"):
+        read_hourly_counts(binary / HOURLY_FILE, "conv")
+    with pytest.raises(DataFileError, match="a folder"):
+        read_hourly_counts(tmp_path, "conv")
 
 
 def test_real_week_window(shared_data: Path) -> None:

@@ -16,7 +16,7 @@ from controller.policy.capacity import (
     pool_capacities,
 )
 from controller.policy.singlepool import mix_capacity_rps
-from controller.sim.profiling import default_profile
+from controller.profiles import default_profile
 
 _SLO = ClassSlo(ttft_s=1.0, tbt_s=0.1)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
+from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError, OutOfRangeError
 from controller.sim.carbon import CarbonIntensity, ConstantCarbonIntensity, ConstantEnergyPrice, EnergyPrice
 
 HEADER = (
@@ -129,3 +129,33 @@ def test_real_caiso_files(shared_data: Path) -> None:
     price = EnergyPrice.from_csv(carbon / "US-CAL-CISO_electricity_prices_2024.csv")
     assert price.usd_per_mwh_at(datetime(2024, 1, 1, 3, tzinfo=UTC).timestamp()) == pytest.approx(43.04537)
     assert float(np.mean(price.series.values)) == pytest.approx(40.67, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), r"binary data \(NUL byte"),
+        (
+            "Datetime (UTC),Price (USD/MWh)\n2024-01-01 00:00:00,3\u20ac\n".encode("latin-1", "replace")
+            + b"\xe9\n",
+            "not UTF-8 text",
+        ),
+    ],
+)
+def test_binary_or_non_utf8_files_are_data_file_errors(tmp_path: Path, data: bytes, reason: str) -> None:
+    path = tmp_path / "x.csv"
+    path.write_bytes(data)
+    for read in (CarbonIntensity.from_csv, EnergyPrice.from_csv):
+        with pytest.raises(DataFileError, match=reason) as err:
+            read(path)
+        assert err.value.path == str(path) and len(str(err.value)) < 300
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="not found"):
+        CarbonIntensity.from_csv(tmp_path / "gone.csv")
+    with pytest.raises(DataFileError, match="a folder, not a file"):
+        EnergyPrice.from_csv(tmp_path)
+    if Path("/proc/self/mem").exists():  # fails with EIO at offset 0, also for root
+        with pytest.raises(DataFileError, match="cannot read: "):
+            CarbonIntensity.from_csv("/proc/self/mem")

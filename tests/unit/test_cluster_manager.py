@@ -12,7 +12,7 @@ from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
 from controller.model.profile import Profile
 from controller.policy.cluster_manager import best_instance_rps, class_order, plan_pools
-from controller.sim.profiling import default_profile
+from controller.profiles import default_profile
 
 PROFILE = default_profile("llama2-70b", "h100-sxm")
 MAX_CLOCK = max(PROFILE.clocks_mhz)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from agent.api.errors import InvalidArgumentError
 from controller.policy.capacity import ConfigCapacity, capacities_by_clock, pool_capacities
 from controller.policy.frequency import choose_clock, escalate, next_clock
-from controller.sim.profiling import default_profile
+from controller.profiles import default_profile
 
 
 def _cap(clock_mhz: int, max_load_rps: float, idle_w: float, slope: float, tp: int = 8) -> ConfigCapacity:

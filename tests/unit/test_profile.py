@@ -1,14 +1,21 @@
-"""The profile data model: format round trip, interpolation, refusal to extrapolate, validation."""
+"""The profile data model (format round trip, interpolation, refusal to extrapolate, validation) and
+profile files (`controller.profiles`: load, save, the committed default; never the simulator)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
+from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError, OutOfRangeError
+from controller import profiles
 from controller.model.classes import ClassSlo
 from controller.model.profile import (
     PROFILE_FORMAT,
@@ -249,3 +256,74 @@ def test_constructors_check_their_invariants() -> None:
             provenance={},
         )
     assert err.value.field == "classes.SS.configs"
+
+
+# ------------------------------------------------------------------ profile files: controller.profiles
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_profile_files_do_not_pull_in_the_simulator() -> None:
+    """The live controller daemon reads profiles too: controller.profiles must not import the simulator."""
+    code = (
+        "import sys, controller.profiles as p; p.default_profile('llama2-70b', 'h100-sxm'); "
+        "print(sorted(m for m in sys.modules if m.startswith(('controller.sim', 'agent.sim'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_default_profile_is_package_data_beside_the_module() -> None:
+    assert profiles.PROFILES_DIR == ROOT / "controller" / "profile_data"
+    assert profiles.default_profile_path("llama2-70b", "h100-sxm").is_file()
+    assert profiles.default_profile("llama2-70b", "h100-sxm").model == "llama2-70b"
+    with pytest.raises(NotFoundError, match=r"llama3\.1-8b"):
+        profiles.default_profile("llama3.1-8b", "h100-sxm")
+
+
+def test_save_is_atomic_and_readable_like_any_new_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    profiles.save_profile(make_profile(), path)
+    assert profiles.load_profile(path) == make_profile()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("data", "reason", "line"),
+    [
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)),
+            "binary data (NUL byte at offset 8)",
+            3,
+        ),
+        (b'{"format": "caf\xe9"}', "not UTF-8 text (byte 0xe9 at offset 15)", 1),
+        (b'{"format":\n', "not valid JSON", 2),
+    ],
+)
+def test_bad_files_are_one_error_naming_the_file(tmp_path: Path, data: bytes, reason: str, line: int) -> None:
+    path = tmp_path / "p.json"
+    path.write_bytes(data)
+    with pytest.raises(DataFileError) as err:
+        profiles.load_profile(path)
+    assert (err.value.path, err.value.line) == (str(path), line)
+    assert reason in str(err.value) and "dynamollm.profile/v1" in str(err.value)
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="not found"):
+        profiles.load_profile(tmp_path / "gone.json")
+    with pytest.raises(DataFileError, match="a folder, not a file"):
+        profiles.load_profile(tmp_path)
+    if Path("/proc/self/mem").exists():  # fails with EIO at offset 0, also for root
+        with pytest.raises(DataFileError, match="cannot read: "):
+            profiles.load_profile("/proc/self/mem")

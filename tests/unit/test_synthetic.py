@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agent.api.errors import InvalidArgumentError
-from controller.sim.synthetic import DEFAULT_DURATION_S, WORKLOADS, synthetic_trace
-from controller.sim.traces import load_trace, read_trace_file
+from controller.sim.synthetic import DEFAULT_DURATION_S, WORKLOADS
+from controller.sim.traces import load_trace, read_trace_file, synthetic_trace
 
 # Published token statistics (shared/data/README.md): (input p50, input p99, output p50, output p99).
 PUBLISHED = {"conversation": (1020, 4142, 129, 601), "coding": (1469, 7436, 13, 252)}
@@ -79,3 +82,19 @@ def test_fitted_constants_match_real_trace(shared_data: Path, kind: str, file: s
         (real.output_tokens, synthetic.output_tokens),
     ):
         assert np.mean(synthetic_tokens) == pytest.approx(np.mean(real_tokens), rel=0.1)
+
+
+def test_no_import_cycle_between_traces_and_synthetic() -> None:
+    """`synthetic` is a leaf that generates arrays; `traces` wraps them in a Trace, never the other way."""
+    root = Path(__file__).resolve().parents[2]
+    code = "import sys, controller.sim.synthetic; print('controller.sim.traces' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
+from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError, OutOfRangeError
 from controller.sim.traces import Trace, load_trace, read_trace_file
 
 AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens"
@@ -235,11 +235,18 @@ def test_load_trace_window_then_scale_and_seed(tmp_path: Path) -> None:
     assert not np.array_equal(trace.arrival_s[: len(other)], other.arrival_s[: len(trace)])
 
 
-@pytest.mark.parametrize("spec", ["synthetic:chat", "no/such/file.csv", "synthetic:"])
+@pytest.mark.parametrize("spec", ["synthetic:chat", "synthetic:"])
 def test_load_trace_rejects_bad_spec(spec: str) -> None:
     with pytest.raises(InvalidArgumentError) as err:
         load_trace(spec)
     assert err.value.field == "--trace" and "synthetic:conversation" in str(err.value)
+
+
+def test_a_missing_trace_file_is_not_found_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such.csv"
+    with pytest.raises(NotFoundError) as err:
+        load_trace(missing)
+    assert str(missing) in str(err.value) and "not found" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -278,3 +285,42 @@ def test_real_azure_2023_traces(shared_data: Path) -> None:
     )
     assert np.percentile(conv.input_tokens, 50) == 1020 and np.percentile(conv.output_tokens, 99) == 601
     assert np.percentile(code.input_tokens, 50) == 1469 and np.percentile(code.output_tokens, 50) == 13
+
+
+BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe" + bytes(range(256)) * 64
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (BINARY, 1),  # a binary file: its first "line" is not a header
+        (b"\xff\xfe" + "arrival_s,input_tokens,output_tokens\n".encode("utf-16-le"), 1),  # UTF-16
+        (b"arrival_s,input_tokens,output_tokens\n0.0,10,20\n" + BINARY, 3),  # binary after good rows
+    ],
+)
+def test_binary_data_is_named_not_echoed(tmp_path: Path, data: bytes, line: int) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes(data)
+    with pytest.raises(DataFileError) as err:
+        read_trace_file(path)
+    assert (err.value.path, err.value.line) == (str(path), line)
+    message = str(err.value)
+    assert "binary" in err.value.reason and len(message) < 400 and "\n" not in message
+
+
+def test_a_long_bad_header_is_cut_when_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, "x" * 5000 + "\n1,2,3\n")
+    with pytest.raises(DataFileError, match="unknown header") as err:
+        read_trace_file(path)
+    assert "(5000 chars)" in str(err.value) and len(str(err.value)) < 400
+
+
+def test_unreadable_or_missing_files_are_errors_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataFileError, match="a folder, not a file") as err:
+        read_trace_file(tmp_path)
+    assert err.value.path == str(tmp_path)
+    with pytest.raises(NotFoundError, match="not found"):
+        read_trace_file(tmp_path / "gone.csv")
+    if Path("/proc/self/mem").exists():  # readable by name, fails with EIO: unreadable even for root
+        with pytest.raises(DataFileError, match="cannot read: "):
+            read_trace_file("/proc/self/mem")
