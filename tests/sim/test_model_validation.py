@@ -99,11 +99,28 @@ def test_loaders_read_the_expected_rows(shared_data: Path) -> None:
 
 
 def test_committed_params_are_what_the_fit_produces(shared_data: Path) -> None:
+    """The committed parameters predict the calibration data as a fresh fit does. Compared by what they
+    predict, not digit by digit: where two parameters trade off (llama3.1's per-iteration vs prefill
+    overhead, 0.6 ms between them), scipy and BLAS builds land on different points of the same flat
+    valley (scipy 1.17.1 puts 0.64 ms on the iteration instead of 0 and 0.34 ms on prefill instead of
+    0.97 ms, at the same error)."""
     fit = _fit_script()
-    fitted = fit.fit_all(cal.load_all(shared_data), verbose=False)
-    for model, params in fitted.items():
-        committed = load_params_file(params_path(model, "h100-sxm"))
-        _assert_close(dataclasses.asdict(params), dataclasses.asdict(committed), model)
+    data = cal.load_all(shared_data)
+    fitted = fit.fit_all(data, verbose=False)
+    committed = {model: load_params_file(params_path(model, "h100-sxm")) for model in fitted}
+    fresh_rows = cal.validate_data(data, fitted)
+    committed_rows = cal.validate_data(data, committed)
+    assert [(r.dataset, r.quantity, r.n) for r in fresh_rows] == [
+        (r.dataset, r.quantity, r.n) for r in committed_rows
+    ]
+    for fresh, kept in zip(fresh_rows, committed_rows, strict=True):
+        where = f"{fresh.dataset} {fresh.quantity}"
+        assert kept.median_rel_err == pytest.approx(fresh.median_rel_err, abs=2e-3), where
+        assert kept.max_rel_err == pytest.approx(fresh.max_rel_err, abs=5e-3), where
+    # The well-determined model (llama2-70b, every parameter pinned by splitwise-sim) to 1e-4.
+    _assert_close(
+        dataclasses.asdict(fitted["llama2-70b"]), dataclasses.asdict(committed["llama2-70b"]), "llama2-70b"
+    )
 
 
 def _assert_close(a: Any, b: Any, where: str) -> None:
@@ -116,7 +133,7 @@ def _assert_close(a: Any, b: Any, where: str) -> None:
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_close(x, y, f"{where}[{i}]")
     elif isinstance(a, float):
-        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), f"{where}: fit gives {a!r}, committed {b!r}"
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-12), f"{where}: fit gives {a!r}, committed {b!r}"
     else:
         assert a == b, where
 
