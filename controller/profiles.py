@@ -12,14 +12,13 @@ malformed one a DataFileError naming the file (and line and field where there is
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from agent.api.errors import DataFileError, NotFoundError
 from controller.model.profile import PROFILE_FORMAT, Profile
+from controller.textfiles import read_text, write_text_atomic
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profile_data"
 _EXPECTED = f"expected a {PROFILE_FORMAT} JSON file"
@@ -45,7 +44,7 @@ def default_profile(model: str, gpu: str) -> Profile:
 def load_profile(path: str | os.PathLike[str]) -> Profile:
     """Read and validate a profile file; a bad field -> DataFileError naming the file and the field."""
     p = Path(path)
-    text = _read_utf8(p)
+    text = read_text(p, _EXPECTED.removeprefix("expected "))
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
@@ -74,51 +73,5 @@ def profile_to_json(profile: Profile) -> str:
 
 
 def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:
-    """Write the profile atomically (a temporary file in the same folder, then a rename: a reader never
-    sees half a file), readable like any file the user creates (0666 less the umask, usually 0644)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(profile_to_json(profile))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_utf8(p: Path) -> str:
-    """The file's text; NotFoundError when missing, DataFileError when unreadable, binary or not UTF-8."""
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{p}: not found (no such file); {_EXPECTED}") from None
-    except IsADirectoryError:
-        raise DataFileError(str(p), None, None, f"a folder, not a file; {_EXPECTED}") from None
-    except OSError as err:
-        raise DataFileError(str(p), None, None, f"cannot read: {err.strerror or err}; {_EXPECTED}") from None
-    nul = data.find(b"\0")
-    if nul >= 0:
-        line = data.count(b"\n", 0, nul) + 1
-        reason = f"binary data (NUL byte at offset {nul}), not text; {_EXPECTED}"
-        raise DataFileError(str(p), line, None, reason)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        reason = f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); {_EXPECTED}"
-        raise DataFileError(str(p), line, None, reason) from None
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux reports it (/proc), else set and reset."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """Write the profile atomically, readable like any file the user creates (`write_text_atomic`)."""
+    write_text_atomic(path, profile_to_json(profile))

@@ -466,10 +466,10 @@ def run(args: argparse.Namespace) -> int:
         resolve_trace,
         run_compare,
         sizing_json,
-        write_text_atomic,
     )
     from controller.sim.policies import sim_policy, sim_settings
     from controller.sim.report import build_report, check_pricing_covers, format_table
+    from controller.textfiles import write_text_atomic
 
     opts = validate(args, tuple(MODEL_NAMES), tuple(GPU_NAMES))
     if opts.profile is not None:

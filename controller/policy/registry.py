@@ -20,8 +20,8 @@ from controller.policy.cluster_manager import DEFAULT_LARGEST_HEADROOM, DEFAULT_
 from controller.policy.dynamollm import (
     DEFAULT_BURST_MISS_SHARE,
     DEFAULT_COSTS,
-    DEFAULT_PERIODS,
     DEFAULT_MIX_WINDOW_S,
+    DEFAULT_PERIODS,
     DEFAULT_SUSTAINED_WINDOW_S,
     DynamoLLM,
 )

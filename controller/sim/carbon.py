@@ -30,7 +30,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
-from controller.sim.traces import open_error, quoted
+from controller.sim.traces import quoted
+from controller.textfiles import read_text
 
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader
@@ -167,28 +168,9 @@ class ConstantEnergyPrice:
         return float(np.sum(energy_j)) / J_PER_MWH * self.usd_per_mwh
 
 
-def _read_text(path: Path, column: str) -> str:
-    """The whole file as text (hourly files are small: 8,784 rows a year); DataFileError when it cannot
-    be read or is not UTF-8 text, NotFoundError when it is not there."""
-    expected = f"an hourly CSV with columns {TIME_COLUMN!r} and {column!r}"
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise open_error(path, err, expected) from None
-    nul = data.find(b"\0")
-    if nul >= 0:
-        reason = f"binary data (NUL byte at offset {nul}), not text; expected {expected}"
-        raise DataFileError(str(path), data.count(b"\n", 0, nul) + 1, None, reason)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        byte = f"0x{data[err.start]:02x}"
-        reason = f"not UTF-8 text (byte {byte} at offset {err.start}), binary?; expected {expected}"
-        raise DataFileError(str(path), data.count(b"\n", 0, err.start) + 1, None, reason) from None
-
-
 def _read_hourly(path: Path, column: str, *, allow_negative: bool) -> HourlySeries:
-    reader = csv.reader(io.StringIO(_read_text(path, column), newline=""))
+    expected = f"an hourly CSV with columns {TIME_COLUMN!r} and {column!r}"
+    reader = csv.reader(io.StringIO(read_text(path, expected), newline=""))
     try:
         return _parse_hourly(reader, str(path), column, allow_negative=allow_negative)
     except csv.Error as err:  # e.g. a field above csv's size limit: not the CSV it should be

@@ -29,11 +29,8 @@ The only wall clock is `clock` (injected, default `time.perf_counter`), used for
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +51,7 @@ from controller.sim.policies import SIM_POLICIES, sim_policy, sim_settings
 from controller.sim.report import Pricing, build_report
 from controller.sim.traces import Trace, load_trace
 from controller.sim.week import WEEK_SPEC_PREFIX, load_week_spec
+from controller.textfiles import write_text_atomic
 
 DEFAULT_BASELINE = "singlepool"
 # Policies whose per-pool TP and clock mix over time is drawn (the static ones never change).
@@ -475,33 +473,6 @@ def pool_lines(reports: Sequence[Mapping[str, Any]]) -> list[str]:
         lines.append(f"  {r['policy']:<12}" + ("; ".join(labels.values()) or "-"))
     lines.append(plots.class_key())
     return lines
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a temporary file in the same folder, then a rename: a reader
-    never sees half a file), readable like the plots: mode 0666 less the umask, as a plain write gives."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux reports it (/proc), else set and reset."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_outputs(

@@ -107,89 +107,112 @@ def run(
     on_progress: ProgressCallback | None = None,
 ) -> KernelRun:
     """Replay `trace` (module docstring); the fleet is closed at the returned end time."""
-    n = len(trace)
-    end_trace_s = trace.duration_s
-    arrival = trace.arrival_s.tolist()
-    inputs = trace.input_tokens.tolist()
-    outputs = trace.output_tokens.tolist()
-    admitted = np.zeros(n, dtype=bool)
-    refused: Counter[str] = Counter()
-    out = KernelRun(0.0, admitted, {}, [], [])
-    next_sample_s = 0.0
+    return _Kernel(trace, cycle, fleet, router, settings).run(on_progress)
 
-    def apply(result: TickResult) -> None:
-        out.decisions.extend(result.decisions)
-        fleet.apply(result)
 
-    def sample(t_s: float) -> None:
-        nonlocal next_sample_s
-        while next_sample_s <= t_s:
-            out.samples.append((next_sample_s, fleet.mix()))
-            next_sample_s += settings.series_bin_s
+class _Kernel:
+    """One run's clock: what happened up to where (arrivals counted into the cycle, series sampled)."""
 
-    counted = 0
+    def __init__(
+        self,
+        trace: Trace,
+        cycle: ControlCycle,
+        fleet: SimFleet,
+        router: RouterClasses,
+        settings: KernelSettings,
+    ) -> None:
+        self.trace = trace
+        self.cycle = cycle
+        self.fleet = fleet
+        self.router = router
+        self.settings = settings
+        self.out = KernelRun(0.0, np.zeros(len(trace), dtype=bool), {}, [], [])
+        self.refused: Counter[str] = Counter()
+        self.counted = 0  # arrivals [0, counted) have been handed to the cycle
+        self.next_sample_s = 0.0
 
-    def tick(t_s: float, upto: int) -> None:
-        nonlocal counted
-        events = fleet.advance(t_s)
-        if events:
-            apply(cycle.on_events(events))
-        router.learn(fleet.outcomes.done_lengths)
-        mask = admitted[counted:upto]
-        arrivals = Arrivals(trace.arrival_s[counted:upto][mask], router.routed[counted:upto][mask])
-        counted = upto
-        sample(t_s)
-        apply(cycle.tick(t_s, fleet.view(), arrivals))
-        router.until(cycle.next_tick_s())
+    def run(self, on_progress: ProgressCallback | None) -> KernelRun:
+        trace, settings, fleet = self.trace, self.settings, self.fleet
+        arrival = trace.arrival_s.tolist()
+        inputs = trace.input_tokens.tolist()
+        outputs = trace.output_tokens.tolist()
+        self.apply(self.cycle.start(0.0))
+        self.router.until(self.cycle.next_tick_s())
+        next_progress_s = settings.progress_step_s
+        for i in range(len(trace)):
+            t = arrival[i]
+            if t >= next_progress_s:
+                if on_progress is not None:
+                    on_progress(t)
+                next_progress_s = (math.floor(t / settings.progress_step_s) + 1) * settings.progress_step_s
+                fleet.fold_tbt_logs()
+            self.control_until(t, i)
+            self.admit(i, t, inputs[i], outputs[i])
+        self.control_until(trace.duration_s, len(trace))
 
-    def control_until(t_s: float, upto: int) -> None:
-        """Every control event at or before `t_s` (and not past the trace's end)."""
+        engines = [s.engine for s in fleet.slots.values() if s.engine is not None]
+        self.out.end_s = drain(engines, trace.duration_s, settings.max_drain_s, settings.drain_step_s)
+        if on_progress is not None:
+            on_progress(self.out.end_s)
+        fleet.close(self.out.end_s)
+        self.sample(self.out.end_s - 1e-9)
+        self.out.refused = dict(self.refused)
+        return self.out
+
+    def admit(self, i: int, t_s: float, input_tokens: int, output_tokens: int) -> None:
+        """Admission (the context limit, empty requests), then routing with the class's TTFT deadline."""
+        if input_tokens + output_tokens > self.settings.max_context_tokens:
+            self.refused["context_length"] += 1
+            return
+        if input_tokens < 1 or output_tokens < 1:
+            self.refused["empty"] += 1
+            return
+        self.out.admitted[i] = True
+        c = int(self.router.routed[i])
+        deadline_s = t_s + self.settings.ttft_slo_s[c]
+        if not self.fleet.admit(i, c, t_s, input_tokens, output_tokens, deadline_s):
+            self.fleet.outcomes.rejected += 1
+
+    def control_until(self, t_s: float, upto: int) -> None:
+        """Every control event at or before `t_s` (and not past the trace's end), in time order; at equal
+        times loads finishing, then actions falling due, then the tick."""
         while True:
-            t_ready = fleet.next_ready_s()
-            t_action = cycle.next_action_s()
-            t_tick = cycle.next_tick_s()
+            t_ready = self.fleet.next_ready_s()
+            t_action = self.cycle.next_action_s()
+            t_tick = self.cycle.next_tick_s()
             t_next = min(t_ready, t_action, t_tick)
-            if t_next > t_s or t_next > end_trace_s:
+            if t_next > t_s or t_next > self.trace.duration_s:
                 return
             if t_ready == t_next:
-                apply(cycle.on_events(fleet.ready_until(t_ready)))
+                self.apply(self.cycle.on_events(self.fleet.ready_until(t_ready)))
             elif t_action == t_next:
-                apply(cycle.due(t_action))
+                self.apply(self.cycle.due(t_action))
             else:
-                tick(t_tick, upto)
+                self.tick(t_tick, upto)
 
-    apply(cycle.start(0.0))
-    router.until(cycle.next_tick_s())
-    next_progress_s = settings.progress_step_s
-    for i in range(n):
-        t = arrival[i]
-        if t >= next_progress_s:
-            if on_progress is not None:
-                on_progress(t)
-            next_progress_s = (math.floor(t / settings.progress_step_s) + 1) * settings.progress_step_s
-            fleet.fold_tbt_logs()
-        control_until(t, i)
-        size = inputs[i] + outputs[i]
-        if size > settings.max_context_tokens:
-            refused["context_length"] += 1
-            continue
-        if inputs[i] < 1 or outputs[i] < 1:
-            refused["empty"] += 1
-            continue
-        admitted[i] = True
-        c = int(router.routed[i])
-        if not fleet.admit(i, c, t, inputs[i], outputs[i], t + settings.ttft_slo_s[c]):
-            fleet.outcomes.rejected += 1
-    control_until(end_trace_s, n)
+    def tick(self, t_s: float, upto: int) -> None:
+        events = self.fleet.advance(t_s)
+        if events:
+            self.apply(self.cycle.on_events(events))
+        self.router.learn(self.fleet.outcomes.done_lengths)
+        mask = self.out.admitted[self.counted : upto]
+        arrivals = Arrivals(
+            self.trace.arrival_s[self.counted : upto][mask], self.router.routed[self.counted : upto][mask]
+        )
+        self.counted = upto
+        self.sample(t_s)
+        self.apply(self.cycle.tick(t_s, self.fleet.view(), arrivals))
+        self.router.until(self.cycle.next_tick_s())
 
-    engines = [s.engine for s in fleet.slots.values() if s.engine is not None]
-    out.end_s = drain(engines, end_trace_s, settings.max_drain_s, settings.drain_step_s)
-    if on_progress is not None:
-        on_progress(out.end_s)
-    fleet.close(out.end_s)
-    sample(out.end_s - 1e-9)
-    out.refused = dict(refused)
-    return out
+    def apply(self, result: TickResult) -> None:
+        self.out.decisions.extend(result.decisions)
+        self.fleet.apply(result)
+
+    def sample(self, t_s: float) -> None:
+        """The instance mix at every series bin start up to `t_s`."""
+        while self.next_sample_s <= t_s:
+            self.out.samples.append((self.next_sample_s, self.fleet.mix()))
+            self.next_sample_s += self.settings.series_bin_s
 
 
 def drain(engines: list[SimEngine], trace_end_s: float, max_drain_s: float, step_s: float) -> float:

@@ -3,7 +3,7 @@
 Flow: `controller.sim.cluster.simulate` returns a `SimResult` (raw per-request outcomes, energy per
 1-s bin, engine TBT histograms); `build_report` turns it into the JSON-ready report, pricing energy with
 a carbon-intensity source and an energy-price source; `format_table` renders it for a terminal and
-`controller.sim.compare.write_text_atomic` stores it. Pure.
+`controller.textfiles.write_text_atomic` stores it. Pure.
 
 Definitions (also in docs/simulator.md):
 - A request meets its SLO when it completed, its TTFT <= its class's TTFT target, and its mean

@@ -39,13 +39,14 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError, OutOfRangeError
+from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
 from controller.sim.synthetic import (
     DEFAULT_DURATION_S,
     SYNTHETIC_KINDS,
     SYNTHETIC_PREFIX,
     synthetic_requests,
 )
+from controller.textfiles import open_error
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 GENERIC_COLUMNS = ("arrival_s", "input_tokens", "output_tokens")
@@ -233,17 +234,6 @@ def synthetic_trace(
     (`controller.sim.synthetic` has the model). `rate_rps` replaces the fitted mean rate."""
     r = synthetic_requests(kind, duration_s, seed, rate_rps)
     return Trace(r.name, r.arrival_s, r.input_tokens, r.output_tokens, r.start_unix_s, r.duration_s)
-
-
-def open_error(path: str | os.PathLike[str], err: OSError, expected: str) -> NotFoundError | DataFileError:
-    """The error to raise when a data file cannot be opened or read: NotFoundError when it is not there,
-    DataFileError (naming the file and what went wrong) otherwise."""
-    name = os.fspath(path)
-    if isinstance(err, FileNotFoundError):
-        return NotFoundError(f"{name}: not found (no such file); expected {expected}")
-    if isinstance(err, IsADirectoryError):
-        return DataFileError(name, None, None, f"a folder, not a file; expected {expected}")
-    return DataFileError(name, None, None, f"cannot read: {err.strerror or err}; expected {expected}")
 
 
 def binary_reason(raw: bytes, expected: str) -> str | None:

@@ -37,7 +37,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.api.errors import DataFileError, InvalidArgumentError, OutOfRangeError
-from controller.sim.traces import Trace, open_error, quoted, read_trace_file
+from controller.sim.traces import Trace, quoted, read_trace_file
+from controller.textfiles import open_error
 
 WEEK_SPEC_PREFIX = "azure-week:"
 WEEK_SERVICES = ("conv", "code")
