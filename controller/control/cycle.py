@@ -223,10 +223,10 @@ class ControlCycle:
         # Both boundaries move first: a cluster step at a pool boundary already sees the new pool period.
         if "cluster" in levels:
             self.epoch_start_s = now_s
-            self.next_cluster_s += self.periods.cluster_s
+            self.next_cluster_s = _next_boundary(self.next_cluster_s, self.periods.cluster_s, now_s)
         if "pool" in levels:
             self.pool_period_start_s = now_s
-            self.next_pool_s += self.periods.pool_s
+            self.next_pool_s = _next_boundary(self.next_pool_s, self.periods.pool_s, now_s)
         if self._fixed:
             return [], records
         for level in levels:
@@ -327,6 +327,12 @@ class ControlCycle:
     # ------------------------------------------------------------------ reporting
     def reconfigurations_by_kind(self) -> Mapping[str, int]:
         return {str(kind): n for kind, n in self.executor.executed.items()}
+
+
+def _next_boundary(boundary_s: float, period_s: float, now_s: float) -> float:
+    """The first boundary of the grid `boundary_s + k period_s` after `now_s` (a driver that fell behind,
+    e.g. a paused controller, steps once and keeps its grid, instead of running every missed step)."""
+    return boundary_s + (math.floor((now_s - boundary_s) / period_s + _EPS_S) + 1) * period_s
 
 
 DEFAULT_PERIODS = Periods()

@@ -249,3 +249,13 @@ def test_placement_packs_best_fit_and_frees_whole_nodes() -> None:
     assert full.allocate(2) is None
     with pytest.raises(InvalidArgumentError, match="gpus"):
         p.release(c)
+
+
+def test_a_late_tick_steps_once_and_keeps_the_grid() -> None:
+    """A driver that fell behind (e.g. a paused controller) gets one pool step, on the same grid."""
+    policy = Scripted([])
+    cycle = ControlCycle(policy, PROFILE, singlepool_plan(1, 8, MAX), CycleConfig(escalation=False))
+    cycle.start(0.0)
+    late = cycle.tick(47.0, quiet([0]), Arrivals.none())
+    assert [d.level for d in late.decisions if isinstance(d, StepRecord)] == ["pool"]
+    assert cycle.next_pool_s == 60.0 and cycle.next_cluster_s == 60.0
