@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.api.errors import InvalidArgumentError
 from controller.model.state import Periods
@@ -59,8 +60,12 @@ class PolicySettings:
                 raise InvalidArgumentError(f"policy.{name}", value, "a positive number of seconds")
 
 
-def _dynamollm(s: PolicySettings) -> DynamoLLM:
-    return DynamoLLM(
+D = TypeVar("D", bound=DynamoLLM)
+
+
+def dynamollm_family(cls: type[D], s: PolicySettings) -> D:
+    """`cls` (DynamoLLM, or a variant of it such as the simulator's oracle) with the settings `s`."""
+    return cls(
         periods=s.periods,
         costs=s.costs,
         merge_fill=s.merge_fill,
@@ -91,7 +96,7 @@ POLICIES: Mapping[str, PolicyFactory] = MappingProxyType(
             mix_window_s=s.mix_window_s,
             sustained_window_s=s.sustained_window_s,
         ),
-        "dynamollm": _dynamollm,
+        "dynamollm": partial(dynamollm_family, DynamoLLM),
     }
 )
 

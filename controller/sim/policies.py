@@ -7,32 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from types import MappingProxyType
 
 from agent.sim.physics import load_perf_model
 from controller.model.cluster import GPUS_PER_SERVER
 from controller.model.state import Periods
 from controller.policy.base import SimPolicy
-from controller.policy.registry import POLICIES, PolicyFactory, PolicySettings, make_policy
+from controller.policy.registry import POLICIES, PolicyFactory, PolicySettings, dynamollm_family, make_policy
 from controller.sim.oracle import Oracle
 
-
-def _oracle(s: PolicySettings) -> Oracle:
-    return Oracle(
-        periods=s.periods,
-        costs=s.costs,
-        merge_fill=s.merge_fill,
-        largest_headroom=s.largest_headroom,
-        clock_headroom=s.clock_headroom,
-        mip_rel_gap=s.mip_rel_gap,
-        time_limit_s=s.time_limit_s,
-        mix_window_s=s.mix_window_s,
-        sustained_window_s=s.sustained_window_s,
-        burst_miss_share=s.burst_miss_share,
-    )
-
-
-SIM_POLICIES: Mapping[str, PolicyFactory] = MappingProxyType({**POLICIES, "oracle": _oracle})
+SIM_POLICIES: Mapping[str, PolicyFactory] = MappingProxyType(
+    {**POLICIES, "oracle": partial(dynamollm_family, Oracle)}
+)
 
 
 def sim_settings(
