@@ -34,11 +34,13 @@ from agent.api.clock import Clock, SystemClock
 from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError
 from agent.api.log import configure_logging
 from agent.api.v1 import control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from agent.auth import Authorizer
 from agent.engine.driver import EngineDriver
 from agent.gpu.base import GpuBackend
 from agent.gpu.worker import GpuWorkers
+from agent.node import NodeAgent
 from agent.safety import AgentStateDoc, GpuSafety, StateStore
-from agent.service import Authorizer, ControlServicer, NodeAgent, TelemetryServicer
+from agent.service import ControlServicer, TelemetryServicer
 from agent.settings import AgentSettings, load_settings
 
 log = structlog.get_logger("agent.app")
@@ -53,7 +55,10 @@ STOP_GRACE_S = 1.0  # in-flight RPCs (telemetry streams never end by themselves)
 def make_backend(settings: AgentSettings) -> GpuBackend:
     """The configured backend (blocking: NVML initialises here)."""
     if settings.gpu_backend == "simulated":
-        from agent.gpu.simulated import SimulatedGpuBackend
+        # The one reference to agent.sim in the agent's production code, on purpose and lazy: the
+        # composition root plugs the simulated node in only when the configuration asks for it, so a
+        # real node never imports the simulation (nor numpy and the fitted physics behind it).
+        from agent.sim.gpu import SimulatedGpuBackend
 
         sim = settings.simulated
         return SimulatedGpuBackend(sim.node_dir, gpus=sim.gpus, gpu=sim.gpu, model=sim.model)

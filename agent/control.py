@@ -1,85 +1,26 @@
-"""Pure core of the agent's services: request validation into plans, and generation bookkeeping.
+"""Pure core of the agent's services: request validation into plans.
 
-Where it sits: `agent.service` (the gRPC shell) calls `check_generation` and a `validate_*` function on
-every request before it touches anything, then acts on the returned plan. Everything here is a function
-of the request and a snapshot of the node (GPU facts, engines, settings): no I/O, no clock, no asyncio.
+Where it sits: `agent.node.NodeAgent` checks a control request's generation (`agent.api.generations`),
+then calls a `validate_*` function here before it touches anything, and acts on the returned plan.
+Everything here is a function of the request and a snapshot of the node (GPU facts, engines, settings):
+no I/O, no clock, no asyncio.
 Validation errors are `InvalidArgumentError(field, value, allowed)` with the wire's field path
 (`gpus[1].max_clock_mhz`), so the caller can fix the input; nothing has changed when they are raised.
 """
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from google.protobuf.message import Message
-
-from agent.api.errors import ConflictError, FailedPreconditionError, InvalidArgumentError
+from agent.api.errors import FailedPreconditionError, InvalidArgumentError
 from agent.api.v1 import control_pb2, telemetry_pb2
 from agent.gpu.base import GpuInfo
 
 ENGINE_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
 ENGINE_ID_ALLOWED = "1-63 characters of [a-z0-9-], starting with a letter"
-
-
-# ------------------------------------------------------------------------------------- generations
-
-
-class Decision(enum.Enum):
-    """What a request's generation means for its scope (control.proto, top of file)."""
-
-    NEW = "new"  # g > c: validate and act
-    REPLAY = "replay"  # g == c, same request: return the recorded outcome
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The recorded result of a call: the serialized reply, or the status it failed with."""
-
-    reply: bytes | None
-    code: str = ""  # grpc.StatusCode name when reply is None
-    message: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ScopeRecord:
-    """The highest generation a scope accepted, the request's fingerprint and its outcome (None while the
-    call is still running)."""
-
-    generation: int
-    fingerprint: str
-    outcome: Outcome | None
-
-
-def fingerprint(request: Message) -> str:
-    """Stable digest of a request; equal requests (same fields, same map contents) give equal digests."""
-    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-
-
-def check_generation(record: ScopeRecord | None, generation: int, digest: str, *, scope: str) -> Decision:
-    """NEW or REPLAY; raises for a stale generation (ABORTED) or a reused one with a new request."""
-    if generation < 1:
-        raise InvalidArgumentError("generation", generation, ">= 1")
-    current = record.generation if record is not None else 0
-    if generation > current:
-        return Decision.NEW
-    if generation < current:
-        raise ConflictError(
-            f"generation: {generation} is older than the {scope} generation in force, {current}; "
-            "re-read GetInventory and plan again"
-        )
-    assert record is not None  # generation == current >= 1
-    if record.fingerprint != digest:
-        raise InvalidArgumentError(
-            "generation",
-            generation,
-            f"a new generation (> {current}): {generation} was used by a different request",
-        )
-    return Decision.REPLAY
 
 
 # ---------------------------------------------------------------------------------- field checks

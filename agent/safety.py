@@ -2,11 +2,12 @@
 setting persisted before and after it reaches the hardware, and restoration on demand, on lease expiry,
 on shutdown, and at start-up after a crash.
 
-Flow: `agent.service` validates a request (agent.control), then calls `GpuSafety.apply` / `restore`, and
-persists the whole `AgentStateDoc` (defaults, applied settings, generations, lease) through `StateStore`
-after each call. `GpuSafety` persists on its own before the first write that makes a GPU modified, so a
-kill -9 at any point leaves a file naming every GPU that may differ from its defaults; the next start (or
-`dynamollm-agent restore-defaults` from systemd's ExecStopPost) puts them back (`recover`).
+Flow: `agent.node.NodeAgent` validates a request (agent.control), then calls `GpuSafety.apply` /
+`restore`, and persists the whole `AgentStateDoc` (defaults, applied settings, generations, lease)
+through `StateStore` after each call. `GpuSafety` persists on its own before the first write that makes
+a GPU modified, so a kill -9 at any point leaves a file naming every GPU that may differ from its
+defaults; the next start (or `dynamollm-agent restore-defaults` from systemd's ExecStopPost) puts them
+back (`recover`).
 The document and its JSON encoding are pure; `StateStore` does the atomic file I/O
 (tmp + fsync + rename + directory fsync).
 """
@@ -25,7 +26,8 @@ from typing import Any
 import structlog
 
 from agent.api.errors import DataFileError, DynamoError
-from agent.control import GpuPlan, Outcome, ScopeRecord
+from agent.api.generations import Outcome, ScopeRecord
+from agent.control import GpuPlan
 from agent.gpu.worker import GpuWorkers
 
 log = structlog.get_logger("agent.safety")

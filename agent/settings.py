@@ -33,7 +33,11 @@ SIMULATED_ENGINE_COMMAND = (
     "{python} -m agent.sim.engine --model {model} --gpu {gpu} --tp {tp} --port {port} --gpus {gpus} "
     "--node-dir {node_dir}"
 )
+# What the simulated engine program serves: the models and TP degrees its physics model is fitted for
+# (agent.sim.physics.specs MODEL_NAMES and TP_DEGREES; tests/unit/test_settings.py checks they agree).
+# Spelled out here because the agent's production modules never import agent.sim.
 SIMULATED_MODELS = ("llama2-70b", "llama3.1-8b", "llama3.1-70b")
+SIMULATED_TP_DEGREES = (1, 2, 4, 8)
 VLLM_ENGINE_OPTIONS = ("max-num-seqs", "max-num-batched-tokens", "gpu-memory-utilization", "max-model-len")
 SIMULATED_ENGINE_OPTIONS = ("max-num-seqs", "max-num-batched-tokens", "max-model-len", "startup-s")
 
@@ -71,6 +75,7 @@ class EngineSettings:
     command: str
     models: tuple[str, ...]
     options_allowed: tuple[str, ...]
+    tp_degrees: tuple[int, ...] | None  # the TP degrees ReconfigureEngine accepts; None: any that fits
     ready_timeout_s: float
     stop_grace_s: float
     drain_timeout_s: float
@@ -430,6 +435,7 @@ def merge_settings(
             command=command,
             models=tuple(models),
             options_allowed=tuple(options_allowed),
+            tp_degrees=SIMULATED_TP_DEGREES if engine_kind == "simulated" else None,
             ready_timeout_s=values["engine.ready_timeout_s"],
             stop_grace_s=values["engine.stop_grace_s"],
             drain_timeout_s=values["engine.drain_timeout_s"],

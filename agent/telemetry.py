@@ -3,19 +3,24 @@ a ring buffer of recent samples, per-subscriber bounded queues, and the energy c
 
 Flow: `TelemetrySampler.run` ticks every `period_s` on the monotonic clock (missed ticks are skipped, not
 bunched), reads all GPUs in parallel through the per-GPU workers, scrapes engine metrics through the
-service's callback, stores the `NodeSample` in the ring buffer and offers it to every `Subscription`.
+agent's callback (`agent.node.NodeAgent.scrape_engines`), stores the `NodeSample` in the ring buffer and
+offers it to every `Subscription`.
 A subscription keeps every `stride`-th sample in a queue of at most `subscriber_queue` samples; when a
 slow reader lets it fill, the oldest sample is dropped and counted, so neither the sampler nor other
 subscribers ever wait for it. `agent.service.StreamTelemetry` drains a subscription into the gRPC stream.
 
-Energy cross-check: over the ring buffer, the energy counter's increase is compared with the trapezoidal
-integral of the sampled power (`energy_discrepancy`, pure); a relative difference above the threshold is
-logged as `energy_counter_mismatch` (a counter that stalls or wraps, or power sampled too coarsely).
+Energy cross-check: over the ring buffer, the energy counter's increase is compared with the integral of
+the sampled power (`energy_discrepancy`, pure): a trapezoid for instantaneous readings, and for readings
+averaged over the last W seconds (`GpuInfo.power_average_s`; NVML on Ampere and newer GPUs, the
+simulated backend) the sum of W x reading chained back from the last sample, which is what such
+readings measure. A relative difference above the threshold is logged as `energy_counter_mismatch`
+(a counter that stalls or wraps, or power sampled too coarsely for the load).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import math
 from collections import deque
@@ -27,6 +32,7 @@ import structlog
 from agent.api.clock import Clock
 from agent.api.v1 import common_pb2, telemetry_pb2
 from agent.control import StreamPlan
+from agent.convert import gpu_sample_pb
 from agent.gpu.base import GpuReading
 from agent.gpu.worker import GpuWorkers
 
@@ -63,36 +69,60 @@ class EnergyCheck:
         return abs(self.counter_j - self.integrated_j) / self.counter_j
 
 
-def energy_discrepancy(samples: Sequence[NodeSample], gpu_index: int) -> EnergyCheck | None:
-    """Compare counter and integrated power for one GPU over `samples` (None with fewer than two readings)."""
+def energy_discrepancy(
+    samples: Sequence[NodeSample], gpu_index: int, power_average_s: float = 0.0
+) -> EnergyCheck | None:
+    """Compare counter and integrated power for one GPU over `samples` (None with fewer than two readings,
+    or, for averaged power, a window shorter than one average).
+
+    `power_average_s` = W > 0: each power reading is the average over the W seconds before it
+    (`GpuInfo.power_average_s`; NVML on Ampere and newer GPUs), so W x reading is exactly the energy of
+    those W seconds. The integral is then chained back from the last sample in steps of W (readings
+    interpolated between samples) and compared with the counter over the same span. A trapezoid over
+    averaged readings would lag the counter by W/2 of every load step near either end of the window.
+    W = 0 (instantaneous readings): the trapezoid over the whole window.
+    """
     points = [(s.monotonic_s, r) for s in samples for i, r in s.readings if i == gpu_index]
     if len(points) < 2:
         return None
-    integrated_j = math.fsum(
-        0.5 * (r0.power_w + r1.power_w) * (t1 - t0) for (t0, r0), (t1, r1) in itertools.pairwise(points)
-    )
+    times = [t for t, _ in points]
+
+    def at(t_s: float, value: Callable[[GpuReading], float]) -> float:
+        """A reading's value at t_s, linear between the samples around it."""
+        i = bisect.bisect_left(times, t_s)
+        if i < len(times) and times[i] == t_s:
+            return value(points[i][1])
+        (t0, r0), (t1, r1) = points[i - 1], points[i]  # t0 < t_s < t1: t_s lies inside the window
+        return value(r0) + (value(r1) - value(r0)) * (t_s - t0) / (t1 - t0)
+
+    end_s = times[-1]
+    if power_average_s <= 0.0:
+        start_s = times[0]
+        integrated_j = math.fsum(
+            0.5 * (r0.power_w + r1.power_w) * (t1 - t0) for (t0, r0), (t1, r1) in itertools.pairwise(points)
+        )
+    else:
+        steps = math.floor((end_s - times[0]) / power_average_s + 1e-9)
+        if steps < 1:
+            return None
+        start_s = end_s - steps * power_average_s
+        integrated_j = power_average_s * math.fsum(
+            at(end_s - k * power_average_s, _power_w) for k in range(steps)
+        )
     return EnergyCheck(
         gpu_index=gpu_index,
-        window_s=points[-1][0] - points[0][0],
-        counter_j=points[-1][1].energy_j - points[0][1].energy_j,
+        window_s=end_s - start_s,
+        counter_j=points[-1][1].energy_j - at(max(start_s, times[0]), _energy_j),
         integrated_j=integrated_j,
     )
 
 
-def gpu_sample_pb(index: int, r: GpuReading) -> common_pb2.GpuSample:
-    return common_pb2.GpuSample(
-        gpu_index=index,
-        power_w=r.power_w,
-        energy_j=r.energy_j,
-        sm_clock_mhz=r.sm_clock_mhz,
-        mem_clock_mhz=r.mem_clock_mhz,
-        util_gpu_ratio=r.util_gpu_ratio,
-        util_mem_ratio=r.util_mem_ratio,
-        mem_used_bytes=r.mem_used_bytes,
-        temperature_c=r.temperature_c,
-        enforced_power_limit_w=r.enforced_power_limit_w,
-        clock_event_reasons_mask=r.clock_event_reasons_mask,
-    )
+def _power_w(r: GpuReading) -> float:
+    return r.power_w
+
+
+def _energy_j(r: GpuReading) -> float:
+    return r.energy_j
 
 
 class Subscription:
@@ -212,7 +242,7 @@ class TelemetrySampler:
     def _check_energy(self) -> None:
         samples = list(self.ring)
         for index in range(self._workers.count):
-            check = energy_discrepancy(samples, index)
+            check = energy_discrepancy(samples, index, self._workers.infos[index].power_average_s)
             if check is None:
                 continue
             self.last_energy_checks[index] = check
@@ -224,6 +254,8 @@ class TelemetrySampler:
                     counter_j=round(check.counter_j, 3),
                     integrated_j=round(check.integrated_j, 3),
                     discrepancy_ratio=round(check.discrepancy_ratio, 4),
+                    power_average_s=self._workers.infos[index].power_average_s,
+                    hint="the counter stalled or wrapped, or power is sampled too coarsely for the load",
                 )
 
     async def run(self) -> None:

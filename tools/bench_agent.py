@@ -18,7 +18,7 @@
    the request was sent, or when the answer was anything but 200 or 503; 503 answers (draining, not ready)
    and refused connections (restart gap) are retried by the clients after 50 ms, as a router would.
 
-A benchmark, not a test: it prints figures and exits 0 (DESIGN §11).
+A benchmark, not a test: it prints figures and exits 0 (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ engine iterations of the final run. Then (unless `--week-slice-s 0`) runs `--wee
 `--week-slice-s` seconds of `azure-week:conv` in this process and prints requests/s, engine
 iterations/s and the wall time extrapolated to the whole week, by simulated time and by request count
 (the week's load varies by hour and day: a slice's extrapolation is an estimate). A benchmark, not a
-test: it prints figures and exits 0 (DESIGN §11).
+test: it prints figures and exits 0 (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The issue's evaluation set (DESIGN §8): DynamoLLM and the paper's baselines on the Azure traces.
+"""The issue's evaluation set (docs/evaluation.md): DynamoLLM and the paper's baselines on the Azure traces.
 
     PYTHONPATH=. .venv/bin/python tools/eval_paper.py [--data-dir ../shared/data] [--out out/eval]
         [--sets hour,sweep,accuracy,week] [--policies P ...] [--seed 0]
@@ -21,7 +21,7 @@ report.json, table.txt and plots go to OUT/<set>/<name>/):
 Carbon: CAISO hourly direct intensity of the trace's year (2023 for the hour traces, 2024 for the week);
 energy price: the CAISO 2024 hourly price for the week, its 2024 mean (0.0407 USD/kWh) for the 2023
 hours (no 2023 price file). Prints Markdown tables (docs/evaluation.md holds a measured copy). A
-benchmark, not a test: it prints figures and exits 0 (DESIGN §11).
+benchmark, not a test: it prints figures and exits 0 (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -275,7 +275,7 @@ def fit_power(
     log: Log,
 ) -> dict[str, PerfParams]:
     """Measured ML.ENERGY power, plus splitwise-sim's power model for the llama2-70b engine (prompt phase
-    700 W, token phase 380 W: the DESIGN §6 anchors) at ANCHOR_WEIGHT."""
+    700 W, token phase 380 W: the docs/physics.md anchors) at ANCHOR_WEIGHT."""
 
     def with_x(x: dict[str, float]) -> dict[str, PerfParams]:
         return {m: replace(b, power=_power(x)) for m, b in bases.items()}

@@ -1,7 +1,7 @@
 """structlog set-up, called once by each entry point (dctl, daemons) and nowhere else.
 
 JSON lines when stderr is not a terminal (systemd, CI), human-readable console output otherwise.
-Event names are snake_case facts; fields carry units in their names (DESIGN §10).
+Event names are snake_case facts; fields carry units in their names (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Engine life cycle on one node: spawn, health-wait, scrape, drain, stop, reconfigure with rollback.
 
-Flow: the agent's NodeControl service (`agent.service`) calls `EngineDriver.reconfigure` / `stop` for
-ReconfigureEngine / StopEngine after checking generations; the telemetry sampler calls `metrics` every
-period; `engines()` feeds GetInventory. The driver runs each engine instance as a subprocess from a command
-template (real `vllm serve`, or the simulated engine `python -m agent.sim.engine`), pinned to its GPUs with
-`CUDA_VISIBLE_DEVICES`, in its own process group (so SIGTERM/SIGKILL reach its workers too), with
-stdout/stderr in a log file whose tail explains start failures.
+Flow: the node agent (`agent.node.NodeAgent`, behind the NodeControl servicer) calls
+`EngineDriver.reconfigure` / `stop` for ReconfigureEngine / StopEngine after checking generations; the
+telemetry sampler calls `metrics` every period; `engines()` feeds GetInventory. The driver runs each
+engine instance as a subprocess from a command template (real `vllm serve`, or the simulated engine
+`python -m agent.sim.engine`), pinned to its GPUs with `CUDA_VISIBLE_DEVICES`, in its own process group
+(so SIGTERM/SIGKILL reach its workers too), with stdout/stderr in a log file whose tail explains start
+failures.
 
 Two seams keep the logic testable without mock.patch: `HttpClient` (GET /health, GET /metrics, POST
 /admin/drain) and `Spawner` (launch a process, signal its group, wait). Defaults: `AiohttpClient` and

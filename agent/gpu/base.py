@@ -1,6 +1,6 @@
 """The GPU backend seam: what the agent needs from a GPU, as a `typing.Protocol`, and the values it trades.
 
-Backends (`agent.gpu.nvml.NvmlBackend`, `agent.gpu.simulated.SimulatedGpuBackend`) implement it with
+Backends (`agent.gpu.nvml.NvmlBackend`, `agent.sim.gpu.SimulatedGpuBackend`) implement it with
 blocking calls; the agent calls them from one serial worker per GPU (`agent.gpu.worker`), never from the
 event loop. All quantities in SI units with the unit in the name; conversions (NVML's mW, mJ) happen
 inside the backend. Errors are raised from `agent.api.errors` (PermissionDeniedError, UnsupportedError,
@@ -26,6 +26,10 @@ class GpuInfo:
     default_power_limit_w: float
     mem_total_bytes: int
     pci_bus_id: str  # domain:bus:device.function, e.g. "00000000:18:00.0" (nvidia-smi's form)
+    # `GpuReading.power_w` is the average over this many seconds before the read (0: instantaneous). NVML
+    # averages over 1 s on Ampere (except GA100) and newer GPUs; the NVML backend does not tell the
+    # generations apart and leaves 0. The simulated backend averages over 1 s.
+    power_average_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -379,7 +379,7 @@ class SimEngine:
     # ---------------------------------------------------------------- control
     def set_clock(self, clock_mhz: float, stall_s: float = 0.0) -> None:
         """Clock (MHz) of the iterations that start from now on. `stall_s`: the time the change itself
-        takes (DESIGN §7: 50-80 ms through nvidia-smi), during which no iteration starts and the GPUs draw
+        takes (docs/control.md: 50-80 ms through nvidia-smi), during which no iteration starts and the GPUs draw
         idle power; it begins when the current iteration ends (now_s)."""
         if not (self._min_clock_mhz <= clock_mhz <= self._max_clock_mhz):
             raise InvalidArgumentError(

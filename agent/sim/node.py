@@ -1,11 +1,11 @@
 """The shared state of one simulated GPU node: a directory that the agent and the engines both use.
 
-Where it sits: `agent.gpu.simulated.SimulatedGpuBackend` (inside the agent) writes what an operator sets
+Where it sits: `agent.sim.gpu.SimulatedGpuBackend` (inside the agent) writes what an operator sets
 on a GPU — the locked SM clock range and the power limit — and the simulated engine program
-(`python -m agent.sim.engine`, a separate process) reads those settings before every iteration and writes
-back what it does with its GPUs: cumulative energy above idle, current power above idle, busy time,
-effective clock and memory held. The backend turns that into readings (power, energy counter,
-utilisation) the way NVML reports a real GPU's.
+(`python -m agent.sim.engine`, a separate process) picks those settings up within an iteration and
+writes back what it does with its GPUs: cumulative energy above idle, power above idle averaged over the
+last second, busy time, effective clock and memory held. The backend turns that into readings (power,
+energy counter, utilisation) the way NVML reports a real GPU's.
 
 Layout of `node_dir` (every file JSON, replaced atomically by write-to-temp + rename, so a reader sees
 either the old or the new content and never a torn one; each file has exactly one writer):
@@ -57,8 +57,9 @@ class GpuControl:
 class GpuActivity:
     """What the engine on one GPU has done: counters since the GPU first served an engine, and now.
 
-    `pid` is the engine process (0: no engine); `clock_mhz` the clock it runs at (0: no engine), lower
-    than the locked maximum when the power limit caps it (`power_capped`).
+    `pid` is the engine process (0: no engine); `extra_power_w` the power above idle averaged over the
+    last second (as NVML reports power); `clock_mhz` the clock it runs at (0: no engine), lower than the
+    locked maximum when the power limit caps it (`power_capped`).
     """
 
     pid: int

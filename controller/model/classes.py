@@ -1,4 +1,4 @@
-"""The nine request classes (input bin x output bin) and their SLO defaults (DESIGN §5).
+"""The nine request classes (input bin x output bin) and their SLO defaults (docs/architecture.md, request classes).
 
 Pure data used by the router (classify at arrival), the policy core (one pool per class), profiles
 (measured per class) and the simulator's per-class report. Input length is known at arrival; in the
@@ -16,7 +16,7 @@ from agent.api.errors import InvalidArgumentError
 
 BIN_NAMES = ("S", "M", "L")
 
-# Third-party readings of the DynamoLLM paper (DESIGN §5): input < 256 / < 1024 / >= 1024 tokens,
+# Third-party readings of the DynamoLLM paper (docs/architecture.md, request classes): input < 256 / < 1024 / >= 1024 tokens,
 # output < 100 / < 350 / >= 350 tokens.
 DEFAULT_INPUT_EDGES_TOKENS = (256, 1024)
 DEFAULT_OUTPUT_EDGES_TOKENS = (100, 350)
@@ -27,7 +27,7 @@ REPRESENTATIVE_INPUT_TOKENS = (224, 1000, 4096)
 REPRESENTATIVE_OUTPUT_TOKENS = (90, 215, 500)
 
 # Default SLO = this multiple of the class's unloaded latency on the reference configuration
-# (TP8 at maximum clock) at its representative lengths (DESIGN §5).
+# (TP8 at maximum clock) at its representative lengths (docs/architecture.md, request classes).
 DEFAULT_SLO_SCALE = 5.0
 
 

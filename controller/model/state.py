@@ -25,7 +25,7 @@ DEFAULT_BURST_WINDOWS_S = (1.0, 2.0, 5.0, 10.0, 20.0)
 
 @dataclass(frozen=True, slots=True)
 class Periods:
-    """How often each control level decides (DESIGN §7 defaults)."""
+    """How often each control level decides (docs/control.md defaults)."""
 
     cluster_s: float = 1800.0
     pool_s: float = 300.0

@@ -1,7 +1,7 @@
 """Reconfiguration planning: from observed instances and a desired `ClusterPlan` to costed actions.
 
 Where it sits: every policy step (cluster, pool, instance period) returns the WHOLE desired state; this
-module computes the difference with what is running and how to get there (DESIGN §7, issue 3 item 6).
+module computes the difference with what is running and how to get there (docs/control.md, issue 3 item 6).
 The simulator executes the actions with their delays; `reconfiguration_free` policies (the oracle)
 apply them instantly. Pure: `now_s` is an argument, no clock, no I/O.
 
@@ -58,7 +58,7 @@ _CAPACITY_RTOL = 1e-9
 
 @dataclass(frozen=True, slots=True)
 class ReconfigCosts:
-    """Reconfiguration overheads (DESIGN §7 simulator defaults, Llama-2-70B on DGX H100)."""
+    """Reconfiguration overheads (docs/control.md simulator defaults, Llama-2-70B on DGX H100)."""
 
     warm_start_s: float = 60.0  # weights local, engine pre-created
     cold_start_s: float = 420.0  # weights fetched: 6-8 min
@@ -67,7 +67,9 @@ class ReconfigCosts:
     clock_change_s: float = 0.065  # engine stall while nvidia-smi locks the clocks: 50-80 ms
     fast_reshard: bool = False  # TP changes use the fast path (a simulator option)
     cold_starts: bool = False  # starts are cold (no local weights) instead of warm
-    idle_power_w_per_gpu: float = 75.0  # draw of a GPU holding an engine that serves nothing (DESIGN §6)
+    idle_power_w_per_gpu: float = (
+        75.0  # draw of a GPU holding an engine that serves nothing (docs/physics.md)
+    )
     stagger_s: float = 10.0  # gap between successive disruptive actions (stops, TP changes)
 
     def __post_init__(self) -> None:

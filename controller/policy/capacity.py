@@ -1,4 +1,4 @@
-"""Capacity and power model of one engine configuration serving a pool's class mix (DESIGN §7).
+"""Capacity and power model of one engine configuration serving a pool's class mix (docs/control.md).
 
 Where it sits: the profile (`controller.model.profile`) measures each request class alone, per (TP,
 clock), at a ladder of load levels. The pool manager (`controller.policy.pool.solve_pool`) and the

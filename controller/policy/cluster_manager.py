@@ -1,4 +1,4 @@
-"""Cluster manager (DESIGN §7, issue 3 item 3): which pools exist and how many GPUs each may use.
+"""Cluster manager (docs/control.md, issue 3 item 3): which pools exist and how many GPUs each may use.
 
 Where it sits: every cluster period (default 30 min) `DynamoLLM.cluster_step`
 (`controller.policy.policies`) forecasts each class's peak rate for the coming epoch

@@ -1,4 +1,4 @@
-"""The `singlepool` baseline of the DynamoLLM paper (DESIGN §8): how fleets are run today.
+"""The `singlepool` baseline of the DynamoLLM paper (docs/evaluation.md): how fleets are run today.
 
 One pool serves all nine request classes with identical TP8 instances at the maximum SM clock, never
 reconfigured, sized for the workload's peak with the SLO met:

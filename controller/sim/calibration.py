@@ -1,4 +1,4 @@
-"""The public measurements the physics model is fitted to and checked against (DESIGN §6).
+"""The public measurements the physics model is fitted to and checked against (docs/physics.md).
 
 Readers for the calibration data sets under `../shared/data/calibration`, the deterministic
 train/validation split, the mapping from each measurement to the model's inputs (`predict_*`), and

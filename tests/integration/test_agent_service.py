@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -589,6 +590,45 @@ async def test_engine_lifecycle(node: Node) -> None:
     assert (
         await node.ctl.ReconfigureEngine(reconfigure(1, "e3", [0]))
     ).engine.state == common_pb2.ENGINE_STATE_READY
+
+
+async def test_energy_counter_agrees_with_integrated_power_under_load(node: Node) -> None:
+    """A simulated engine under a mixed prefill/decode load: the GPU's energy counter and the integral of
+    its sampled power (averaged over the last second, as NVML reports it) agree within the
+    energy_counter_mismatch threshold at every cross-check, from the first one on."""
+    reply = await node.ctl.ReconfigureEngine(reconfigure(1, "e1", [0]), timeout=60)
+    url = f"http://127.0.0.1:{reply.engine.http_port}/v1/completions"
+    sampler = node.running.agent.sampler
+    ratios: list[float] = []
+
+    async def watch() -> None:
+        seen = None
+        while True:
+            check = sampler.last_energy_checks.get(0)
+            if check is not None and check is not seen:
+                seen = check
+                ratios.append(check.discrepancy_ratio)
+            await asyncio.sleep(0.05)
+
+    async def one(i: int, session: aiohttp.ClientSession) -> None:
+        body = {"prompt_token_ids": [1] * (200 + 900 * (i % 3)), "max_tokens": 20 + 40 * (i % 4)}
+        async with session.post(url, json=body) as r:
+            assert r.status == 200
+            await r.read()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with aiohttp.ClientSession() as session:
+            tasks = []
+            for i in range(60):
+                tasks.append(asyncio.create_task(one(i, session)))
+                await asyncio.sleep(0.04)
+            await asyncio.gather(*tasks)
+        await asyncio.sleep(1.5)  # a cross-check over a window that includes the end of the load
+    finally:
+        watcher.cancel()
+    assert len(ratios) >= 3
+    assert max(ratios) < node.settings.telemetry.energy_mismatch_ratio, ratios
 
 
 async def test_engine_start_failure_is_recorded(node: Node) -> None:

@@ -1,4 +1,5 @@
-"""The simulated engine program as a real subprocess on a free port: HTTP API, metrics, clock effect, drain.
+"""The simulated engine program as a real subprocess on a free port: HTTP API, metrics, clock effect, drain,
+and latencies equal to the simulator's engine core (SimEngine) for the same request.
 
 Uses llama3.1-8b at TP1 (iterations of a few milliseconds) so that every test runs in about a second.
 """
@@ -19,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 
-from agent.gpu.simulated import SimulatedGpuBackend
+from agent.sim.engine_core import EngineConfig, SimEngine
+from agent.sim.gpu import SimulatedGpuBackend
 from agent.sim.node import NodeDir
+from agent.sim.physics import load_perf_model
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "llama3.1-8b"
@@ -366,6 +370,38 @@ async def test_sigterm_grace_expiry_exits_zero(tmp_path: Path, session: aiohttp.
     assert "[DONE]" not in events  # cut short: the client can tell
     assert await asyncio.to_thread(eng.proc.wait, 10) == 0
     assert '"engine_grace_expired"' in eng.log.read_text()
+
+
+async def test_latencies_are_the_simulator_cores(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """The program runs the cluster simulator's SimEngine on the wall clock: with the same seed (same
+    jitter draws), one request's TTFT and end-to-end latency in the engine's own histograms are the core's
+    exactly, and what a streaming client measures is the core's plus the HTTP round trip."""
+    seed, n_in, n_out = 7, 3000, 40
+    eng = start_engine(tmp_path, "--startup-s", "0", "--seed", str(seed))
+    try:
+        await wait_ready(session, eng)
+        body = {"prompt_token_ids": [7] * n_in, "max_tokens": n_out, "stream": True}
+        arrivals_s: list[float] = []
+        t0 = time.monotonic()
+        async with session.post(eng.url + "/v1/completions", json=body) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    arrivals_s.append(time.monotonic() - t0)
+        m = await get_metrics(session, eng)
+    finally:
+        eng.proc.send_signal(signal.SIGTERM)
+        assert eng.proc.wait(10) == 0
+
+    core = SimEngine(load_perf_model(MODEL, "h100-sxm", 1), 1980, np.random.default_rng(seed), EngineConfig())
+    core.submit(0, 0.0, n_in, n_out)
+    core.advance_to(60.0)
+    (rec,) = core.pop_completed()
+    assert m["vllm:time_to_first_token_seconds_sum" + LAB] == pytest.approx(rec.ttft_s, abs=1e-9)
+    assert m["vllm:e2e_request_latency_seconds_sum" + LAB] == pytest.approx(rec.e2e_s, abs=1e-9)
+    assert len(arrivals_s) == n_out
+    slack_s = 0.1  # HTTP and event-loop latency on a busy test machine
+    assert rec.ttft_s <= arrivals_s[0] < rec.ttft_s + slack_s, (arrivals_s[0], rec.ttft_s)
+    assert rec.e2e_s <= arrivals_s[-1] < rec.e2e_s + slack_s, (arrivals_s[-1], rec.e2e_s)
 
 
 @pytest.mark.parametrize(

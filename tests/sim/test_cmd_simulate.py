@@ -396,7 +396,9 @@ def test_a_request_beyond_the_context_is_refused_counted_and_warned_once(tmp_pat
     trace = tmp_path / "long.csv"
     trace.write_text("arrival_s,input_tokens,output_tokens\n" + "\n".join(rows) + "\n")
     for policy in ("dynamollm", "singlepool"):
-        done = _dctl("simulate", "--trace", str(trace), "--policy", policy, "--output", "json", "--no-progress")
+        done = _dctl(
+            "simulate", "--trace", str(trace), "--policy", policy, "--output", "json", "--no-progress"
+        )
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
         assert report["refused"] == {"context_length": 1}

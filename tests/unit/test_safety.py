@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.api.errors import DataFileError, PermissionDeniedError, UnavailableError
-from agent.control import GpuPlan, Outcome, ScopeRecord
+from agent.api.generations import Outcome, ScopeRecord
+from agent.control import GpuPlan
 from agent.gpu.base import GpuInfo, GpuReading
 from agent.gpu.worker import GpuWorkers
 from agent.safety import (

@@ -12,6 +12,8 @@ from agent.app import main
 from agent.settings import (
     KEYS,
     SIMULATED_ENGINE_OPTIONS,
+    SIMULATED_MODELS,
+    SIMULATED_TP_DEGREES,
     VLLM_ENGINE_OPTIONS,
     env_name,
     load_settings,
@@ -44,6 +46,7 @@ def test_defaults() -> None:
     assert s.engine.kind == "vllm"
     assert s.engine.models == ()
     assert s.engine.options_allowed == VLLM_ENGINE_OPTIONS
+    assert s.engine.tp_degrees is None  # vLLM: any TP dividing the GPU set
     assert "{pp}" in s.engine.command
     assert s.simulated.node_dir == Path("/run/dynamollm-agent/simnode")
     assert s.audit_log == Path("/run/dynamollm-agent/audit.jsonl")
@@ -55,8 +58,17 @@ def test_simulated_backend_derives_engine_defaults() -> None:
     assert "agent.sim.engine" in s.engine.command
     assert "llama2-70b" in s.engine.models
     assert s.engine.options_allowed == SIMULATED_ENGINE_OPTIONS
+    assert s.engine.tp_degrees == SIMULATED_TP_DEGREES
     assert s.simulated.node_dir == Path("/tmp/x/simnode")
     assert s.engine.log_dir == Path("/tmp/x/engines")
+
+
+def test_simulated_engine_facts_match_the_physics_model() -> None:
+    # Spelled out in agent.settings because the agent's production modules never import agent.sim.
+    from agent.sim.physics.specs import MODEL_NAMES, TP_DEGREES
+
+    assert SIMULATED_MODELS == MODEL_NAMES
+    assert SIMULATED_TP_DEGREES == TP_DEGREES
 
 
 def test_precedence_file_env_cli() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from agent.api.errors import DataFileError, FailedPreconditionError, InvalidArgumentError
 from agent.gpu.base import GpuBackend
-from agent.gpu.simulated import (
+from agent.sim.gpu import (
     REASON_CLOCKS_SETTING,
     REASON_GPU_IDLE,
     REASON_SW_POWER_CAP,
@@ -79,6 +79,7 @@ def test_inventory_is_an_h100_sxm_with_the_profile_clocks(backend: SimulatedGpuB
     assert info.mem_total_bytes == 81559 * 2**20
     assert info.uuid.startswith("GPU-") and info.uuid != backend.info(0).uuid
     assert info.index == 1
+    assert info.power_average_s == 1.0  # power reads as NVML's one-second average on H100
 
 
 def test_uuids_are_stable_across_restarts(tmp_path: Path, clock: FakeClock) -> None:

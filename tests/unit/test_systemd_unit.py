@@ -1,5 +1,5 @@
 """The deploy files: the systemd unit passes `systemd-analyze verify` with no warnings (where the tool
-exists), carries the safety and hardening directives DESIGN §9/§10 ask for, each commented; the example
+exists), carries the safety and hardening directives docs/agent.md ask for, each commented; the example
 config loads with the agent's own settings code and, like docs/agent.md, documents every key."""
 
 from __future__ import annotations

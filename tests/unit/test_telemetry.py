@@ -130,6 +130,29 @@ def test_energy_discrepancy() -> None:
     assert energy_discrepancy(samples, 1) is None
 
 
+def test_energy_discrepancy_of_power_averaged_over_the_last_second() -> None:
+    # True power steps from 100 W to 500 W at t = 5.3 s; the counter is exact, the reading is the average
+    # over the second before the read (NVML on Ampere and newer, the simulated backend).
+    def energy_j(t: float) -> float:
+        return 100.0 * min(t, 5.3) + 500.0 * max(0.0, t - 5.3)
+
+    for period_s in (1.0, 0.25):
+        times = [k * period_s for k in range(round(9.0 / period_s) + 1)]
+        samples = [
+            _sample(k, t, {0: _reading(energy_j(t) - energy_j(t - 1.0), energy_j(t))})
+            for k, t in enumerate(times)
+        ]
+        trapezoid = energy_discrepancy(samples, 0)
+        assert trapezoid is not None and trapezoid.discrepancy_ratio > 0.05  # lags the step
+        check = energy_discrepancy(samples, 0, power_average_s=1.0)
+        assert check is not None
+        assert check.window_s == 9.0
+        assert check.counter_j == pytest.approx(energy_j(9.0) - energy_j(0.0))
+        assert check.discrepancy_ratio == pytest.approx(0.0, abs=1e-9)
+    short = [_sample(k, 0.25 * k, {0: _reading(100.0, 25.0 * k)}) for k in range(4)]
+    assert energy_discrepancy(short, 0, power_average_s=1.0) is None  # shorter than one average
+
+
 async def test_sampler_ticks_publishes_and_checks_energy() -> None:
     backend = StuckCounterBackend()
     workers = await GpuWorkers.create(backend)

@@ -1,4 +1,4 @@
-"""The agent's wire contract (proto/agent/api/v1, DESIGN §4) and the freshness of its generated code.
+"""The agent's wire contract (proto/agent/api/v1, docs/wire.md) and the freshness of its generated code.
 
 Checks the rules later issues rely on: units in every quantity's name, a generation on every control
 request and a lease where GPU settings are held, the two services and their streaming shapes, comments on

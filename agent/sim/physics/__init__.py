@@ -1,4 +1,4 @@
-"""Performance and energy model of LLM inference iterations (DESIGN §6), fitted to public data.
+"""Performance and energy model of LLM inference iterations (docs/physics.md), fitted to public data.
 
     perf = load_perf_model(model="llama2-70b", gpu="h100-sxm", tp=8)
     latency_s, power_w = perf.iteration(clock_mhz, prefill_tokens, prefill_attn_tokens,

@@ -76,7 +76,7 @@ ARCHS: dict[str, ModelArch] = {
 
 # H100 SXM5 80 GB: 989.4 TFLOP/s dense BF16 and 3.35 TB/s HBM3 (NVIDIA data sheet), 700 W TDP,
 # 1980 MHz max SM clock. Memory is what `nvidia-smi` reports as total (81559 MiB), not the marketing 80 GB.
-# The lowest clock the model is stated for is the lowest profiled one (DESIGN §6).
+# The lowest clock the model is stated for is the lowest profiled one (docs/physics.md).
 GPUS: dict[str, GpuSpec] = {
     "h100-sxm": GpuSpec(
         name="h100-sxm",

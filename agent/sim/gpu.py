@@ -1,15 +1,19 @@
 """The simulated GPU backend: `GpuBackend` over a simulated node directory (`agent.sim.node`).
 
 Where it sits: the agent uses it instead of `agent.gpu.nvml.NvmlBackend` when configured with
-`backend = "simulated"`. Settings (locked clocks, power limit) are written to the node directory, where
-the simulated engines (`python -m agent.sim.engine`) read them before every iteration, so a clock lock
-changes their speed and power. Readings combine the GPU's idle power (from the fitted physics
-parameters) with what the engine on the GPU reports:
+`gpu.backend = "simulated"`; only the composition root (`agent.app.make_backend`) constructs it, so the
+agent's production modules never import `agent.sim`. Settings (locked clocks, power limit) are written to
+the node directory, where the simulated engines (`python -m agent.sim.engine`) pick them up within an
+iteration, so a clock lock changes their speed and power. Readings combine the GPU's idle power (from the
+fitted physics parameters) with what the engine on the GPU reports:
 
-    power_w  = idle_w + the engine's current power above idle (0 when no live engine)
+    power_w  = idle_w + the engine's power above idle averaged over the last second (0 without a live
+               engine), as NVML reports power on Ampere and newer GPUs
     energy_j = idle_w x time since this backend started + the engine's cumulative energy above idle
 
 The energy counter is exact rather than sampled: the engine adds each iteration's energy above idle.
+Because power is the one-second average of that same energy, the agent's cross-check of the counter
+against integrated power (agent.telemetry) agrees on a simulated node, up to the edges of its window.
 Time comes from an injected `agent.api.clock.Clock`, so unit tests are deterministic.
 """
 
@@ -39,6 +43,10 @@ _GPU_NAME = {"h100-sxm": "NVIDIA H100 80GB HBM3"}
 # the range an air-cooled H100 SXM shows. Nothing depends on it beyond being plausible telemetry.
 _AMBIENT_C = 30.0
 _THERMAL_RESISTANCE_C_PER_W = 0.06
+
+# Power readings are averages over this long before the read, like NVML's on Ampere and newer GPUs; the
+# engine computes the average (agent.sim.realtime), the backend declares it (GpuInfo.power_average_s).
+POWER_AVERAGE_S = 1.0
 
 # NVML clock event reason bits (nvmlClocksEventReason*).
 REASON_GPU_IDLE = 0x1
@@ -131,6 +139,7 @@ class SimulatedGpuBackend:
             default_power_limit_w=self._spec.tdp_w,
             mem_total_bytes=self._spec.memory_bytes,
             pci_bus_id=f"00000000:{0x18 + index:02X}:00.0",
+            power_average_s=POWER_AVERAGE_S,
         )
 
     def control(self, index: int) -> GpuControl:
