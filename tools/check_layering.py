@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Transitive import-layering check of docs/architecture.md, layout, run by `make test` (and by tests/unit/test_layering.py).
+"""Transitive import-layering check (docs/architecture.md, layering rules), run by `make test` and by
+tests/unit/test_layering.py.
 
 The checker parses every module under `agent/` and `controller/` of the tree given, builds the project's
 own import graph and checks these contracts on it. "Imports" means directly or through any chain of

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerates the Python code of the wire contracts from `proto/` (docs/architecture.md, layout; docs/wire.md).
+"""Regenerates the Python code of the wire contracts from `proto/` (docs/wire.md).
 
 Each `proto/<pkg path>/<name>.proto` yields, under the same path of the output root (the repo root):
 `<name>_pb2.py` (protoc), `<name>_pb2.pyi` (mypy-protobuf), and for files that define a service

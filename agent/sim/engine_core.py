@@ -379,8 +379,8 @@ class SimEngine:
     # ---------------------------------------------------------------- control
     def set_clock(self, clock_mhz: float, stall_s: float = 0.0) -> None:
         """Clock (MHz) of the iterations that start from now on. `stall_s`: the time the change itself
-        takes (docs/control.md: 50-80 ms through nvidia-smi), during which no iteration starts and the GPUs draw
-        idle power; it begins when the current iteration ends (now_s)."""
+        takes (50-80 ms through nvidia-smi, docs/control.md), during which no iteration starts and the
+        GPUs draw idle power; it begins when the current iteration ends (now_s)."""
         if not (self._min_clock_mhz <= clock_mhz <= self._max_clock_mhz):
             raise InvalidArgumentError(
                 "clock_mhz", clock_mhz, f"{self._min_clock_mhz}..{self._max_clock_mhz} MHz"

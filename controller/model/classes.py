@@ -1,4 +1,4 @@
-"""The nine request classes (input bin x output bin) and their SLO defaults (docs/architecture.md, request classes).
+"""The nine request classes (input bin x output bin) and their SLO defaults (docs/architecture.md).
 
 Pure data used by the router (classify at arrival), the policy core (one pool per class), profiles
 (measured per class) and the simulator's per-class report. Input length is known at arrival; in the
@@ -16,8 +16,8 @@ from agent.api.errors import InvalidArgumentError
 
 BIN_NAMES = ("S", "M", "L")
 
-# Third-party readings of the DynamoLLM paper (docs/architecture.md, request classes): input < 256 / < 1024 / >= 1024 tokens,
-# output < 100 / < 350 / >= 350 tokens.
+# Third-party readings of the DynamoLLM paper (docs/architecture.md): input < 256 / < 1024 / >= 1024
+# tokens, output < 100 / < 350 / >= 350 tokens.
 DEFAULT_INPUT_EDGES_TOKENS = (256, 1024)
 DEFAULT_OUTPUT_EDGES_TOKENS = (100, 350)
 

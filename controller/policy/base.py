@@ -116,8 +116,8 @@ class SizablePolicy(SimPolicy, Protocol):
 
 @runtime_checkable
 class DynamicPolicy(SimPolicy, Protocol):
-    """A policy that re-decides during the run, at three time scales (docs/control.md). Pure: each step maps the
-    observed state (and the profile) to the whole desired state and the decisions behind it; the
+    """A policy that re-decides during the run, at three time scales (docs/control.md). Pure: each step
+    maps the observed state (and the profile) to the whole desired state and the decisions behind it; the
     control cycle turns the difference with the current state into costed, staggered
     reconfigurations, priced and timed with the policy's own `costs`."""
 

@@ -1,10 +1,10 @@
-"""Instance manager (docs/control.md): the SM clock of one instance for the next instance period (default 5 s).
+"""Instance manager (docs/control.md): the SM clock of one instance for the next instance period (5 s).
 
 Where it sits: the policy's `instance_step` calls `choose_clock` per active instance with the load it
 served over the last period and the capacities of its TP degree for its pool's class mix
 (`controller.policy.capacity.pool_capacities` -> `capacities_by_clock`); `escalate` then overrides the
-choice with the maximum clock when the instance's queue already shows deadline misses (docs/architecture.md, request classes,
-under-prediction escalation, first step after reordering by deadline). Never per iteration: a clock
+choice with the maximum clock when the instance's queue already shows deadline misses (docs/control.md,
+escalation: the first step after reordering by deadline). Never per iteration: a clock
 change stalls the engine for 50-80 ms.
 
 Rule (`choose_clock`): among the clocks whose SLO-meeting capacity, less a `headroom` fraction kept

@@ -1,4 +1,4 @@
-"""Output-length prediction: which output bin (S/M/L) a request will fall in (docs/architecture.md, request classes).
+"""Output-length prediction: which output bin (S/M/L) a request will fall in (docs/architecture.md).
 
 Flow: at arrival the router knows the prompt length and maybe a `max_tokens` hint; it asks
 `predict_output_bin` for the output bin, which with the input bin gives the request's class and so its
