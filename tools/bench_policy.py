@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark of the policy core's decision times (docs/control.md: the pool manager must decide in well
-under a pool period; targets: one pool's MILP p50 < 50 ms and p99 < 500 ms, a full decision at 4096 GPUs < 2 s).
+under a pool period; targets: one pool's MILP p50 < 50 ms and p99 < 500 ms, a full decision at 4096
+GPUs < 2 s).
 
 Where it sits: a developer tool over `controller.policy` (pure code), timed here with the wall clock.
 
