@@ -181,6 +181,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="dynamic policies: TP changes by GPU-to-GPU re-shard (~50 ms) instead of drain + restart",
     )
+    p.add_argument(
+        "--policy-config",
+        default=None,
+        metavar="FILE",
+        help="TOML file of policy settings (knobs, [periods], [costs]; docs/control.md); flags win over it",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write the report here (atomically)")
     p.add_argument("--output", default="table", metavar="table|json", help="stdout format (default table)")
     p.add_argument(
@@ -220,6 +226,7 @@ class _Options:
     predictor_accuracy: float | None
     periods: tuple[float, float, float] | None
     fast_reshard: bool
+    policy_config: Path | None
     json_path: Path | None
     output: str
     progress: bool
@@ -335,6 +342,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         ),
         periods=_periods(args.periods),
         fast_reshard=bool(args.fast_reshard),
+        policy_config=existing_file(args.policy_config, "--policy-config", "a TOML file of policy settings"),
         json_path=_writable_json(args.json),
         output=args.output,
         progress=not args.no_progress,
@@ -451,6 +459,7 @@ def run(args: argparse.Namespace) -> int:
     from controller.model.classes import CLASS_NAMES
     from controller.model.state import Periods
     from controller.policy.base import DynamicPolicy
+    from controller.policy_files import load_policy_settings
     from controller.profiles import default_profile, load_profile
     from controller.sim.cluster import (
         GPU_NAMES,
@@ -495,7 +504,13 @@ def run(args: argparse.Namespace) -> int:
         max_drain_s=opts.max_drain_s,
         predictor_accuracy=opts.predictor_accuracy,
     )
-    settings = sim_settings(opts.model, opts.gpu, periods=periods, fast_reshard=opts.fast_reshard)
+    base = None
+    if opts.policy_config is not None:
+        with named_by("--policy-config"):
+            base = load_policy_settings(opts.policy_config)
+    settings = sim_settings(
+        opts.model, opts.gpu, periods=periods, fast_reshard=opts.fast_reshard or None, base=base
+    )
     check_profile_engine(profile, config.engine, profile_name)
     pricing = _pricing(opts)
     with named_by("--trace-dir" if opts.trace.startswith(WEEK_PREFIX) else "--trace"):

@@ -27,15 +27,17 @@ def sim_settings(
     gpu: str,
     *,
     periods: Periods | None = None,
-    fast_reshard: bool = False,
+    fast_reshard: bool | None = None,
     base: PolicySettings | None = None,
 ) -> PolicySettings:
-    """Settings for a simulated cluster: `base` (default `PolicySettings()`) with the control periods,
-    the re-shard path and the GPUs' idle power (what a loading or draining GPU draws, in both the
-    policy's prices and the executor's energy) of the simulated hardware."""
+    """Settings for a simulated cluster: `base` (default `PolicySettings()`) with the control periods
+    and the re-shard path where given (None keeps `base`'s), and the GPUs' idle power of the simulated
+    hardware (what a loading or draining GPU draws, in both the policy's prices and the executor's
+    energy)."""
     start = base or PolicySettings()
     idle_w = load_perf_model(model=model, gpu=gpu, tp=GPUS_PER_SERVER).idle_power_w
-    costs = replace(start.costs, fast_reshard=fast_reshard, idle_power_w_per_gpu=idle_w)
+    reshard = start.costs.fast_reshard if fast_reshard is None else fast_reshard
+    costs = replace(start.costs, fast_reshard=reshard, idle_power_w_per_gpu=idle_w)
     return replace(start, periods=periods or start.periods, costs=costs)
 
 

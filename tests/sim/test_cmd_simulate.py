@@ -406,3 +406,44 @@ def test_a_request_beyond_the_context_is_refused_counted_and_warned_once(tmp_pat
         assert report["slo_attainment"] is not None and report["slo_attainment"] > 0.9
         warnings = [line for line in done.stderr.splitlines() if "refused at admission" in line]
         assert len(warnings) == 1 and "1 of 61 requests" in warnings[0]
+
+
+def test_policy_settings_come_from_a_toml_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text("clock_headroom = 0.2\n[periods]\ncluster_s = 600\npool_s = 120\ninstance_s = 10\n")
+    code, out, err = _run(
+        capsys,
+        *SHORT[:4],
+        "dynamollm",
+        "--duration",
+        "300",
+        "--output",
+        "json",
+        "--policy-config",
+        str(config),
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["periods"] == {"cluster_s": 600.0, "pool_s": 120.0, "instance_s": 10.0}
+    assert [d["t_s"] for d in report["decisions"] if d.get("level") == "pool"] == [120.0, 240.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("merge_fil = 1\n", "policy.merge_fil"),
+        ("[costs]\nwarm_start_s = 'soon'\n", "costs.warm_start_s"),
+        ("clock_headroom = 1.5\n", "policy.clock_headroom"),
+        ("[periods\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_policy_config_exits_2_naming_the_key(
+    text: str, named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(text)
+    code, out, err = _run(capsys, *SHORT, "--policy-config", str(config))
+    assert code == 2 and named in err and out == ""
+    config.write_bytes(BINARY)
+    code, _, err = _run(capsys, *SHORT, "--policy-config", str(config))
+    assert code == 2 and "--policy-config" in err and "binary" in err
