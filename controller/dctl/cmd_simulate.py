@@ -34,9 +34,12 @@ from controller.dctl.output import echo
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from controller.model.profile import Profile
+    from controller.policy.registry import PolicySettings
     from controller.sim.carbon import CarbonSource, PriceSource
-    from controller.sim.cluster import ProgressCallback
+    from controller.sim.cluster import ProgressCallback, SimConfig
     from controller.sim.report import Pricing
+    from controller.sim.traces import Trace
 
 # Names of controller.sim.policies.SIM_POLICIES (listed here so that --help and validation need no heavy
 # import; tests/sim/test_cmd_simulate.py checks they agree).
@@ -456,31 +459,37 @@ class _CompareProgress:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    from controller.model.classes import CLASS_NAMES
-    from controller.model.state import Periods
-    from controller.policy.base import DynamicPolicy
-    from controller.policy_files import load_policy_settings
-    from controller.profiles import default_profile, load_profile
-    from controller.sim.cluster import (
-        GPU_NAMES,
-        MODEL_NAMES,
-        SimConfig,
-        beyond_context,
-        check_profile_engine,
-        run_policy,
-    )
-    from controller.sim.compare import (
-        format_compare_table,
-        pool_lines,
-        resolve_trace,
-        run_compare,
-        sizing_json,
-    )
-    from controller.sim.policies import sim_policy, sim_settings
-    from controller.sim.report import build_report, check_pricing_covers, format_table
-    from controller.textfiles import write_text_atomic
+    from controller.sim.cluster import GPU_NAMES, MODEL_NAMES, SimConfig, check_profile_engine
+    from controller.sim.report import check_pricing_covers
 
     opts = validate(args, tuple(MODEL_NAMES), tuple(GPU_NAMES))
+    profile, profile_name = _profile(opts)
+    config = SimConfig(
+        seed=opts.seed,
+        max_drain_s=opts.max_drain_s,
+        predictor_accuracy=opts.predictor_accuracy,
+    )
+    check_profile_engine(profile, config.engine, profile_name)
+    settings = _policy_settings(opts)
+    pricing = _pricing(opts)
+    trace = _trace(opts)
+    # Bins up to the latest possible end: the trace, the whole drain allowance, one last iteration.
+    check_pricing_covers(
+        pricing,
+        trace.start_unix_s,
+        trace.duration_s + opts.max_drain_s + config.power_bin_s,
+        config.power_bin_s,
+    )
+    if opts.compare is not None:
+        return _run_compare(opts, trace, profile, config, settings, pricing)
+    return _run_one(opts, trace, profile, config, settings, pricing, t0)
+
+
+def _profile(opts: _Options) -> tuple[Profile, str]:
+    """The profile named by --profile (or the built-in one of --model on --gpu), checked against them."""
+    from controller.model.classes import CLASS_NAMES
+    from controller.profiles import default_profile, load_profile
+
     if opts.profile is not None:
         with named_by("--profile"):
             profile = load_profile(opts.profile)
@@ -498,21 +507,30 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         allowed = f"a profile of all nine request classes (this one lacks {', '.join(missing)})"
         raise InvalidArgumentError("--profile", profile_name, allowed)
-    periods = None if opts.periods is None else Periods(*opts.periods)
-    config = SimConfig(
-        seed=opts.seed,
-        max_drain_s=opts.max_drain_s,
-        predictor_accuracy=opts.predictor_accuracy,
-    )
+    return profile, profile_name
+
+
+def _policy_settings(opts: _Options) -> PolicySettings:
+    """--policy-config, then --periods and --fast-reshard over it, for the simulated hardware."""
+    from controller.model.state import Periods
+    from controller.policy_files import load_policy_settings
+    from controller.sim.policies import sim_settings
+
     base = None
     if opts.policy_config is not None:
         with named_by("--policy-config"):
             base = load_policy_settings(opts.policy_config)
-    settings = sim_settings(
+    periods = None if opts.periods is None else Periods(*opts.periods)
+    return sim_settings(
         opts.model, opts.gpu, periods=periods, fast_reshard=opts.fast_reshard or None, base=base
     )
-    check_profile_engine(profile, config.engine, profile_name)
-    pricing = _pricing(opts)
+
+
+def _trace(opts: _Options) -> Trace:
+    """The workload, with one warning line when some of it is beyond the model's context."""
+    from controller.sim.cluster import beyond_context
+    from controller.sim.compare import resolve_trace
+
     with named_by("--trace-dir" if opts.trace.startswith(WEEK_PREFIX) else "--trace"):
         trace = resolve_trace(
             opts.trace,
@@ -529,42 +547,68 @@ def run(args: argparse.Namespace) -> int:
             " (input + output tokens) and are refused at admission, for every policy (report: refused)",
             file=sys.stderr,
         )
-    # Bins up to the latest possible end: the trace, the whole drain allowance, one last iteration.
-    check_pricing_covers(
-        pricing,
-        trace.start_unix_s,
-        trace.duration_s + opts.max_drain_s + config.power_bin_s,
-        config.power_bin_s,
-    )
-    if opts.compare is not None:
-        assert opts.out is not None  # validate() requires it
-        compare_progress = _CompareProgress(trace.duration_s, opts.progress)
-        try:
-            outcome = run_compare(
-                trace,
-                opts.compare,
-                profile,
-                config=config,
-                pricing=pricing,
-                out_dir=opts.out,
-                slo_target=opts.slo_target,
-                sizing_window_s=opts.sizing_window_s,
-                workload={"trace_spec": opts.trace, "rate_scale": opts.rate_scale, "start_s": opts.start_s},
-                registry={name: partial(sim_policy, name, settings) for name in POLICIES},
-                progress=compare_progress,
-            )
-        finally:
-            compare_progress.close()
-        echo(format_compare_table(outcome.entries))
-        if outcome.failures:
-            names = ", ".join(f.policy for f in outcome.failures)
-            print(
-                f"dctl simulate: {len(outcome.failures)} of {len(outcome.entries)} policies could not run "
-                f"({names}); the others were written to {opts.out}",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
+    return trace
+
+
+def _run_compare(
+    opts: _Options,
+    trace: Trace,
+    profile: Profile,
+    config: SimConfig,
+    settings: PolicySettings,
+    pricing: Pricing,
+) -> int:
+    """`--compare`: every policy on the trace, the table on stdout; 1 when a policy could not run."""
+    from controller.sim.compare import format_compare_table, run_compare
+    from controller.sim.policies import sim_policy
+
+    assert opts.out is not None and opts.compare is not None  # validate() requires --out with --compare
+    compare_progress = _CompareProgress(trace.duration_s, opts.progress)
+    try:
+        outcome = run_compare(
+            trace,
+            opts.compare,
+            profile,
+            config=config,
+            pricing=pricing,
+            out_dir=opts.out,
+            slo_target=opts.slo_target,
+            sizing_window_s=opts.sizing_window_s,
+            workload={"trace_spec": opts.trace, "rate_scale": opts.rate_scale, "start_s": opts.start_s},
+            registry={name: partial(sim_policy, name, settings) for name in POLICIES},
+            progress=compare_progress,
+        )
+    finally:
+        compare_progress.close()
+    echo(format_compare_table(outcome.entries))
+    if outcome.failures:
+        names = ", ".join(f.policy for f in outcome.failures)
+        print(
+            f"dctl simulate: {len(outcome.failures)} of {len(outcome.entries)} policies could not run "
+            f"({names}); the others were written to {opts.out}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _run_one(
+    opts: _Options,
+    trace: Trace,
+    profile: Profile,
+    config: SimConfig,
+    settings: PolicySettings,
+    pricing: Pricing,
+    t0: float,
+) -> int:
+    """`--policy`: one policy's run, its report on stdout (table or JSON) and in --json."""
+    from controller.policy.base import DynamicPolicy
+    from controller.sim.cluster import run_policy
+    from controller.sim.compare import pool_lines, sizing_json
+    from controller.sim.policies import sim_policy
+    from controller.sim.report import build_report, format_table
+    from controller.textfiles import write_text_atomic
+
     assert opts.policy is not None  # argparse: --policy or --compare
     policy = sim_policy(opts.policy, settings)
     dynamic = isinstance(policy, DynamicPolicy)
