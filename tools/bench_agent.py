@@ -332,7 +332,7 @@ async def bench_reconfigure(work: Path, clients: int) -> None:
 # ------------------------------------------------------------------------------------ main
 
 
-async def run(only: str | None, calls: int, cpu_s: float, clients: int) -> None:
+async def run(only: str | None, calls: int, cpu_s: float, clients: int, runtime_parent: str | None) -> None:
     cpu = os.cpu_count()
     print(
         f"{platform.node()}: {platform.processor() or platform.machine()}, {cpu} CPUs, "
@@ -341,7 +341,9 @@ async def run(only: str | None, calls: int, cpu_s: float, clients: int) -> None:
     # The agent's runtime directory is /run/dynamollm-agent in deployment (systemd RuntimeDirectory=, a
     # tmpfs), where saving the state file costs no disk flush: measure on a tmpfs too where there is one.
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(prefix="bench-agent-", dir=shm) as tmp:
+    parent = runtime_parent or shm
+    print(f"runtime dir under {parent or tempfile.gettempdir()}")
+    with tempfile.TemporaryDirectory(prefix="bench-agent-", dir=parent) as tmp:
         work = Path(tmp)
         if only in (None, "clock"):
             await bench_clock_change(work, calls)
@@ -358,11 +360,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=1000, help="ApplyGpuConfig calls timed (default 1000)")
     parser.add_argument("--cpu-s", type=float, default=30.0, help="CPU measurement window (default 30 s)")
     parser.add_argument("--load-clients", type=int, default=16, help="concurrent clients (default 16)")
+    parser.add_argument(
+        "--runtime-parent",
+        default=None,
+        metavar="DIR",
+        help="folder for the agent's runtime dir (default /dev/shm, a tmpfs like /run; give a disk folder "
+        "to measure the state file's flushes on e.g. ext4)",
+    )
     args = parser.parse_args(argv)
     from agent.api.log import configure_logging
 
     configure_logging("error")
-    asyncio.run(run(args.only, args.calls, args.cpu_s, args.load_clients))
+    asyncio.run(run(args.only, args.calls, args.cpu_s, args.load_clients, args.runtime_parent))
     return 0
 
 
