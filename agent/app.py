@@ -1,6 +1,7 @@
 """Entry point of `dynamollm-agent` (and `python -m agent.app`): settings, GPU backend, crash recovery,
 the grpc.aio server with NodeTelemetry, NodeControl, health and reflection, background tasks (telemetry
-sampler, lease watcher, systemd watchdog), and graceful stop.
+sampler, lease watcher, systemd watchdog), and graceful stop. Security set-up lives here too: TLS / mTLS
+credentials, the Unix socket's file mode, the authorizer and the audit log (docs/agent.md, *Access*).
 
     dynamollm-agent [--config F] [--simulated --gpus N] [--listen HOST:PORT] [--runtime-dir D]
     dynamollm-agent restore-defaults [--config F] [...]     # systemd ExecStopPost: no server
@@ -19,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,14 +35,16 @@ from grpc_reflection.v1alpha import reflection
 from agent.api.clock import Clock, SystemClock
 from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError
 from agent.api.log import configure_logging
-from agent.api.v1 import control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from agent.api.v1 import control_pb2, telemetry_pb2
+from agent.audit import AuditLog
 from agent.auth import Authorizer
 from agent.engine.driver import EngineDriver
+from agent.engine.ownership import gpu_process_lister
 from agent.gpu.base import GpuBackend
 from agent.gpu.worker import GpuWorkers
 from agent.node import NodeAgent
-from agent.safety import AgentStateDoc, GpuSafety, StateStore
-from agent.service import ControlServicer, TelemetryServicer
+from agent.safety import AgentStateDoc, GpuSafety, StateStore, after_recovery, pending_gpu_writes
+from agent.service import ControlServicer, TelemetryServicer, add_services
 from agent.settings import AgentSettings, load_settings
 
 log = structlog.get_logger("agent.app")
@@ -50,6 +54,9 @@ SERVICE_NAMES = (
     control_pb2.DESCRIPTOR.services_by_name["NodeControl"].full_name,
 )
 STOP_GRACE_S = 1.0  # in-flight RPCs (telemetry streams never end by themselves) get this long at stop
+# Requests are a few hundred bytes; 1 MiB leaves room for any legitimate one and bounds what a single
+# call can make the agent parse (larger: RESOURCE_EXHAUSTED from gRPC before any code of ours runs).
+MAX_REQUEST_BYTES = 1 << 20
 
 
 def make_backend(settings: AgentSettings) -> GpuBackend:
@@ -67,7 +74,9 @@ def make_backend(settings: AgentSettings) -> GpuBackend:
     return NvmlBackend()
 
 
-def make_driver(settings: AgentSettings, clock: Clock) -> EngineDriver:
+def make_driver(settings: AgentSettings, clock: Clock, workers: GpuWorkers | None = None) -> EngineDriver:
+    """The engine driver: its record file in the runtime directory (adopted or stopped at start-up), and
+    the GPU workers' process lists to refuse GPUs held by processes it does not own."""
     template_vars = (
         {"node_dir": str(settings.simulated.node_dir), "gpu": settings.simulated.gpu}
         if settings.engine.kind == "simulated"
@@ -80,6 +89,8 @@ def make_driver(settings: AgentSettings, clock: Clock) -> EngineDriver:
         clock=clock,
         log_dir=settings.engine.log_dir,
         template_vars=template_vars,
+        record_path=settings.runtime_dir / "engines.json",
+        gpu_processes=gpu_process_lister(workers) if workers is not None else None,
     )
 
 
@@ -136,15 +147,25 @@ async def start_agent(
         backend = await asyncio.to_thread(make_backend, settings)
     workers = await GpuWorkers.create(backend)
     store = StateStore(settings.state_file)
-    driver = driver or make_driver(settings, clock)
+    driver = driver or make_driver(settings, clock, workers)
     doc = await load_state(store, GpuSafety(workers, _no_persist))
     agent = NodeAgent(settings, workers, driver, clock, store, doc)
     await agent.recover(doc)
+    # Engines a previous agent left running (it died without stopping them): adopted when still the same
+    # process and healthy, else their process groups are killed. Before the server accepts any call.
+    await driver.adopt_or_stop()
 
-    server = grpc.aio.server()
-    auth = Authorizer(settings.tokens)
-    telemetry_pb2_grpc.add_NodeTelemetryServicer_to_server(TelemetryServicer(agent, auth), server)
-    control_pb2_grpc.add_NodeControlServicer_to_server(ControlServicer(agent, auth), server)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    tls = settings.tls
+    auth = Authorizer(
+        settings.tokens,
+        allow_unauthenticated_loopback=settings.allow_unauthenticated_loopback,
+        client_cert_scopes=tls.client_scopes if tls is not None and tls.client_ca is not None else None,
+    )
+    audit = AuditLog(
+        settings.audit_log, max_bytes=settings.audit_max_bytes, backups=settings.audit_backups, clock=clock
+    )
+    add_services(server, TelemetryServicer(agent, auth), ControlServicer(agent, auth, audit, clock))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
@@ -152,13 +173,13 @@ async def start_agent(
             (*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
         )
     try:
-        port = server.add_insecure_port(settings.listen)
-    except RuntimeError as exc:
+        port = bind(server, settings)
+    except InvalidArgumentError:
+        await driver.close()
         await asyncio.to_thread(workers.close)
-        raise InvalidArgumentError(
-            "listen", settings.listen, f"an address this host can bind ({exc})"
-        ) from None
+        raise
     await server.start()
+    _warn_about_access(settings)
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     tasks = [
@@ -172,6 +193,98 @@ async def start_agent(
 
 async def _no_persist() -> None:
     """Start-up reset before the state is known: there is nothing to save yet."""
+
+
+def server_credentials(settings: AgentSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from `[tls]`; client certificates are required and verified when a client CA is
+    configured (mTLS). None: plaintext."""
+    tls = settings.tls
+    if tls is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(tls.private_key, tls.cert_chain)],
+        root_certificates=tls.client_ca,
+        require_client_auth=tls.client_ca is not None,
+    )
+
+
+def _unix_path(listen: str) -> Path | None:
+    if not listen.startswith("unix:"):
+        return None
+    return Path(listen[len("unix:") :].removeprefix("//"))
+
+
+def _check_socket_free(path: Path) -> None:
+    """gRPC replaces a socket file at the path: refuse one another process still listens on."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InvalidArgumentError("listen", f"unix:{path}", "a path that is free or a stale socket file")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # stale: nobody answers
+    raise InvalidArgumentError("listen", f"unix:{path}", "a socket path no other process listens on")
+
+
+def bind(server: grpc.aio.Server, settings: AgentSettings) -> int:
+    """Add the listening port (TLS when configured); a Unix socket is created owner-only and then given
+    `unix_socket_mode`, so it is never more open than configured. Returns the bound TCP port (0: Unix)."""
+    credentials = server_credentials(settings)
+    unix = _unix_path(settings.listen)
+    if unix is not None:
+        _check_socket_free(unix)
+    old_umask = os.umask(0o177) if unix is not None else None
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, credentials)
+    except RuntimeError as exc:
+        raise InvalidArgumentError(
+            "listen", settings.listen, f"an address this host can bind ({exc})"
+        ) from None
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    if unix is not None:
+        try:
+            os.chmod(unix, settings.unix_socket_mode)
+        except OSError as exc:
+            raise InvalidArgumentError(
+                "unix_socket_mode", f"{settings.unix_socket_mode:04o}", f"a mode the agent can set ({exc})"
+            ) from None
+    return port
+
+
+def _warn_about_access(settings: AgentSettings) -> None:
+    """One warning per way the configuration leaves a node more open than secure by default."""
+    if settings.allow_unauthenticated_loopback:
+        log.warning(
+            "unauthenticated_loopback_control_allowed",
+            reason="auth.allow_unauthenticated_loopback"
+            if settings.gpu_backend != "simulated"
+            else "auth.allow_unauthenticated_loopback (on by default for gpu.backend simulated)",
+            hint="any local process may change GPUs and engines; set it false and use tokens in production",
+        )
+    cert_control = settings.tls is not None and settings.tls.client_ca is not None
+    if not (settings.tokens or cert_control or settings.allow_unauthenticated_loopback):
+        log.warning(
+            "control_calls_refused_without_credentials",
+            hint="no tokens (auth.tokens_file), client certificates (tls.client_ca) or loopback opt-in "
+            "(auth.allow_unauthenticated_loopback): every control call will be refused",
+        )
+    host = settings.listen.rsplit(":", 1)[0].strip("[]")
+    local = _unix_path(settings.listen) is not None or host in ("localhost", "::1") or host.startswith("127.")
+    if settings.tokens and settings.tls is None and not local:
+        log.warning(
+            "bearer_tokens_over_plaintext",
+            listen=settings.listen,
+            hint="tokens travel in clear text: set tls.cert and tls.key, or listen on a Unix socket",
+        )
 
 
 # ---------------------------------------------------------------------------------------- systemd
@@ -280,15 +393,12 @@ async def _restore_defaults(settings: AgentSettings) -> int:
         store = StateStore(settings.state_file)
         safety = GpuSafety(workers, _no_persist)
         doc = await load_state(store, safety)
-        restored = await safety.recover(doc) if doc.applied else []
-        if doc.applied:
-            cleared = AgentStateDoc(
-                gpu_scope=doc.gpu_scope,
-                engine_scopes=doc.engine_scopes,
-                lease_holder=doc.lease_holder,
-                lease_generation=doc.lease_generation,
-            )
-            await asyncio.to_thread(store.save, cleared)
+        modified = bool(doc.applied or pending_gpu_writes(doc))
+        restored = await safety.recover(doc) if modified else []
+        if modified or doc.pending:
+            # The snapshot and the interrupted calls' outcomes are kept: the next start must not
+            # re-read defaults from GPUs the agent touched, and a retry must learn the call was cut.
+            await asyncio.to_thread(store.save, after_recovery(doc, boot_id=safety.boot_id))
         print(json.dumps({"event": "gpu_defaults_restored", "gpu_indices": restored}), flush=True)
         return 0
     finally:
@@ -298,7 +408,9 @@ async def _restore_defaults(settings: AgentSettings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        settings = load_settings(ns.config, cli_values=_cli_values(ns))
+        # restore-defaults serves nothing: it must put GPUs back even when a secret would stop a server
+        serving = ns.command != "restore-defaults"
+        settings = load_settings(ns.config, cli_values=_cli_values(ns), load_secrets=serving)
     except InvalidArgumentError as exc:
         print(f"dynamollm-agent: error: {exc}", file=sys.stderr)
         return 2

@@ -1,22 +1,37 @@
-"""Authorization of the agent's gRPC calls: bearer tokens with scopes, or the caller's address.
+"""Authentication and authorization of the agent's gRPC calls: who is calling, and may they do this.
 
-Where it sits: every servicer method (`agent.service`) first turns the call's metadata and peer into a
-`Caller` (`Authorizer.identify`) and checks the scope its service needs (`Authorizer.require`: `read` for
-NodeTelemetry, `control` for NodeControl) before anything else runs. The caller's name is the lease
-holder and the identity in the audit log. With tokens configured (`auth.tokens_file`, agent.settings)
-every call needs a valid token; without, reads are open and control is accepted only from a loopback
-address or a Unix socket (secure by default: a node reachable on another interface cannot be clocked
-down by anyone who can reach its port).
+Where it sits: every servicer method (`agent.service`) first turns the call's metadata, peer and TLS
+auth context into a `Caller` (`Authorizer.identify`), then checks the scope the call needs
+(`Authorizer.require`) before anything else runs; the scope of a control call depends on the request
+and the lease (`agent.service.control_scope`). The caller's name is the lease holder and the identity
+in the audit log.
+
+How a caller is established, first match wins (docs/agent.md, *Access*):
+
+1. an `authorization: Bearer TOKEN` header, when tokens are configured (`auth.tokens_file`): the
+   token's name and scopes; a token that matches none is refused (UNAUTHENTICATED), never ignored;
+2. a client certificate verified against `tls.client_ca`: `cert:<CN>` with `tls.client_scopes`;
+3. a loopback or Unix-socket peer with `auth.allow_unauthenticated_loopback`: `peer:<address>` with
+   every scope (local demos and tests);
+4. a loopback or Unix-socket peer while no tokens are configured: `peer:<address>`, read only;
+5. anyone else: no scope at all.
+
+Secure by default: without tokens, certificates or the explicit loopback opt-in, nothing can change a
+node, and nothing but a local peer can read it.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
-from agent.api.errors import PermissionDeniedError, UnauthenticatedError
-from agent.settings import BearerToken
+from agent.api.errors import PermissionDeniedError, UnauthenticatedError, clip
+from agent.settings import TOKEN_SCOPES, BearerToken
+
+ALL_SCOPES: Final = frozenset(TOKEN_SCOPES)
+MAX_NAME_CHARS: Final = 128
 
 
 def is_loopback_peer(peer: str) -> bool:
@@ -38,46 +53,91 @@ def peer_host(peer: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who called: a token's name, or `peer:<host>` when no tokens are configured."""
+    """Who called: a token's name, `cert:<CN>`, or `peer:<host>`; how that was established (`via`:
+    token, certificate, loopback, none) and the scopes it holds."""
 
     name: str
     scopes: frozenset[str]
+    via: str
+    peer: str
+
+
+def _first(auth_context: Mapping[str, Iterable[bytes]], key: str) -> str:
+    values = auth_context.get(key) or ()
+    for value in values:
+        return clip(value.decode(errors="replace"), MAX_NAME_CHARS)
+    return ""
 
 
 class Authorizer:
-    """Bearer tokens with scopes when configured; otherwise read from anywhere, control from loopback only."""
+    """The rules of the module docstring over the configured tokens, certificate scopes and opt-in."""
 
-    def __init__(self, tokens: Sequence[BearerToken]) -> None:
+    def __init__(
+        self,
+        tokens: Sequence[BearerToken],
+        *,
+        allow_unauthenticated_loopback: bool = False,
+        client_cert_scopes: frozenset[str] | None = None,
+    ) -> None:
+        """`client_cert_scopes`: what a verified client certificate grants; None when the server does
+        not ask for client certificates (no tls.client_ca), so none is ever trusted."""
         self._tokens = tuple(tokens)
+        self._allow_loopback = allow_unauthenticated_loopback
+        self._cert_scopes = client_cert_scopes
 
-    def identify(self, metadata: Sequence[tuple[str, str | bytes]], peer: str) -> Caller:
-        """UnauthenticatedError when tokens are configured and none valid is presented."""
-        if not self._tokens:
-            scopes = {"read", "control"} if is_loopback_peer(peer) else {"read"}
-            return Caller("peer:" + peer_host(peer), frozenset(scopes))
-        presented = ""
-        for key, value in metadata:
-            if key.lower() == "authorization":
-                text = value.decode() if isinstance(value, bytes) else value
-                if text.lower().startswith("bearer "):
-                    presented = text[len("bearer ") :].strip()
-        if not presented:
-            raise UnauthenticatedError("missing 'authorization: Bearer <token>' metadata")
+    def identify(
+        self,
+        metadata: Sequence[tuple[str, str | bytes]],
+        peer: str,
+        auth_context: Mapping[str, Iterable[bytes]] | None = None,
+    ) -> Caller:
+        """The caller; UnauthenticatedError for a presented bearer token that is malformed or unknown."""
+        header = next((v for k, v in metadata if k.lower() == "authorization"), None)
+        if header is not None and self._tokens:
+            return self._token_caller(header, peer)
+        ctx = auth_context or {}
+        if self._cert_scopes is not None and ctx.get("x509_pem_cert"):
+            name = _first(ctx, "x509_common_name") or _first(ctx, "x509_subject") or "unnamed"
+            return Caller(f"cert:{name}", self._cert_scopes, "certificate", peer)
+        local = is_loopback_peer(peer)
+        if local and self._allow_loopback:
+            return Caller("peer:" + peer_host(peer), ALL_SCOPES, "loopback", peer)
+        if local and not self._tokens:
+            return Caller("peer:" + peer_host(peer), frozenset({"read"}), "none", peer)
+        return Caller("unauthenticated " + peer_host(peer), frozenset(), "none", peer)
+
+    def _token_caller(self, header: str | bytes, peer: str) -> Caller:
+        text = header.decode(errors="replace") if isinstance(header, bytes) else header
+        if not text[:7].lower() == "bearer ":
+            raise UnauthenticatedError("the authorization metadata must read 'Bearer <token>'")
+        presented = text[7:].strip().encode(errors="replace")
         found: BearerToken | None = None
         for token in self._tokens:  # compare with every token in constant time
-            if hmac.compare_digest(token.token.encode(), presented.encode()):
+            if hmac.compare_digest(token.token.encode(), presented):
                 found = token
         if found is None:
             raise UnauthenticatedError("unknown bearer token")
-        return Caller(found.name, found.scopes)
+        return Caller(found.name, found.scopes, "token", peer)
 
-    def require(self, caller: Caller, scope: str) -> None:
-        """PermissionDeniedError (a token without the scope) or UnauthenticatedError (no tokens configured
-        and a caller that is not local asking for control)."""
+    def require(self, caller: Caller, scope: str, *, why: str = "") -> None:
+        """PermissionDeniedError for an identified caller (token, certificate) without the scope;
+        UnauthenticatedError for a caller nobody vouches for, naming the ways to authenticate."""
         if scope in caller.scopes:
             return
-        if not self._tokens:
+        because = f" ({why})" if why else ""
+        if caller.via in ("token", "certificate"):
+            raise PermissionDeniedError(f"{caller.name!r} lacks the {scope!r} scope{because}")
+        if not self._tokens and is_loopback_peer(caller.peer):
             raise UnauthenticatedError(
-                "control calls need a bearer token (auth.tokens_file) or a loopback/Unix-socket peer"
+                f"the {scope!r} scope{because} needs a bearer token (auth.tokens_file), a client certificate "
+                "(tls.client_ca, tls.client_scopes), or auth.allow_unauthenticated_loopback = true for "
+                "loopback and Unix-socket callers"
             )
-        raise PermissionDeniedError(f"token {caller.name!r} lacks the {scope!r} scope")
+        if self._tokens:
+            raise UnauthenticatedError(
+                f"the {scope!r} scope{because} needs 'authorization: Bearer <token>' metadata"
+            )
+        raise UnauthenticatedError(
+            f"the {scope!r} scope{because} needs a bearer token (auth.tokens_file) or a client certificate "
+            "(tls.client_ca); without either the agent serves loopback and Unix-socket callers only"
+        )

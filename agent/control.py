@@ -6,6 +6,12 @@ Everything here is a function of the request and a snapshot of the node (GPU fac
 no I/O, no clock, no asyncio.
 Validation errors are `InvalidArgumentError(field, value, allowed)` with the wire's field path
 (`gpus[1].max_clock_mhz`), so the caller can fix the input; nothing has changed when they are raised.
+
+Every field a caller controls is bounded, and the bound is stated in the message: strings (engine ids,
+model names; engine option keys by the allow-list, their values by `agent.engine.options`), repeated
+fields (at most one entry per GPU, one per allowed option), timeouts (at most `MAX_TIMEOUT_S`);
+generations by `agent.api.generations` (1..2^63-1 and a bounded step). The received value is echoed cut
+to 200 characters (`agent.api.errors.echo`).
 """
 
 from __future__ import annotations
@@ -17,10 +23,15 @@ from dataclasses import dataclass
 
 from agent.api.errors import FailedPreconditionError, InvalidArgumentError
 from agent.api.v1 import control_pb2, telemetry_pb2
+from agent.engine.options import validate_engine_options
 from agent.gpu.base import GpuInfo
 
 ENGINE_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
 ENGINE_ID_ALLOWED = "1-63 characters of [a-z0-9-], starting with a letter"
+MAX_MODEL_CHARS = 256
+# Drain and ready timeouts: a day is beyond any real drain or model load, and keeps every deadline the
+# agent computes from them finite and representable.
+MAX_TIMEOUT_S = 86400.0
 
 
 # ---------------------------------------------------------------------------------- field checks
@@ -40,6 +51,12 @@ def _finite(field: str, value: float, allowed: str) -> None:
 def _gpu_indices(field: str, indices: Sequence[int], gpu_count: int, *, allow_empty: bool) -> tuple[int, ...]:
     if not indices and not allow_empty:
         raise InvalidArgumentError(field, [], f"at least one GPU of 0..{gpu_count - 1}")
+    if len(indices) > gpu_count:
+        raise InvalidArgumentError(
+            field,
+            f"{len(indices)} entries",
+            f"at most {gpu_count} entries, each GPU of 0..{gpu_count - 1} once",
+        )
     seen: set[int] = set()
     for i, index in enumerate(indices):
         if not 0 <= index < gpu_count:
@@ -84,6 +101,10 @@ def validate_apply(
     lease_s = _lease_s("lease_s", request.lease_s, max_lease_s)
     if not request.gpus:
         raise InvalidArgumentError("gpus", [], f"at least one GpuSetting for GPUs 0..{len(infos) - 1}")
+    if len(request.gpus) > len(infos):
+        raise InvalidArgumentError(
+            "gpus", f"{len(request.gpus)} entries", f"at most {len(infos)} entries, one per GPU"
+        )
     seen: set[int] = set()
     for i, setting in enumerate(request.gpus):
         if not 0 <= setting.gpu_index < len(infos):
@@ -160,11 +181,25 @@ def validate_engine_id(field: str, engine_id: str) -> str:
     return engine_id
 
 
-def _drain_timeout_s(value: float) -> float:
-    _finite("drain_timeout_s", value, ">= 0 seconds")
-    if value < 0:
-        raise InvalidArgumentError("drain_timeout_s", value, ">= 0 seconds")
+def _timeout_s(field: str, value: float, allowed: str) -> float:
+    _finite(field, value, allowed)
+    if not 0 <= value <= MAX_TIMEOUT_S:
+        raise InvalidArgumentError(field, value, allowed)
     return value
+
+
+def _drain_timeout_s(value: float) -> float:
+    return _timeout_s("drain_timeout_s", value, f"0..{MAX_TIMEOUT_S:g} seconds")
+
+
+def _model(model: str, allowed: tuple[str, ...]) -> str:
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidArgumentError(
+            "model", model, f"at most {MAX_MODEL_CHARS} characters, one of: " + (", ".join(allowed) or "none")
+        )
+    if model not in allowed:
+        raise InvalidArgumentError("model", model, allowed or "none (engine.models is empty)")
+    return model
 
 
 def validate_reconfigure(
@@ -176,10 +211,7 @@ def validate_reconfigure(
 ) -> EnginePlan:
     """`gpu_holders`: GPU index -> engine_id of every engine that is not STOPPED or FAILED."""
     engine_id = validate_engine_id("engine_id", request.engine_id)
-    if request.model not in requirements.models:
-        raise InvalidArgumentError(
-            "model", request.model, requirements.models or "none (engine.models is empty)"
-        )
+    model = _model(request.model, requirements.models)
     indices = _gpu_indices("gpu_indices", list(request.gpu_indices), gpu_count, allow_empty=False)
     tp = request.tp_degree
     if requirements.pipeline_parallel:
@@ -196,20 +228,27 @@ def validate_reconfigure(
         )
     if requirements.tp_degrees is not None and tp not in requirements.tp_degrees:
         raise InvalidArgumentError("tp_degree", tp, _abbrev(requirements.tp_degrees))
-    for key in sorted(request.engine_options):
+    options = request.engine_options
+    if len(options) > len(requirements.options_allowed):
+        raise InvalidArgumentError(
+            "engine_options",
+            f"{len(options)} entries",
+            f"at most {len(requirements.options_allowed)} entries, keys of: "
+            + (", ".join(requirements.options_allowed) or "none (engine.options_allowed)"),
+        )
+    for key in sorted(options):
         if key not in requirements.options_allowed:
             raise InvalidArgumentError(
                 f"engine_options[{key!r}]",
                 key,
                 requirements.options_allowed or "none (engine.options_allowed)",
             )
+    validate_engine_options(options)  # the values, typed where the engine's flag is known
     drain_timeout_s = _drain_timeout_s(request.drain_timeout_s)
-    _finite("ready_timeout_s", request.ready_timeout_s, ">= 0 seconds (0: agent default)")
-    if request.ready_timeout_s < 0:
-        raise InvalidArgumentError(
-            "ready_timeout_s", request.ready_timeout_s, ">= 0 seconds (0: agent default)"
-        )
-    ready_timeout_s = request.ready_timeout_s or requirements.default_ready_timeout_s
+    ready_timeout_s = _timeout_s(
+        "ready_timeout_s", request.ready_timeout_s, f"0..{MAX_TIMEOUT_S:g} seconds (0: agent default)"
+    )
+    ready_timeout_s = ready_timeout_s or requirements.default_ready_timeout_s
     for i, index in enumerate(indices):
         holder = gpu_holders.get(index)
         if holder is not None and holder != engine_id:
@@ -217,7 +256,7 @@ def validate_reconfigure(
     return EnginePlan(
         generation=request.generation,
         engine_id=engine_id,
-        model=request.model,
+        model=model,
         gpu_indices=indices,
         tp_degree=tp,
         options=tuple(sorted(request.engine_options.items())),
@@ -260,12 +299,10 @@ def validate_stream(
     _finite("period_s", period_s, allowed)
     if period_s == 0:
         period_s = sampler_period_s
+    if not low - 1e-9 <= period_s <= max_period_s + 1e-9:  # before dividing: 1e308 / 0.05 is inf
+        raise InvalidArgumentError("period_s", request.period_s, allowed)
     stride = round(period_s / sampler_period_s)
-    if (
-        stride < 1
-        or not low - 1e-9 <= period_s <= max_period_s + 1e-9
-        or not math.isclose(stride * sampler_period_s, period_s, rel_tol=1e-6)
-    ):
+    if stride < 1 or not math.isclose(stride * sampler_period_s, period_s, rel_tol=1e-6):
         raise InvalidArgumentError("period_s", request.period_s, allowed)
     indices = _gpu_indices("gpu_indices", list(request.gpu_indices), gpu_count, allow_empty=True)
     return StreamPlan(

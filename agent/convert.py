@@ -2,16 +2,21 @@
 
 Where it sits: `agent.node.NodeAgent` builds its replies (GetInventory, the NodeControl responses) and
 `agent.telemetry` its TelemetrySample messages with these functions, so the rest of the agent works with
-its own types (GpuInfo, GpuReading, GpuApplied, EngineStatus, EngineMetrics, LeaseView) and one module
-knows the wire's enums and field names. Pure: no I/O.
+its own types (GpuInfo, GpuReading, GpuApplied, GpuProcess, EngineStatus, EngineMetrics, LeaseView) and
+one module knows the wire's enums and field names. Target and effective clocks travel side by side: the
+lock the agent applied (GpuInfo.sm_clock_lock, GpuSample.target_sm_clock_lock), the lock read back where
+the backend can (effective_sm_clock_lock) and the measured SM clock with its event reasons, from which
+`sm_clock_below_target` says whether a busy GPU holds its lock. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from agent.api.v1 import common_pb2, control_pb2
 from agent.engine.driver import EngineState, EngineStatus
 from agent.engine.metrics import EngineMetrics
-from agent.gpu.base import GpuInfo, GpuReading
+from agent.gpu.base import GpuInfo, GpuProcess, GpuReading
 from agent.lease import LeaseView
 from agent.safety import GpuApplied
 
@@ -20,6 +25,8 @@ _GPU_BACKEND_PB = {
     "simulated": common_pb2.GPU_BACKEND_KIND_SIMULATED,
 }
 _ENGINE_KIND_PB = {"vllm": common_pb2.ENGINE_KIND_VLLM, "simulated": common_pb2.ENGINE_KIND_SIMULATED}
+# nvmlClocksEventReasonGpuIdle: the GPU has nothing to run, so a clock below the lock says nothing.
+CLOCK_EVENT_REASON_GPU_IDLE = 0x1
 _ENGINE_STATE_PB = {
     EngineState.STARTING: common_pb2.ENGINE_STATE_STARTING,
     EngineState.READY: common_pb2.ENGINE_STATE_READY,
@@ -48,8 +55,24 @@ def lease_pb(view: LeaseView) -> common_pb2.LeaseState:
     )
 
 
-def gpu_info_pb(info: GpuInfo, applied: GpuApplied, power_limit_w: float) -> common_pb2.GpuInfo:
-    """A GPU's static facts, what the agent set on it and the power limit in force."""
+def sm_clock_below_target(reading: GpuReading, target: tuple[int, int] | None) -> bool:
+    """Whether a busy GPU runs below the minimum of the lock it was given (power cap, thermal slowdown)."""
+    if target is None or reading.clock_event_reasons_mask & CLOCK_EVENT_REASON_GPU_IDLE:
+        return False
+    return reading.sm_clock_mhz < target[0]
+
+
+def gpu_info_pb(
+    info: GpuInfo,
+    applied: GpuApplied,
+    power_limit_w: float,
+    *,
+    reading: GpuReading | None = None,
+    foreign: Sequence[GpuProcess] = (),
+) -> common_pb2.GpuInfo:
+    """A GPU's static facts, what the agent set on it and the power limit in force; with `reading` the
+    measured SM clock and the lock read back beside it, with `foreign` the processes holding the GPU that
+    are not the agent's engines."""
     msg = common_pb2.GpuInfo(
         gpu_index=info.index,
         uuid=info.uuid,
@@ -62,9 +85,17 @@ def gpu_info_pb(info: GpuInfo, applied: GpuApplied, power_limit_w: float) -> com
         power_limit_w=power_limit_w,
         mem_total_bytes=info.mem_total_bytes,
         modified=applied.modified,
+        sm_clock_lock_readable=info.sm_clock_lock_readable,
     )
     if applied.sm_clock_lock is not None:
         msg.sm_clock_lock.CopyFrom(clock_range_pb(applied.sm_clock_lock))
+    if reading is not None:
+        msg.sm_clock_mhz = reading.sm_clock_mhz
+        msg.clock_event_reasons_mask = reading.clock_event_reasons_mask
+        if reading.sm_clock_lock_mhz is not None:
+            msg.effective_sm_clock_lock.CopyFrom(clock_range_pb(reading.sm_clock_lock_mhz))
+    for proc in foreign:
+        msg.foreign_process_mem_used_bytes[proc.pid] = proc.used_memory_bytes or 0
     return msg
 
 
@@ -77,8 +108,9 @@ def applied_gpu_config_pb(
     return msg
 
 
-def gpu_sample_pb(index: int, r: GpuReading) -> common_pb2.GpuSample:
-    return common_pb2.GpuSample(
+def gpu_sample_pb(index: int, r: GpuReading, target: tuple[int, int] | None = None) -> common_pb2.GpuSample:
+    """One GPU's reading; `target` is the lock the agent applied (None: default clocks)."""
+    msg = common_pb2.GpuSample(
         gpu_index=index,
         power_w=r.power_w,
         energy_j=r.energy_j,
@@ -90,7 +122,13 @@ def gpu_sample_pb(index: int, r: GpuReading) -> common_pb2.GpuSample:
         temperature_c=r.temperature_c,
         enforced_power_limit_w=r.enforced_power_limit_w,
         clock_event_reasons_mask=r.clock_event_reasons_mask,
+        sm_clock_below_target=sm_clock_below_target(r, target),
     )
+    if target is not None:
+        msg.target_sm_clock_lock.CopyFrom(clock_range_pb(target))
+    if r.sm_clock_lock_mhz is not None:
+        msg.effective_sm_clock_lock.CopyFrom(clock_range_pb(r.sm_clock_lock_mhz))
+    return msg
 
 
 def engine_info_pb(status: EngineStatus, *, kind: str, generation: int) -> common_pb2.EngineInfo:

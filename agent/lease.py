@@ -1,11 +1,14 @@
 """The lease on the node's GPU configuration: a pure state model (`LeaseBook`) and the timer task that
 fires when it runs out (`LeaseWatcher`).
 
-Flow: ApplyGpuConfig grants a lease (`grant`), RenewLease sets a new expiry (`renew`, which checks the
-generation and refuses an expired lease), RestoreDefaults releases it once no GPU is left modified
-(`release`). The watcher sleeps until the expiry on the agent's monotonic clock and calls back; the
-service then restores every GPU's defaults (engines keep running) and calls `expire`. Expiry is judged on
-the monotonic clock, so wall-clock steps never extend or cut a lease; `*_unix_ns` values are only shown.
+Flow: ApplyGpuConfig grants a lease (`grant`) BEFORE its first hardware write (lease first: at no
+moment is a GPU modified without a lease that will restore it), and takes the grant back (`reinstate`
+the `terms` it replaced) if the apply fails and is rolled back. RenewLease sets a new expiry (`renew`,
+which checks the generation and refuses an expired lease), RestoreDefaults releases it once no GPU is
+left modified (`release`). The watcher sleeps until the expiry on the agent's monotonic clock and calls
+back; the node agent then restores every GPU's defaults (engines keep running) and calls `expire`.
+Expiry is judged on the monotonic clock, so wall-clock steps never extend or cut a lease; `*_unix_ns`
+values are only shown.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ class LeaseView:
     generation: int
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseTerms:
+    """The whole state of a `LeaseBook`, to put back after a grant that did not take effect."""
+
+    holder: str
+    generation: int
+    expires_s: float | None
+
+
 class LeaseBook:
     """Who holds the GPU configuration of which generation, until when (monotonic seconds)."""
 
@@ -46,6 +58,16 @@ class LeaseBook:
         self.holder = holder
         self.generation = generation
         self.expires_s = now_s + lease_s
+
+    def terms(self) -> LeaseTerms:
+        return LeaseTerms(self.holder, self.generation, self.expires_s)
+
+    def reinstate(self, terms: LeaseTerms) -> None:
+        """Undo a `grant` whose apply failed and was rolled back: the earlier terms are in force again
+        (an expiry that passed meanwhile fires at once)."""
+        self.holder = terms.holder
+        self.generation = terms.generation
+        self.expires_s = terms.expires_s
 
     def renew(self, *, holder: str, generation: int, lease_s: float, now_s: float) -> None:
         """RenewLease: ConflictError (ABORTED) if `generation` is not the one in force, FailedPrecondition

@@ -2,25 +2,37 @@
 
 Flow of a control call: servicer (`agent.service`, after `agent.auth`) -> `NodeAgent` method ->
 `agent.scopes.run_scoped`: generation check (`agent.api.generations`), validation into a plan
-(`agent.control`), then, under the scope's lock, the action (`agent.safety` for GPUs,
-`agent.engine.driver` for engines), the outcome recorded under the generation and persisted with the
-rest of the state (`agent.safety.StateStore`), and the reply, built by `agent.convert`. The servicer
-writes the audit line (`NodeAgent.audit`). Reads (GetInventory, the telemetry sampler's engine scrape)
-come here too; the lease timer (`agent.lease.LeaseWatcher`) calls back into `_on_lease_expiry`.
+(`agent.control`), then an OPERATION the scope owns, shielded from the caller: the action (`agent.safety`
+for GPUs, `agent.engine.driver` for engines), its outcome recorded under the generation and persisted
+with the rest of the state (`agent.safety.StateStore`), and the reply, built by `agent.convert`. Reads
+(GetInventory, the telemetry sampler's engine scrape) come here too; the lease timer
+(`agent.lease.LeaseWatcher`) calls back into `_on_lease_expiry`.
+
+Invariants (docs/agent.md, *Safety model*):
+- Lease first, write-ahead: an ApplyGpuConfig arms its lease, then saves the state file naming its
+  generation, its target settings and every GPU it may modify, and only then writes the hardware.
+  RestoreDefaults saves what it is about to write first, too; ReconfigureEngine and StopEngine save their
+  pending record before the engine driver changes anything.
+- An operation, once started, completes or rolls back whatever its caller does; a caller that goes away
+  is told nothing more, but the `on_detached` hook of the control methods receives the final outcome.
+- At start-up (`recover`), the state of a dead agent is restored, never completed: every GPU it may have
+  modified goes back to its snapshot, its pending calls are recorded as interrupted (ABORTED).
+- Shutdown waits for a GPU operation in progress (it is short), interrupts engine operations (a model
+  load may take minutes; the engines are stopped anyway), then restores every GPU.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import structlog
 
 from agent.api.clock import Clock
-from agent.api.errors import DynamoError, UnavailableError
-from agent.api.generations import check_generation, fingerprint
+from agent.api.errors import DynamoError, PermissionDeniedError, UnavailableError
+from agent.api.generations import ScopeRecord, check_generation, check_generation_value, fingerprint
 from agent.api.v1 import common_pb2, control_pb2, telemetry_pb2
 from agent.control import (
     ApplyPlan,
@@ -44,14 +56,34 @@ from agent.convert import (
 from agent.engine.driver import LIVE_STATES, EngineDriver, EngineSpec, EngineStatus
 from agent.gpu.worker import GpuWorkers
 from agent.lease import LeaseBook, LeaseView, LeaseWatcher
-from agent.safety import AgentStateDoc, GpuSafety, StateStore
-from agent.scopes import GenerationScope, run_scoped
+from agent.safety import (
+    ENGINE_SCOPE_PREFIX,
+    GPU_SCOPE_KEY,
+    AgentStateDoc,
+    GpuSafety,
+    PendingCall,
+    StateStore,
+    pending_gpu_writes,
+    read_boot_id,
+    settle_interrupted,
+    state_for_boot,
+)
+from agent.scopes import DetachedHook, GenerationScope, retrieve_exception, run_scoped
 from agent.settings import AgentSettings
 from agent.telemetry import TelemetrySampler
 
 log = structlog.get_logger("agent.node")
 
 AGENT_VERSION = "0.1.0"
+T = TypeVar("T")
+
+
+def _own_task(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """`coro` in a task of its own: cancelling whoever awaits it (through `asyncio.shield`) leaves it
+    running to its end."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(retrieve_exception)
+    return task
 
 
 def _free_port() -> int:
@@ -81,6 +113,8 @@ class NodeAgent:
         clock: Clock,
         store: StateStore,
         doc: AgentStateDoc,
+        *,
+        boot_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.workers = workers
@@ -88,12 +122,26 @@ class NodeAgent:
         self.clock = clock
         self._store = store
         self._persist_lock = asyncio.Lock()
-        self.safety = GpuSafety(workers, self.persist, defaults=doc.defaults, applied=doc.applied)
-        self.lease = LeaseBook(holder=doc.lease_holder, generation=doc.lease_generation)
+        self._state_version = 0
+        current = state_for_boot(doc, read_boot_id() if boot_id is None else boot_id)
+        self._interrupted = dict(current.pending)  # calls a dead agent left pending: `recover` reports
+        self._needs_save = bool(doc.applied or doc.pending) or (
+            bool(doc.defaults) and current.boot_id != doc.boot_id
+        )
+        settled = settle_interrupted(current)
+        self.safety = GpuSafety(
+            workers,
+            self.persist,
+            defaults=current.defaults,
+            applied={**pending_gpu_writes(current), **current.applied},  # restored by `recover`
+            boot_id=current.boot_id,
+        )
+        self.lease = LeaseBook(holder=settled.lease_holder, generation=settled.lease_generation)
         self.watcher = LeaseWatcher(self.lease, clock, self._on_lease_expiry)
-        self._gpu_scope = GenerationScope(doc.gpu_scope)
-        self._engine_scopes = {k: GenerationScope(r) for k, r in doc.engine_scopes.items()}
+        self._gpu_scope = GenerationScope("GPU-scope", GPU_SCOPE_KEY, settled.gpu_scope)
+        self._engine_scopes = {k: self._new_engine_scope(k, r) for k, r in settled.engine_scopes.items()}
         self._engine_generation: dict[str, int] = {}
+        self._engine_intents: dict[str, str] = {}  # engine_id -> the configuration a pending call brings
         self.requirements = EngineRequirements(
             models=settings.engine.models,
             options_allowed=settings.engine.options_allowed,
@@ -109,55 +157,90 @@ class NodeAgent:
             subscriber_queue=settings.telemetry.subscriber_queue,
             mismatch_ratio=settings.telemetry.energy_mismatch_ratio,
             scrape_engines=self.scrape_engines,
+            clock_targets=lambda index: self.safety.setting(index).sm_clock_lock,
         )
-        self._audit_path = settings.audit_log
 
-    # ---- persistence and audit ---------------------------------------------------------------------
+    @staticmethod
+    def _new_engine_scope(engine_id: str, record: ScopeRecord | None) -> GenerationScope:
+        return GenerationScope(f"engine {engine_id}", ENGINE_SCOPE_PREFIX + engine_id, record)
+
+    # ---- persistence ---------------------------------------------------------------------------------
+
+    def _pending(self) -> dict[str, PendingCall]:
+        """The write-ahead records of the operations in progress."""
+        pending: dict[str, PendingCall] = {}
+        scopes = [(self._gpu_scope, ""), *((s, e) for e, s in self._engine_scopes.items())]
+        for scope, engine_id in scopes:
+            call = scope.running
+            if call is None:
+                continue
+            pending[scope.key] = PendingCall(
+                rpc=call.rpc,
+                generation=call.generation,
+                fingerprint=call.fingerprint,
+                started_unix_ns=call.started_unix_ns,
+                gpu_writes=self.safety.writing_by_uuid() if scope is self._gpu_scope else {},
+                engine=self._engine_intents.get(engine_id, ""),
+            )
+        return pending
 
     def state_doc(self) -> AgentStateDoc:
         return AgentStateDoc(
             defaults=dict(self.safety.defaults),
-            applied=dict(self.safety.applied),
-            gpu_scope=self._gpu_scope.record,
-            engine_scopes={k: s.record for k, s in self._engine_scopes.items() if s.record is not None},
+            applied=self.safety.applied_by_uuid(),
+            gpu_scope=self._gpu_scope.durable_record,
+            engine_scopes={
+                k: r for k, s in self._engine_scopes.items() if (r := s.durable_record) is not None
+            },
             lease_holder=self.lease.holder,
             lease_generation=self.lease.generation,
             lease_expires_unix_ns=self.lease_view().expires_unix_ns,
+            pending=self._pending(),
+            boot_id=self.safety.boot_id,
         )
 
     async def persist(self) -> None:
-        """Save the state file (fsync off the event loop); saves never interleave."""
+        """Save the state file (fsync off the event loop). Documents are numbered as they are built and
+        the store never lets an older one overwrite a newer one, even if a caller was cancelled while its
+        save was still running in its thread. UnavailableError when the file cannot be written."""
         async with self._persist_lock:
-            await asyncio.to_thread(self._store.save, self.state_doc())
-
-    def audit(self, identity: str, rpc: str, generation: int, result: str, **detail: object) -> None:
-        entry = {
-            "ts_unix_ns": self.clock.wall_ns(),
-            "who": identity,
-            "rpc": rpc,
-            "generation": generation,
-            "result": result,
-            **detail,
-        }
-        log.info("control_call", **entry)
-        try:
-            self._audit_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self._audit_path, "a") as f:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
-        except OSError as exc:
-            log.error("audit_log_write_failed", path=str(self._audit_path), error=str(exc))
+            self._state_version += 1
+            version, doc = self._state_version, self.state_doc()
+            try:
+                await asyncio.to_thread(self._store.save, doc, version=version)
+            except OSError as exc:
+                raise UnavailableError(f"cannot save the agent state to {self._store.path}: {exc}") from exc
 
     # ---- start-up and shut-down --------------------------------------------------------------------
 
     async def recover(self, doc: AgentStateDoc) -> None:
-        """Put back GPUs a previous run left modified (it died without restoring them)."""
-        if doc.applied:
-            await self.safety.recover(doc)
-            self.lease.expire()
+        """Start-up: restore the GPUs a previous run may have left modified (it died without restoring
+        them, maybe in the middle of a call) to their snapshot, and record its interrupted calls.
+        `doc` is the state the agent was built from (kept for the signature app.py calls)."""
+        for key, call in sorted(self._interrupted.items()):
+            log.warning(
+                "control_call_interrupted_by_restart",
+                scope=key,
+                rpc=call.rpc,
+                generation=call.generation,
+                started_unix_ns=call.started_unix_ns,
+            )
+        if self.safety.applied:
+            async with self._gpu_scope.lock:
+                restored = await self.safety.restore(self.safety.modified_indices())
+                self.lease.expire()
+            log.warning(
+                "gpu_defaults_restored_after_crash",
+                gpu_indices=restored,
+                power_limits_w=[self.safety.default_power_limit_w(i) for i in restored],
+            )
+        if self._needs_save:
             await self.persist()
 
     async def shutdown(self, *, drain_timeout_s: float) -> None:
-        """Restore every modified GPU, release the lease, drain and stop engines."""
+        """Interrupt engine operations, wait for a GPU operation, restore every modified GPU, release the
+        lease, drain and stop engines."""
+        await asyncio.gather(*(s.interrupt() for s in self._engine_scopes.values()))
         async with self._gpu_scope.lock:
             try:
                 restored = await self.safety.restore(self.safety.modified_indices())
@@ -167,8 +250,10 @@ class NodeAgent:
                 log.error("gpu_restore_on_shutdown_failed", error=str(exc))
             if not self.safety.applied:
                 self.lease.expire()
-                self.safety.defaults = {}
-            await self.persist()
+            try:
+                await self.persist()
+            except DynamoError as exc:
+                log.error("state_save_failed", error=str(exc))
         live = [s.spec.engine_id for s in self.driver.engines() if s.state in LIVE_STATES]
         if live:
             await asyncio.gather(
@@ -178,6 +263,11 @@ class NodeAgent:
         await self.driver.close()
 
     async def _on_lease_expiry(self) -> None:
+        # The restore runs in its own task holding the GPU scope's lock: cancelling the watcher (agent
+        # stop) cannot leave it half done while shutdown takes the lock.
+        await asyncio.shield(_own_task(self._expire_lease()))
+
+    async def _expire_lease(self) -> None:
         async with self._gpu_scope.lock:
             if not self.lease.is_expired(self.clock.monotonic_s()):
                 return  # renewed or re-applied while the timer fired
@@ -209,15 +299,26 @@ class NodeAgent:
     async def inventory(self) -> telemetry_pb2.GetInventoryResponse:
         ts_unix_ns = self.clock.wall_ns()
         infos = self.workers.infos
-        limits = await asyncio.gather(*(self.workers.power_limit_w(i.index) for i in infos))
+        indices = [info.index for info in infos]
+        limits, readings, foreign = await asyncio.gather(
+            asyncio.gather(*(self.workers.power_limit_w(i) for i in indices)),
+            self.workers.read_many(indices),  # measured SM clock and the lock read back, beside the target
+            self.driver.foreign_processes(indices),  # processes on the GPUs that are not our engines
+        )
         return telemetry_pb2.GetInventoryResponse(
             node_id=self.settings.node_id,
             hostname=socket.gethostname(),
             agent_version=AGENT_VERSION,
             gpu_backend=gpu_backend_pb(self.workers.kind),
             gpus=[
-                gpu_info_pb(info, self.safety.setting(info.index), limit)
-                for info, limit in zip(infos, limits, strict=True)
+                gpu_info_pb(
+                    info,
+                    self.safety.setting(info.index),
+                    limit,
+                    reading=None if isinstance(reading, BaseException) else reading,
+                    foreign=foreign.get(info.index, ()),
+                )
+                for info, limit, reading in zip(infos, limits, readings, strict=True)
             ],
             engines=[self.engine_pb(s) for s in self.driver.engines()],
             lease=lease_pb(self.lease_view()),
@@ -237,20 +338,36 @@ class NodeAgent:
         ]
 
     # ---- NodeControl: GPU scope --------------------------------------------------------------------
+    # Each control method takes `on_detached`: called once, with the final outcome, if the caller goes
+    # away (cancelled, deadline, dropped connection) while the operation it started still runs.
 
     async def apply_gpu_config(
-        self, request: control_pb2.ApplyGpuConfigRequest, identity: str
+        self,
+        request: control_pb2.ApplyGpuConfigRequest,
+        identity: str,
+        *,
+        on_detached: DetachedHook | None = None,
+        may_take_over: bool = False,
     ) -> control_pb2.ApplyGpuConfigResponse:
         infos = self.workers.infos
         max_lease_s = self.settings.max_lease_s
         if request.dry_run:
             check_generation(
-                self._gpu_scope.record, request.generation, fingerprint(request), scope="GPU-scope"
+                self._gpu_scope.record,
+                request.generation,
+                fingerprint(request),
+                scope=self._gpu_scope.name,
+                now_unix_ns=self.clock.wall_ns(),
             )
             return self._dry_run(validate_apply(request, infos, max_lease_s=max_lease_s), identity)
 
+        def prepare() -> ApplyPlan:
+            self._check_lease_open(identity, may_take_over)
+            return validate_apply(request, infos, max_lease_s=max_lease_s)
+
         async def act(plan: ApplyPlan) -> control_pb2.ApplyGpuConfigResponse:
-            await self.safety.apply(plan.gpus)
+            # Lease first: the GPUs are held by this generation's lease before any of them changes.
+            replaced = self.lease.terms()
             self.lease.grant(
                 holder=identity,
                 generation=plan.generation,
@@ -258,6 +375,12 @@ class NodeAgent:
                 now_s=self.clock.monotonic_s(),
             )
             self.watcher.poke()
+            try:
+                await self.safety.apply(plan.gpus)  # saves the intent, then writes; rolls back on failure
+            except BaseException:
+                self.lease.reinstate(replaced)
+                self.watcher.poke()
+                raise
             return control_pb2.ApplyGpuConfigResponse(
                 generation=plan.generation,
                 applied=await self.applied_pb([p.index for p in plan.gpus]),
@@ -268,11 +391,13 @@ class NodeAgent:
             self._gpu_scope,
             request,
             request.generation,
-            scope_name="GPU-scope",
+            rpc="ApplyGpuConfig",
             response_type=control_pb2.ApplyGpuConfigResponse,
-            prepare=lambda: validate_apply(request, infos, max_lease_s=max_lease_s),
+            prepare=prepare,
             act=act,
             persist=self.persist,
+            clock=self.clock,
+            on_detached=on_detached,
         )
 
     def _dry_run(self, plan: ApplyPlan, identity: str) -> control_pb2.ApplyGpuConfigResponse:
@@ -298,17 +423,25 @@ class NodeAgent:
         )
 
     async def restore_defaults(
-        self, request: control_pb2.RestoreDefaultsRequest, identity: str
+        self,
+        request: control_pb2.RestoreDefaultsRequest,
+        identity: str,
+        *,
+        on_detached: DetachedHook | None = None,
+        may_take_over: bool = False,
     ) -> control_pb2.RestoreDefaultsResponse:
         count = self.workers.count
 
+        def prepare() -> tuple[int, ...]:
+            self._check_lease_open(identity, may_take_over)
+            return validate_restore(request, count)
+
         async def act(indices: tuple[int, ...]) -> control_pb2.RestoreDefaultsResponse:
-            await self.safety.restore(indices)
+            await self.safety.restore(indices, write_ahead=True)
             if self.safety.applied:
                 self.lease.generation = request.generation  # the rest stays held under the lease
             else:
                 self.lease.release(generation=request.generation)
-                self.safety.defaults = {}  # nothing modified: the next first write snapshots afresh
             self.watcher.poke()
             return control_pb2.RestoreDefaultsResponse(
                 generation=request.generation,
@@ -320,35 +453,68 @@ class NodeAgent:
             self._gpu_scope,
             request,
             request.generation,
-            scope_name="GPU-scope",
+            rpc="RestoreDefaults",
             response_type=control_pb2.RestoreDefaultsResponse,
-            prepare=lambda: validate_restore(request, count),
+            prepare=prepare,
             act=act,
             persist=self.persist,
+            clock=self.clock,
+            on_detached=on_detached,
         )
 
     async def renew_lease(
-        self, request: control_pb2.RenewLeaseRequest, identity: str
+        self,
+        request: control_pb2.RenewLeaseRequest,
+        identity: str,
+        *,
+        on_detached: DetachedHook | None = None,
+        may_take_over: bool = False,
     ) -> control_pb2.RenewLeaseResponse:
+        """Sets a new expiry; consumes no generation. The renewal and its save run in their own task, so
+        a caller that goes away cannot cut them in half (`on_detached` is accepted for a uniform
+        signature; a renewal is quick and is not reported)."""
+        check_generation_value(request.generation)
         lease_s = validate_renew(request, max_lease_s=self.settings.max_lease_s)
-        async with self._gpu_scope.lock:
-            self.lease.renew(
-                holder=identity,
-                generation=request.generation,
-                lease_s=lease_s,
-                now_s=self.clock.monotonic_s(),
+
+        async def renew() -> control_pb2.RenewLeaseResponse:
+            async with self._gpu_scope.lock:
+                self._check_lease_open(identity, may_take_over)
+                self.lease.renew(
+                    holder=identity,
+                    generation=request.generation,
+                    lease_s=lease_s,
+                    now_s=self.clock.monotonic_s(),
+                )
+                self.watcher.poke()
+                await self.persist()
+                return control_pb2.RenewLeaseResponse(lease=lease_pb(self.lease_view()))
+
+        return await asyncio.shield(_own_task(renew()))
+
+    def _check_lease_open(self, identity: str, may_take_over: bool) -> None:
+        """Checked under the GPU-scope lock: an active lease held by another caller is taken over only
+        with `may_take_over` (the admin scope). The servicer decides the scope from the lease it sees
+        before the lock; this re-check closes the gap in which another call could take the lease."""
+        view = self.lease_view()
+        if view.active and view.holder != identity and not may_take_over:
+            raise PermissionDeniedError(
+                f"the GPUs are under {view.holder!r}'s active lease; taking it over needs the 'admin' scope"
             )
-            self.watcher.poke()
-            await self.persist()
-            return control_pb2.RenewLeaseResponse(lease=lease_pb(self.lease_view()))
 
     # ---- NodeControl: engine scopes ----------------------------------------------------------------
 
     def _engine_scope(self, engine_id: str) -> GenerationScope:
         scope = self._engine_scopes.get(engine_id)
         if scope is None:
-            scope = self._engine_scopes[engine_id] = GenerationScope(None)
+            scope = self._engine_scopes[engine_id] = self._new_engine_scope(engine_id, None)
         return scope
+
+    def _drop_if_unused(self, engine_id: str, scope: GenerationScope) -> None:
+        """Forget a scope that holds no call (the request was refused before any change), so refused
+        requests naming ever new engine ids do not accumulate scopes."""
+        idle = not scope.lock.locked() and (scope.task is None or scope.task.done())
+        if scope.record is None and idle and self._engine_scopes.get(engine_id) is scope:
+            del self._engine_scopes[engine_id]
 
     def _port_for(self, engine_id: str) -> int:
         """The engine's port: kept across reconfigurations, else the first free one from engine.base_port."""
@@ -364,8 +530,18 @@ class NodeAgent:
                 return port
         raise UnavailableError(f"no free TCP port from engine.base_port {base}")
 
+    async def _engine_write_ahead(self, engine_id: str, intent: str) -> None:
+        """Save the pending record of an engine call before the driver changes anything."""
+        self._engine_intents[engine_id] = intent
+        await self.persist()
+
     async def reconfigure_engine(
-        self, request: control_pb2.ReconfigureEngineRequest, identity: str
+        self,
+        request: control_pb2.ReconfigureEngineRequest,
+        identity: str,
+        *,
+        on_detached: DetachedHook | None = None,
+        may_take_over: bool = False,
     ) -> control_pb2.ReconfigureEngineResponse:
         engine_id = validate_engine_id("engine_id", request.engine_id)
 
@@ -389,9 +565,16 @@ class NodeAgent:
                 http_port=self._port_for(plan.engine_id),
                 options=dict(plan.options),
             )
-            timings = await self.driver.reconfigure(
-                spec, plan.drain_timeout_s, ready_timeout_s=plan.ready_timeout_s
+            intent = (
+                f"{spec.model} on GPUs {list(spec.gpu_indices)}, tp {spec.tp_degree}, port {spec.http_port}"
             )
+            try:
+                await self._engine_write_ahead(engine_id, intent)
+                timings = await self.driver.reconfigure(
+                    spec, plan.drain_timeout_s, ready_timeout_s=plan.ready_timeout_s
+                )
+            finally:
+                self._engine_intents.pop(engine_id, None)
             if timings.restarted or engine_id not in self._engine_generation:
                 self._engine_generation[engine_id] = plan.generation
             return control_pb2.ReconfigureEngineResponse(
@@ -403,19 +586,30 @@ class NodeAgent:
                 start_s=timings.start_s,
             )
 
-        return await run_scoped(
-            self._engine_scope(engine_id),
-            request,
-            request.generation,
-            scope_name=f"engine {engine_id}",
-            response_type=control_pb2.ReconfigureEngineResponse,
-            prepare=prepare,
-            act=act,
-            persist=self.persist,
-        )
+        scope = self._engine_scope(engine_id)
+        try:
+            return await run_scoped(
+                scope,
+                request,
+                request.generation,
+                rpc="ReconfigureEngine",
+                response_type=control_pb2.ReconfigureEngineResponse,
+                prepare=prepare,
+                act=act,
+                persist=self.persist,
+                clock=self.clock,
+                on_detached=on_detached,
+            )
+        finally:
+            self._drop_if_unused(engine_id, scope)
 
     async def stop_engine(
-        self, request: control_pb2.StopEngineRequest, identity: str
+        self,
+        request: control_pb2.StopEngineRequest,
+        identity: str,
+        *,
+        on_detached: DetachedHook | None = None,
+        may_take_over: bool = False,
     ) -> control_pb2.StopEngineResponse:
         engine_id, drain_timeout_s = validate_stop(request)
 
@@ -424,8 +618,12 @@ class NodeAgent:
             return engine_id
 
         async def act(_: str) -> control_pb2.StopEngineResponse:
-            drain_s = await self.driver.drain(engine_id, drain_timeout_s)
-            stop_s = await self.driver.stop(engine_id)
+            try:
+                await self._engine_write_ahead(engine_id, "stopped")
+                drain_s = await self.driver.drain(engine_id, drain_timeout_s)
+                stop_s = await self.driver.stop(engine_id)
+            finally:
+                self._engine_intents.pop(engine_id, None)
             self._engine_generation[engine_id] = request.generation
             return control_pb2.StopEngineResponse(
                 generation=request.generation,
@@ -434,13 +632,19 @@ class NodeAgent:
                 stop_s=stop_s,
             )
 
-        return await run_scoped(
-            self._engine_scope(engine_id),
-            request,
-            request.generation,
-            scope_name=f"engine {engine_id}",
-            response_type=control_pb2.StopEngineResponse,
-            prepare=prepare,
-            act=act,
-            persist=self.persist,
-        )
+        scope = self._engine_scope(engine_id)
+        try:
+            return await run_scoped(
+                scope,
+                request,
+                request.generation,
+                rpc="StopEngine",
+                response_type=control_pb2.StopEngineResponse,
+                prepare=prepare,
+                act=act,
+                persist=self.persist,
+                clock=self.clock,
+                on_detached=on_detached,
+            )
+        finally:
+            self._drop_if_unused(engine_id, scope)

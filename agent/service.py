@@ -1,87 +1,189 @@
-"""The agent's gRPC servicers: NodeTelemetry (scope read) and NodeControl (scope control), thin.
+"""The agent's gRPC servicers: NodeTelemetry (scope read) and NodeControl (scopes control and admin), thin.
 
-Flow of a call: the servicer identifies the caller and checks its scope (`agent.auth`), hands the request
-to the node's `agent.node.NodeAgent` (generation, validation, action, recorded outcome, reply), writes
-the audit line for a control call (accepted, refused or failed), and turns an error into a gRPC status
-through `agent.api.status`, the one table shared with the client; a replayed failure keeps the status
-it was recorded with (`agent.scopes.RecordedStatus`). Nothing else: no state, no validation here.
+Flow of a call: the request bytes are decoded leniently (`decode_as`: a payload that does not parse is
+answered INVALID_ARGUMENT, not gRPC's UNKNOWN); the servicer identifies the caller and checks the scope
+the call needs (`agent.auth`; `control_scope` decides control or admin from the request and the lease),
+checks the generation's static range (`agent.api.generations.check_generation_value`), hands the
+request to the node's `agent.node.NodeAgent` (generation rule, validation, action, recorded outcome,
+reply), writes the audit line of a control call (`agent.audit`: accepted, refused, failed or cancelled;
+the operation of a cancelled call runs on, and its outcome gets a second, `detached` line), and turns an
+error into a gRPC status through `agent.api.status`, the one table shared with the client; a replayed
+failure keeps the status it was recorded with (`agent.scopes.RecordedStatus`). Nothing else: no state, no
+validation of fields here. `add_services` registers both services on a server.
+
+Scopes (docs/agent.md, *Access*, has the table and the reasons):
+
+| RPC | scope |
+|---|---|
+| GetInventory, StreamTelemetry | read |
+| ApplyGpuConfig, RenewLease | control; admin to take over an active lease another caller holds |
+| RestoreDefaults | control for some GPUs under the caller's own (or no) lease; admin for every GPU or
+                    another caller's lease |
+| ReconfigureEngine, StopEngine | admin |
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import NoReturn, TypeVar
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn, TypeVar
 
 import grpc
 import structlog
 from google.protobuf.message import Message
 
-from agent.api.errors import DynamoError
+from agent.api.clock import Clock
+from agent.api.errors import DynamoError, InvalidArgumentError, clip
+from agent.api.generations import check_generation_value
 from agent.api.status import status_for
-from agent.api.v1 import control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from agent.api.v1 import control_pb2, telemetry_pb2
+from agent.audit import AuditEntry, AuditLog, request_summary
 from agent.auth import Authorizer, Caller, peer_host
 from agent.control import validate_stream
+from agent.lease import LeaseView
 from agent.node import NodeAgent
-from agent.scopes import RecordedStatus
+from agent.scopes import FinishedOperation, RecordedStatus
 
 log = structlog.get_logger("agent.service")
 
 M = TypeVar("M", bound=Message)
+Context = grpc.aio.ServicerContext[Any, Any]
+
+TELEMETRY_SERVICE: Final = telemetry_pb2.DESCRIPTOR.services_by_name["NodeTelemetry"].full_name
+CONTROL_SERVICE: Final = control_pb2.DESCRIPTOR.services_by_name["NodeControl"].full_name
+# A status message is at most this long (client metadata limits are 8-16 kB); values in it are already
+# cut to 200 characters each (agent.api.errors.echo), this bounds the rest.
+MAX_STATUS_CHARS: Final = 2000
 
 
-async def _abort(context: grpc.aio.ServicerContext[object, object], exc: BaseException) -> NoReturn:
+# ------------------------------------------------------------------------------------------ decoding
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request payload that did not parse as its message type; the servicer answers INVALID_ARGUMENT."""
+
+    size_bytes: int
+    message_type: str
+    reason: str
+
+    def error(self) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            "request",
+            f"{self.size_bytes} bytes that do not parse",
+            f"a serialized {self.message_type} ({self.reason})",
+        )
+
+
+def decode_as(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
+    """A request deserializer that never raises: gRPC answers UNKNOWN when a deserializer raises."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> M | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError, and whatever else the parser may raise on garbage
+            reason = str(exc).rsplit("': ", 1)[-1] or type(exc).__name__  # without "... with type 'X'"
+            return Undecodable(len(data), name, clip(reason, 120))
+
+    return decode
+
+
+def _decoded(request: M | Undecodable) -> M:
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
+
+
+# ------------------------------------------------------------------------------------ status, caller
+
+
+async def _abort(context: Context, exc: BaseException) -> NoReturn:
     if isinstance(exc, RecordedStatus):
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, clip(str(exc), MAX_STATUS_CHARS))
     if isinstance(exc, DynamoError):
-        await context.abort(status_for(exc), str(exc))
-    log.exception("rpc_internal_error", error=repr(exc))
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        await context.abort(status_for(exc), clip(str(exc), MAX_STATUS_CHARS))
+    log.exception("rpc_internal_error", error=clip(repr(exc), MAX_STATUS_CHARS))
+    await context.abort(
+        grpc.StatusCode.INTERNAL, clip(f"internal error: {type(exc).__name__}: {exc}", MAX_STATUS_CHARS)
+    )
 
 
-def _caller(auth: Authorizer, context: grpc.aio.ServicerContext[object, object]) -> Caller:
-    return auth.identify(tuple(context.invocation_metadata() or ()), context.peer())
+def _auth_context(context: Context) -> Mapping[str, Iterable[bytes]]:
+    try:
+        return context.auth_context() or {}
+    except Exception:  # an insecure channel may have none to give
+        return {}
 
 
-class TelemetryServicer(telemetry_pb2_grpc.NodeTelemetryServicer):
+def _caller(auth: Authorizer, context: Context) -> Caller:
+    return auth.identify(
+        tuple(context.invocation_metadata() or ()), context.peer() or "", _auth_context(context)
+    )
+
+
+def control_scope(
+    rpc: str, request: Message, caller: Caller, lease: LeaseView, gpu_count: int
+) -> tuple[str, str]:
+    """The scope a control call needs, and why when it is admin (pure; the table in the module docstring).
+
+    Takeover: an active lease held by someone else. A dry run changes nothing, so it never takes over.
+    """
+    takeover = lease.active and lease.holder != caller.name
+    taking = f"taking over the lease held by {lease.holder!r}"
+    if rpc in ("ReconfigureEngine", "StopEngine"):
+        return "admin", "engine lifecycle"
+    if isinstance(request, control_pb2.RestoreDefaultsRequest):
+        indices = set(request.gpu_indices)
+        if not indices or indices >= set(range(gpu_count)):
+            return "admin", "RestoreDefaults of every GPU"
+        return ("admin", taking) if takeover else ("control", "")
+    if isinstance(request, control_pb2.ApplyGpuConfigRequest) and request.dry_run:
+        return "control", ""
+    return ("admin", taking) if takeover else ("control", "")
+
+
+# ------------------------------------------------------------------------------------------ services
+
+
+class TelemetryServicer:
+    """NodeTelemetry: GetInventory and StreamTelemetry, scope read."""
+
     def __init__(self, agent: NodeAgent, auth: Authorizer) -> None:
         self._agent = agent
         self._auth = auth
 
     async def GetInventory(
-        self,
-        request: telemetry_pb2.GetInventoryRequest,
-        context: grpc.aio.ServicerContext[
-            telemetry_pb2.GetInventoryRequest, telemetry_pb2.GetInventoryResponse
-        ],
+        self, request: telemetry_pb2.GetInventoryRequest | Undecodable, context: Context
     ) -> telemetry_pb2.GetInventoryResponse:
         try:
-            self._auth.require(_caller(self._auth, context), "read")  # type: ignore[arg-type]
+            self._auth.require(_caller(self._auth, context), "read")
+            _decoded(request)
             return await self._agent.inventory()
         except Exception as exc:
-            await _abort(context, exc)  # type: ignore[arg-type]
+            await _abort(context, exc)
 
     async def StreamTelemetry(
-        self,
-        request: telemetry_pb2.StreamTelemetryRequest,
-        context: grpc.aio.ServicerContext[
-            telemetry_pb2.StreamTelemetryRequest, telemetry_pb2.TelemetrySample
-        ],
+        self, request: telemetry_pb2.StreamTelemetryRequest | Undecodable, context: Context
     ) -> AsyncIterator[telemetry_pb2.TelemetrySample]:
+        """Initial metadata goes out as soon as the request is accepted, before the first sample."""
         agent = self._agent
         tel = agent.settings.telemetry
         try:
-            self._auth.require(_caller(self._auth, context), "read")  # type: ignore[arg-type]
+            self._auth.require(_caller(self._auth, context), "read")
             plan = validate_stream(
-                request,
+                _decoded(request),
                 gpu_count=agent.workers.count,
                 sampler_period_s=agent.sampler.period_s,
                 min_period_s=tel.min_period_s,
                 max_period_s=tel.max_period_s,
             )
         except Exception as exc:
-            await _abort(context, exc)  # type: ignore[arg-type]
+            await _abort(context, exc)
         sub = agent.sampler.subscribe(plan)
         try:
+            await context.send_initial_metadata(())
             while True:
                 sample = await sub.next()
                 yield sub.to_pb(sample)
@@ -89,93 +191,158 @@ class TelemetryServicer(telemetry_pb2_grpc.NodeTelemetryServicer):
             agent.sampler.unsubscribe(sub)
 
 
-class ControlServicer(control_pb2_grpc.NodeControlServicer):
-    def __init__(self, agent: NodeAgent, auth: Authorizer) -> None:
+class ControlServicer:
+    """NodeControl: the five control calls, each audited (module docstring)."""
+
+    def __init__(self, agent: NodeAgent, auth: Authorizer, audit: AuditLog, clock: Clock) -> None:
         self._agent = agent
         self._auth = auth
+        self._audit = audit
+        self._clock = clock
 
     async def _call(
         self,
         rpc: str,
-        generation: int,
-        context: grpc.aio.ServicerContext[object, object],
-        handler: Callable[[str], Awaitable[M]],
-    ) -> M:
-        who = "unauthenticated " + peer_host(context.peer())
+        request: M | Undecodable,
+        context: Context,
+        act: Callable[..., Awaitable[Message]],
+    ) -> Any:
+        t0 = self._clock.monotonic_s()
+        peer = context.peer() or ""
+        who, via, scope = "unauthenticated " + peer_host(peer), "none", ""
+        if isinstance(request, Undecodable):
+            generation: int | None = None
+            summary: dict[str, Any] = {"undecodable_bytes": request.size_bytes}
+        else:
+            generation = int(getattr(request, "generation", 0))
+            summary = request_summary(request)
+
+        def audit(
+            result: str,
+            *,
+            replayed: bool = False,
+            error: str = "",
+            detached: bool = False,
+            duration_s: float | None = None,
+        ) -> None:
+            self._audit.record(
+                AuditEntry(
+                    rpc=rpc,
+                    who=who,
+                    auth=via,
+                    peer=peer,
+                    scope=scope,
+                    generation=generation,
+                    request=summary,
+                    result=result,
+                    duration_s=self._clock.monotonic_s() - t0 if duration_s is None else duration_s,
+                    replayed=replayed,
+                    error=error,
+                    detached=detached,
+                )
+            )
+
+        def finished(done: FinishedOperation) -> None:
+            """The operation of a call whose caller went away has ended (agent.scopes)."""
+            audit(done.code, error=done.message, detached=True, duration_s=done.duration_s)
+
         try:
             caller = _caller(self._auth, context)
-            who = caller.name
-            self._auth.require(caller, "control")
-            reply = await handler(who)
+            who, via = caller.name, caller.via
+            if isinstance(request, Undecodable):
+                scope = "control"  # what the request would have needed cannot be known
+                self._auth.require(caller, scope)
+                raise request.error()
+            agent = self._agent
+            scope, why = control_scope(rpc, request, caller, agent.lease_view(), agent.workers.count)
+            self._auth.require(caller, scope, why=why)
+            check_generation_value(generation or 0)
+            reply = await act(request, caller.name, on_detached=finished, may_take_over=scope == "admin")
+        except asyncio.CancelledError:
+            audit("CANCELLED", error="the caller cancelled the call or its deadline passed")
+            raise
         except Exception as exc:
             code = exc.code if isinstance(exc, RecordedStatus) else status_for(exc)
-            self._agent.audit(who, rpc, generation, code.name, error=str(exc))
+            audit(code.name, error=str(exc))
             await _abort(context, exc)
-        self._agent.audit(who, rpc, generation, "OK", replayed=bool(getattr(reply, "replayed", False)))
+        audit("OK", replayed=bool(getattr(reply, "replayed", False)))
         return reply
 
     async def ApplyGpuConfig(
-        self,
-        request: control_pb2.ApplyGpuConfigRequest,
-        context: grpc.aio.ServicerContext[
-            control_pb2.ApplyGpuConfigRequest, control_pb2.ApplyGpuConfigResponse
-        ],
+        self, request: control_pb2.ApplyGpuConfigRequest | Undecodable, context: Context
     ) -> control_pb2.ApplyGpuConfigResponse:
-        return await self._call(
-            "ApplyGpuConfig",
-            request.generation,
-            context,  # type: ignore[arg-type]
-            lambda who: self._agent.apply_gpu_config(request, who),
+        reply: control_pb2.ApplyGpuConfigResponse = await self._call(
+            "ApplyGpuConfig", request, context, self._agent.apply_gpu_config
         )
+        return reply
 
     async def ReconfigureEngine(
-        self,
-        request: control_pb2.ReconfigureEngineRequest,
-        context: grpc.aio.ServicerContext[
-            control_pb2.ReconfigureEngineRequest, control_pb2.ReconfigureEngineResponse
-        ],
+        self, request: control_pb2.ReconfigureEngineRequest | Undecodable, context: Context
     ) -> control_pb2.ReconfigureEngineResponse:
-        return await self._call(
-            "ReconfigureEngine",
-            request.generation,
-            context,  # type: ignore[arg-type]
-            lambda who: self._agent.reconfigure_engine(request, who),
+        reply: control_pb2.ReconfigureEngineResponse = await self._call(
+            "ReconfigureEngine", request, context, self._agent.reconfigure_engine
         )
+        return reply
 
     async def StopEngine(
-        self,
-        request: control_pb2.StopEngineRequest,
-        context: grpc.aio.ServicerContext[control_pb2.StopEngineRequest, control_pb2.StopEngineResponse],
+        self, request: control_pb2.StopEngineRequest | Undecodable, context: Context
     ) -> control_pb2.StopEngineResponse:
-        return await self._call(
-            "StopEngine",
-            request.generation,
-            context,  # type: ignore[arg-type]
-            lambda who: self._agent.stop_engine(request, who),
+        reply: control_pb2.StopEngineResponse = await self._call(
+            "StopEngine", request, context, self._agent.stop_engine
         )
+        return reply
 
     async def RenewLease(
-        self,
-        request: control_pb2.RenewLeaseRequest,
-        context: grpc.aio.ServicerContext[control_pb2.RenewLeaseRequest, control_pb2.RenewLeaseResponse],
+        self, request: control_pb2.RenewLeaseRequest | Undecodable, context: Context
     ) -> control_pb2.RenewLeaseResponse:
-        return await self._call(
-            "RenewLease",
-            request.generation,
-            context,  # type: ignore[arg-type]
-            lambda who: self._agent.renew_lease(request, who),
+        reply: control_pb2.RenewLeaseResponse = await self._call(
+            "RenewLease", request, context, self._agent.renew_lease
         )
+        return reply
 
     async def RestoreDefaults(
-        self,
-        request: control_pb2.RestoreDefaultsRequest,
-        context: grpc.aio.ServicerContext[
-            control_pb2.RestoreDefaultsRequest, control_pb2.RestoreDefaultsResponse
-        ],
+        self, request: control_pb2.RestoreDefaultsRequest | Undecodable, context: Context
     ) -> control_pb2.RestoreDefaultsResponse:
-        return await self._call(
-            "RestoreDefaults",
-            request.generation,
-            context,  # type: ignore[arg-type]
-            lambda who: self._agent.restore_defaults(request, who),
+        reply: control_pb2.RestoreDefaultsResponse = await self._call(
+            "RestoreDefaults", request, context, self._agent.restore_defaults
         )
+        return reply
+
+
+# ------------------------------------------------------------------------------------- registration
+
+
+def _unary(behavior: Any, request: type[Message], response: type[Message]) -> grpc.RpcMethodHandler[Any, Any]:
+    return grpc.unary_unary_rpc_method_handler(
+        behavior, request_deserializer=decode_as(request), response_serializer=response.SerializeToString
+    )
+
+
+def add_services(server: grpc.aio.Server, telemetry: TelemetryServicer, control: ControlServicer) -> None:
+    """Both services on `server`, every method with the lenient request decoder (`decode_as`)."""
+    c, t = control_pb2, telemetry_pb2
+    services: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {
+        TELEMETRY_SERVICE: {
+            "GetInventory": _unary(telemetry.GetInventory, t.GetInventoryRequest, t.GetInventoryResponse),
+            "StreamTelemetry": grpc.unary_stream_rpc_method_handler(
+                telemetry.StreamTelemetry,
+                request_deserializer=decode_as(t.StreamTelemetryRequest),
+                response_serializer=t.TelemetrySample.SerializeToString,
+            ),
+        },
+        CONTROL_SERVICE: {
+            "ApplyGpuConfig": _unary(
+                control.ApplyGpuConfig, c.ApplyGpuConfigRequest, c.ApplyGpuConfigResponse
+            ),
+            "ReconfigureEngine": _unary(
+                control.ReconfigureEngine, c.ReconfigureEngineRequest, c.ReconfigureEngineResponse
+            ),
+            "StopEngine": _unary(control.StopEngine, c.StopEngineRequest, c.StopEngineResponse),
+            "RenewLease": _unary(control.RenewLease, c.RenewLeaseRequest, c.RenewLeaseResponse),
+            "RestoreDefaults": _unary(
+                control.RestoreDefaults, c.RestoreDefaultsRequest, c.RestoreDefaultsResponse
+            ),
+        },
+    }
+    for name, handlers in services.items():
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ DEFAULT_CONFIG_PATH = Path("/etc/dynamollm/agent.toml")
 BACKENDS = ("nvml", "simulated")
 ENGINE_KINDS = ("vllm", "simulated")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-TOKEN_SCOPES = ("read", "control")
+# Scopes of bearer tokens and client certificates (docs/agent.md, *Access*): read = NodeTelemetry;
+# control = GPU clocks and power under the caller's own lease; admin = what preempts others or starts and
+# stops processes: engine lifecycle, RestoreDefaults of every GPU, taking over another holder's lease.
+TOKEN_SCOPES = ("read", "control", "admin")
 # Format fields a command template may use; `agent.engine.driver` fills them per engine instance.
 SIMULATED_ENGINE_COMMAND = (
     "{python} -m agent.sim.engine --model {model} --gpu {gpu} --tp {tp} --port {port} --gpus {gpus} "
@@ -49,6 +53,20 @@ class BearerToken:
     name: str
     token: str
     scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """The server's certificate chain and key (PEM), and the CA that client certificates must chain to
+    (None: no client certificates asked for). Read once at start-up."""
+
+    cert_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+    client_ca: bytes | None = field(repr=False)
+    client_scopes: frozenset[str]  # what a verified client certificate alone grants
+    cert_path: Path
+    key_path: Path
+    client_ca_path: Path | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +116,11 @@ class AgentSettings:
     simulated: SimulatedSettings
     telemetry: TelemetrySettings
     engine: EngineSettings
+    allow_unauthenticated_loopback: bool = False
+    unix_socket_mode: int = 0o660
+    tls: TlsSettings | None = None
+    audit_max_bytes: int = 8 * 2**20
+    audit_backups: int = 3
 
     @property
     def state_file(self) -> Path:
@@ -137,6 +160,18 @@ def _ratio(v: Any) -> str | None:
     return None if 0 < v < 1 else "0 < ratio < 1"
 
 
+def _between(low: int, high: int) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"{low}..{high}"
+
+
+def _file_mode(v: Any) -> str | None:
+    return None if re.fullmatch(r"0?[0-7]{3}", v) else "an octal file mode such as 0660 or 0600"
+
+
+def _scopes(v: Any) -> str | None:
+    return None if all(s in TOKEN_SCOPES for s in v) else "a list of " + ", ".join(TOKEN_SCOPES)
+
+
 KEYS: tuple[_Key, ...] = (
     _Key(
         "listen",
@@ -147,13 +182,42 @@ KEYS: tuple[_Key, ...] = (
     _Key("node_id", str, None, "stable node name in GetInventory (default: the hostname)"),
     _Key("runtime_dir", str, "/run/dynamollm-agent", "state file, engine logs, simulated node state"),
     _Key("gpu.backend", str, "nvml", "GPU backend", _one_of(BACKENDS)),
-    _Key("reflection", bool, True, "serve gRPC server reflection"),
+    _Key(
+        "unix_socket_mode",
+        str,
+        "0660",
+        "file mode of the socket with listen = unix:/path (who may connect)",
+        _file_mode,
+    ),
+    _Key(
+        "reflection",
+        bool,
+        None,
+        "serve gRPC server reflection (default: off when tokens or TLS are configured, else on)",
+    ),
     _Key("max_lease_s", float, 600.0, "longest lease ApplyGpuConfig / RenewLease may ask for", _positive),
     _Key(
         "auth.tokens_file",
         str,
         "",
-        "TOML file of bearer tokens with scopes; empty: control only from loopback",
+        "TOML file of bearer tokens with scopes (readable by its owner only)",
+    ),
+    _Key(
+        "auth.allow_unauthenticated_loopback",
+        bool,
+        None,
+        "loopback/Unix-socket callers without a token get every scope (default: true with "
+        "gpu.backend simulated and neither tokens nor TLS configured, else false)",
+    ),
+    _Key("tls.cert", str, "", "server certificate chain (PEM); with tls.key: serve TLS"),
+    _Key("tls.key", str, "", "server private key (PEM; readable by its owner only)"),
+    _Key("tls.client_ca", str, "", "CA (PEM) client certificates must chain to; set: mTLS required"),
+    _Key(
+        "tls.client_scopes",
+        tuple,
+        ("read",),
+        "scopes a verified client certificate grants without a bearer token",
+        _scopes,
     ),
     _Key("log_level", str, "info", "log level", _one_of(LOG_LEVELS)),
     _Key(
@@ -164,6 +228,14 @@ KEYS: tuple[_Key, ...] = (
         _one_of(("true", "false", "auto")),
     ),
     _Key("audit_log", str, None, "JSON-lines audit log of control calls (default: RUNTIME_DIR/audit.jsonl)"),
+    _Key(
+        "audit.max_bytes",
+        int,
+        8 * 2**20,
+        "size at which the audit log is rotated",
+        _between(4096, 2**40),
+    ),
+    _Key("audit.backups", int, 3, "rotated audit logs kept (audit_log.1 .. .N)", _between(0, 100)),
     _Key("simulated.gpus", int, 8, "number of simulated GPUs", _at_least(1)),
     _Key("simulated.gpu", str, "h100-sxm", "simulated GPU type (physics model)", _one_of(("h100-sxm",))),
     _Key(
@@ -315,9 +387,58 @@ def _parse_listen(listen: str) -> None:
     raise InvalidArgumentError("listen", listen, "HOST:PORT, [IPV6]:PORT or unix:/path, port 0..65535")
 
 
+def check_private_file(key: str, path: Path) -> None:
+    """A secret (tokens file, TLS key) must exist and be readable by its owner only: InvalidArgumentError
+    naming the key, the mode and the fix otherwise (the agent refuses to start, exit status 2)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise InvalidArgumentError(key, str(path), f"a readable file ({exc.strerror})") from None
+    if mode & 0o077:
+        raise InvalidArgumentError(
+            key, f"{path} (mode {mode:04o})", "a file only its owner can read or write: chmod 600 (or 400) it"
+        )
+
+
+def _read_pem(key: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgumentError(key, str(path), f"a readable PEM file ({exc.strerror})") from None
+    if b"-----BEGIN " not in data:
+        raise InvalidArgumentError(key, str(path), "a PEM file (-----BEGIN ...)")
+    return data
+
+
+def load_tls(values: Mapping[str, Any]) -> TlsSettings | None:
+    """The [tls] keys: certificate and key together (or neither); a client CA needs both."""
+    cert, key, client_ca = values["tls.cert"], values["tls.key"], values["tls.client_ca"]
+    if not cert and not key:
+        if client_ca:
+            raise InvalidArgumentError(
+                "tls.client_ca", client_ca, "empty unless tls.cert and tls.key are set"
+            )
+        return None
+    if not cert or not key:
+        missing = "tls.cert" if not cert else "tls.key"
+        raise InvalidArgumentError(missing, "", "a PEM file path: tls.cert and tls.key go together")
+    check_private_file("tls.key", Path(key))
+    return TlsSettings(
+        cert_chain=_read_pem("tls.cert", Path(cert)),
+        private_key=_read_pem("tls.key", Path(key)),
+        client_ca=_read_pem("tls.client_ca", Path(client_ca)) if client_ca else None,
+        client_scopes=frozenset(values["tls.client_scopes"]),
+        cert_path=Path(cert),
+        key_path=Path(key),
+        client_ca_path=Path(client_ca) if client_ca else None,
+    )
+
+
 def load_tokens(path: Path) -> tuple[BearerToken, ...]:
-    """Bearer tokens from a TOML file of `[[tokens]]` tables with `name`, `token` and `scopes`."""
+    """Bearer tokens from a TOML file of `[[tokens]]` tables with `name`, `token` and `scopes`; the file
+    must be readable by its owner only (`check_private_file`)."""
     field = "auth.tokens_file"
+    check_private_file(field, path)
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -351,8 +472,13 @@ def merge_settings(
     cli_values: Mapping[str, Any],
     *,
     hostname: str,
+    load_secrets: bool = True,
 ) -> AgentSettings:
-    """Pure merge: TOML table < environment < CLI, validated and with derived defaults filled in."""
+    """Pure merge: TOML table < environment < CLI, validated and with derived defaults filled in.
+
+    `load_secrets=False` leaves the tokens file and the TLS files unread (no tokens, no TLS): for
+    `dynamollm-agent restore-defaults`, which serves nothing and must restore GPUs even when a secret's
+    file mode would stop the server from starting."""
     values: dict[str, Any] = {k.name: k.default for k in KEYS}
     for name, value in _flatten(file_values).items():
         if name not in _BY_NAME:
@@ -401,14 +527,21 @@ def merge_settings(
     if options_allowed is None:
         options_allowed = SIMULATED_ENGINE_OPTIONS if engine_kind == "simulated" else VLLM_ENGINE_OPTIONS
     tokens_file = values["auth.tokens_file"]
-    tokens = load_tokens(Path(tokens_file)) if tokens_file else ()
+    tokens = load_tokens(Path(tokens_file)) if tokens_file and load_secrets else ()
+    tls = load_tls(values) if load_secrets else None
     log_json = {"true": True, "false": False, "auto": None}[values["log_json"]]
+    reflection = values["reflection"]
+    if reflection is None:  # an API map for anyone who can connect: only where nobody else can
+        reflection = not tokens and tls is None
+    allow_loopback = values["auth.allow_unauthenticated_loopback"]
+    if allow_loopback is None:  # a simulated node with no credentials configured is a local demo
+        allow_loopback = backend == "simulated" and not tokens and tls is None
     return AgentSettings(
         listen=values["listen"],
         node_id=values["node_id"] or hostname,
         runtime_dir=runtime_dir,
         gpu_backend=backend,
-        reflection=values["reflection"],
+        reflection=reflection,
         max_lease_s=values["max_lease_s"],
         tokens=tokens,
         log_level=values["log_level"],
@@ -442,6 +575,11 @@ def merge_settings(
             base_port=values["engine.base_port"],
             log_dir=Path(values["engine.log_dir"]) if values["engine.log_dir"] else runtime_dir / "engines",
         ),
+        allow_unauthenticated_loopback=allow_loopback,
+        unix_socket_mode=int(values["unix_socket_mode"], 8),
+        tls=tls,
+        audit_max_bytes=values["audit.max_bytes"],
+        audit_backups=values["audit.backups"],
     )
 
 
@@ -450,6 +588,7 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     cli_values: Mapping[str, Any] | None = None,
+    load_secrets: bool = True,
 ) -> AgentSettings:
     """Read the TOML file (the default path only if it exists), then merge environment and CLI values."""
     file_values: dict[str, Any] = {}
@@ -470,4 +609,5 @@ def load_settings(
         os.environ if env is None else env,
         cli_values or {},
         hostname=os.uname().nodename,
+        load_secrets=load_secrets,
     )

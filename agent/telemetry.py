@@ -8,6 +8,14 @@ offers it to every `Subscription`.
 A subscription keeps every `stride`-th sample in a queue of at most `subscriber_queue` samples; when a
 slow reader lets it fill, the oldest sample is dropped and counted, so neither the sampler nor other
 subscribers ever wait for it. `agent.service.StreamTelemetry` drains a subscription into the gRPC stream.
+Each sample also keeps, per GPU, the clock lock the agent had applied at that instant (the node's
+`clock_targets` callback, from the state `agent.safety` keeps), so every GpuSample carries target and
+measured clock side by side (and the lock read back where the backend can).
+
+Stream periods are validated before a subscription exists (`agent.control.validate_stream`): a period
+outside [max(min_period_s, sampler period), max_period_s] is INVALID_ARGUMENT naming period_s, checked
+before the stride `period_s / sampler period` is computed (1e308 / 0.05 overflows to inf, which used to
+surface as INTERNAL). `Subscription` refuses a plan whose stride is not a positive integer.
 
 Energy cross-check: over the ring buffer, the energy counter's increase is compared with the integral of
 the sampled power (`energy_discrepancy`, pure): a trapezoid for instantaneous readings, and for readings
@@ -30,6 +38,7 @@ from dataclasses import dataclass
 import structlog
 
 from agent.api.clock import Clock
+from agent.api.errors import InvalidArgumentError
 from agent.api.v1 import common_pb2, telemetry_pb2
 from agent.control import StreamPlan
 from agent.convert import gpu_sample_pb
@@ -39,6 +48,8 @@ from agent.gpu.worker import GpuWorkers
 log = structlog.get_logger("agent.telemetry")
 
 EngineScraper = Callable[[], Awaitable[Sequence[common_pb2.EngineMetrics]]]
+# GPU index -> the SM clock lock (min, max) MHz the agent applied; None: driver-default clocks.
+ClockTargets = Callable[[int], tuple[int, int] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,9 @@ class NodeSample:
     monotonic_s: float
     readings: tuple[tuple[int, GpuReading], ...]
     engines: tuple[common_pb2.EngineMetrics, ...]
+    # (GPU index, the lock the agent had applied, None: default clocks) for the GPUs read; empty
+    # without a `clock_targets` callback.
+    targets: tuple[tuple[int, tuple[int, int] | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +143,8 @@ class Subscription:
     """One StreamTelemetry caller's queue: every `plan.stride`-th sample, newest `maxlen` kept."""
 
     def __init__(self, plan: StreamPlan, maxlen: int) -> None:
+        if isinstance(plan.stride, bool) or not isinstance(plan.stride, int) or plan.stride < 1:
+            raise InvalidArgumentError("period_s", plan.period_s, "a whole multiple of the sampler period")
         self.plan = plan
         self.dropped_count = 0
         self._wanted = frozenset(plan.gpu_indices)
@@ -153,10 +169,11 @@ class Subscription:
         return self._queue.popleft()
 
     def to_pb(self, sample: NodeSample) -> telemetry_pb2.TelemetrySample:
+        targets = dict(sample.targets)
         return telemetry_pb2.TelemetrySample(
             ts_unix_ns=sample.ts_unix_ns,
             period_s=self.plan.period_s,
-            gpus=[gpu_sample_pb(i, r) for i, r in sample.readings if i in self._wanted],
+            gpus=[gpu_sample_pb(i, r, targets.get(i)) for i, r in sample.readings if i in self._wanted],
             engines=list(sample.engines) if self.plan.include_engines else [],
             dropped_samples_count=self.dropped_count,
         )
@@ -175,6 +192,7 @@ class TelemetrySampler:
         subscriber_queue: int,
         mismatch_ratio: float,
         scrape_engines: EngineScraper | None = None,
+        clock_targets: ClockTargets | None = None,
     ) -> None:
         self.period_s = period_s
         self.ring: deque[NodeSample] = deque(maxlen=buffer)
@@ -185,6 +203,7 @@ class TelemetrySampler:
         self._subscriber_queue = subscriber_queue
         self._mismatch_ratio = mismatch_ratio
         self._scrape_engines = scrape_engines
+        self._clock_targets = clock_targets
         self._subscriptions: set[Subscription] = set()
         self._seq = 0
         self._failing: set[int] = set()  # GPUs whose last read failed (log once per failure streak)
@@ -211,6 +230,8 @@ class TelemetrySampler:
             s.plan.include_engines for s in self._subscriptions
         )
         indices = list(range(self._workers.count))
+        # The targets in force when the reads start (a clock change lands in the next sample).
+        targets_at_start = {i: self._clock_targets(i) for i in indices} if self._clock_targets else {}
         if want_engines and self._scrape_engines is not None:
             results, engines = await asyncio.gather(self._workers.read_many(indices), self._scrape_engines())
         else:
@@ -227,7 +248,10 @@ class TelemetrySampler:
                 log.info("gpu_read_recovered", gpu_index=index)
             readings.append((index, result))
         self._seq += 1
-        return NodeSample(self._seq, ts_unix_ns, monotonic_s, tuple(readings), tuple(engines))
+        targets = tuple(
+            (index, targets_at_start[index]) for index, _ in readings if index in targets_at_start
+        )
+        return NodeSample(self._seq, ts_unix_ns, monotonic_s, tuple(readings), tuple(engines), targets)
 
     def publish(self, sample: NodeSample) -> None:
         self.ring.append(sample)

@@ -47,7 +47,12 @@ RETRY_S = 0.05
 
 
 def _settings(run_dir: Path, values: dict[str, Any]) -> AgentSettings:
-    base: dict[str, Any] = {"listen": "127.0.0.1:0", "runtime_dir": str(run_dir), "log_level": "error"}
+    base: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "runtime_dir": str(run_dir),
+        "log_level": "error",
+        "auth": {"allow_unauthenticated_loopback": True},  # a benchmark on loopback, no tokens
+    }
     return merge_settings({**base, **values}, {}, {}, hostname="bench")
 
 

@@ -6,6 +6,9 @@ come back as our error tree through the table shared with the agent (`agent.api.
 callers catch `ConflictError` for a stale generation, `UnavailableError` for an unreachable node, and
 so on, never `grpc.aio.AioRpcError`. Replies are the generated protobuf messages (typed by their .pyi).
 
+Security: `token` is sent as a bearer token on every call; `tls` (`ClientTls`, e.g. from PEM files with
+`ClientTls.from_files`) makes the channel TLS, with a client certificate for agents that require mTLS.
+
 Generations: `GenerationSource` hands out increasing generations for one process (wall-clock
 nanoseconds, bumped to stay strictly increasing), so that separate `dctl` runs against one node keep
 increasing too. The controller uses its own persisted counter instead.
@@ -17,7 +20,8 @@ import math
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Final
 
@@ -28,6 +32,7 @@ from agent.api.errors import (
     DynamoError,
     InternalError,
     InvalidArgumentError,
+    clip,
 )
 from agent.api.status import ERROR_FOR_STATUS
 from agent.api.v1 import control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
@@ -38,6 +43,8 @@ _INVALID_ARGUMENT_RE: Final = re.compile(
 )
 
 DEFAULT_TIMEOUT_S: Final = 10.0
+# A foreign or broken server's status message is shown at most this long.
+MAX_DETAILS_CHARS: Final = 2000
 
 
 def error_from_status(code: grpc.StatusCode, details: str, *, target: str, rpc: str) -> DynamoError:
@@ -45,6 +52,7 @@ def error_from_status(code: grpc.StatusCode, details: str, *, target: str, rpc: 
     (field, value and allowed values are parsed back into the error's attributes when it has that form);
     other errors name the RPC and the node so that a one-line report is enough to act on."""
     cls = ERROR_FOR_STATUS.get(code, InternalError)
+    details = clip(details, MAX_DETAILS_CHARS)
     if issubclass(cls, InvalidArgumentError):
         match = _INVALID_ARGUMENT_RE.match(details)
         if match is None:
@@ -68,6 +76,67 @@ class GpuClockSetting:
     power_limit_w: float | None = None  # None: the GPU's default power limit
 
 
+def _read_pem(name: str, path: str | Path) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgumentError(name, str(path), f"a readable PEM file ({exc.strerror})") from None
+    if b"-----BEGIN " not in data:
+        raise InvalidArgumentError(name, str(path), "a PEM file (-----BEGIN ...)")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """TLS for the channel to an agent: the CA that signed the agent's certificate (None: the system's
+    roots), and the client certificate chain and key an agent with `tls.client_ca` requires (mTLS).
+    `server_name` overrides the name checked against the agent's certificate (connecting by IP address
+    to a certificate issued for a host name)."""
+
+    root_certificates: bytes | None = field(default=None, repr=False)
+    certificate_chain: bytes | None = field(default=None, repr=False)
+    private_key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise InvalidArgumentError(
+                "certificate_chain" if self.certificate_chain is None else "private_key",
+                None,
+                "a client certificate and its key go together",
+            )
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        server_name: str | None = None,
+        names: tuple[str, str, str] = ("ca_file", "cert_file", "key_file"),
+    ) -> ClientTls:
+        """Read the PEM files; InvalidArgumentError names the option (`names`: how the caller calls them,
+        e.g. dctl's flags) of a missing, unreadable or non-PEM file, or a certificate without its key."""
+        ca_name, cert_name, key_name = names
+        if (cert_file is None) != (key_file is None):
+            missing, given = (cert_name, key_name) if cert_file is None else (key_name, cert_name)
+            raise InvalidArgumentError(missing, None, f"a PEM file path, required with {given}")
+        return cls(
+            root_certificates=None if ca_file is None else _read_pem(ca_name, ca_file),
+            certificate_chain=None if cert_file is None else _read_pem(cert_name, cert_file),
+            private_key=None if key_file is None else _read_pem(key_name, key_file),
+            server_name=server_name,
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+
 class GenerationSource:
     """Strictly increasing generations for one process, anchored on the wall clock (nanoseconds since the
     epoch) so that a later process starts above an earlier one on the same host."""
@@ -85,7 +154,8 @@ class AgentClient:
     """One channel to one agent; every method is one RPC (stream_telemetry: one stream).
 
     `target` is a gRPC target, "HOST:PORT" or "unix:/path". `token` is sent as
-    "authorization: Bearer TOKEN" on every call; `credentials` switches to a TLS channel.
+    "authorization: Bearer TOKEN" on every call; `tls` (or ready-made `credentials`) switches to a TLS
+    channel.
     `timeout_s` is the deadline of each unary call unless the method is given its own.
     Use as `async with AgentClient(...) as client:` or call `close()`.
     """
@@ -97,17 +167,27 @@ class AgentClient:
         token: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         if not target:
             raise InvalidArgumentError("target", target, "HOST:PORT or unix:/path")
         _check_positive("timeout_s", timeout_s)
+        options: list[tuple[str, str]] = []
+        if tls is not None:
+            if credentials is not None:
+                raise InvalidArgumentError("tls", "with credentials", "one of tls and credentials")
+            credentials = tls.credentials()
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
         self.target = target
         self.timeout_s = timeout_s
         self._metadata: tuple[tuple[str, str], ...] = (
             () if token is None else (("authorization", f"Bearer {token}"),)
         )
         self._channel = (
-            aio.insecure_channel(target) if credentials is None else aio.secure_channel(target, credentials)
+            aio.insecure_channel(target)
+            if credentials is None
+            else aio.secure_channel(target, credentials, options=options)
         )
         self._telemetry = telemetry_pb2_grpc.NodeTelemetryStub(self._channel)
         self._control = control_pb2_grpc.NodeControlStub(self._channel)

@@ -8,12 +8,35 @@ these errors to gRPC status codes and CLI exit codes in one place each.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
+
+# Values a caller sent are echoed into status messages, logs and the audit log at most this long: a
+# 100 kB engine id must not become a 100 kB status message (it would overflow a client's 8-16 kB
+# metadata limit and surface as RESOURCE_EXHAUSTED) nor a 100 kB log line.
+ECHO_LIMIT_CHARS: Final = 200
+# What the allowed values of a message may take (server-side text, normally far shorter).
+ALLOWED_LIMIT_CHARS: Final = 2000
+
+
+def clip(text: str, limit: int = ECHO_LIMIT_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def echo(value: object, limit: int = ECHO_LIMIT_CHARS) -> str:
+    """How a received value is shown in a message: its repr, cut to `limit` characters."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{repr(value[:limit])[:limit]}... ({len(value)} {unit})"
+    return clip(repr(value), limit)
 
 
 def _fmt_allowed(allowed: Iterable[object] | str) -> str:
     if isinstance(allowed, str):
-        return allowed
-    return ", ".join(str(a) for a in allowed)
+        return clip(allowed, ALLOWED_LIMIT_CHARS)
+    return clip(", ".join(str(a) for a in allowed), ALLOWED_LIMIT_CHARS)
 
 
 class DynamoError(Exception):
@@ -26,14 +49,15 @@ class InvalidArgumentError(DynamoError):
     """A value supplied by a caller (RPC field, CLI flag, config key) is not acceptable.
 
     The message names the field, the value received and the allowed values, so that an operator can
-    fix the input without reading code.
+    fix the input without reading code. The value, and a field path that embeds received text (a map
+    key), are echoed at most `ECHO_LIMIT_CHARS` long (`echo`).
     """
 
     def __init__(self, field: str, value: object, allowed: Iterable[object] | str) -> None:
-        self.field = field
+        self.field = clip(field)
         self.value = value
         self.allowed = _fmt_allowed(allowed)
-        super().__init__(f"{field}: got {value!r}; allowed: {self.allowed}")
+        super().__init__(f"{self.field}: got {echo(value)}; allowed: {self.allowed}")
 
 
 class OutOfRangeError(InvalidArgumentError):

@@ -8,6 +8,16 @@ engine instance as a subprocess from a command template (real `vllm serve`, or t
 (so SIGTERM/SIGKILL reach its workers too), with stdout/stderr in a log file whose tail explains start
 failures.
 
+Engines are owned (`agent.engine.ownership`): each gets a parent-death signal (it goes when the agent
+dies, SIGKILL included), and every running engine process is listed in the driver's record file, which
+`adopt_or_stop` reads when an agent starts: an engine that is still the same process and healthy is
+managed again (READY), any other has its process group killed. Before it starts an engine the driver
+asks the GPU backend which processes hold the engine's GPUs (`gpu_processes` seam) and refuses GPUs held
+by a process that is not one of its engines. Everything is validated (spec, option values with their
+types, GPU and port conflicts, foreign processes) before anything stops; a failed reconfiguration rolls
+back to the previous configuration with a ready timeout derived from that configuration's own measured
+start time, never the caller's.
+
 Two seams keep the logic testable without mock.patch: `HttpClient` (GET /health, GET /metrics, POST
 /admin/drain) and `Spawner` (launch a process, signal its group, wait). Defaults: `AiohttpClient` and
 `SubprocessSpawner`. Errors are raised from `agent.api.errors` only.
@@ -25,7 +35,7 @@ import signal
 import string
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,12 +46,31 @@ import structlog
 from agent.api.clock import Clock, SystemClock
 from agent.api.errors import (
     DataFileError,
+    DynamoError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
+    UnsupportedError,
 )
 from agent.engine.metrics import EngineMetrics, extract_engine_metrics, parse_prometheus_text
+from agent.engine.options import validate_engine_options
+from agent.engine.ownership import (
+    AdoptedProcess,
+    EngineRecord,
+    GpuProcessLister,
+    RecordEntry,
+    group_is_ours,
+    load_records,
+    parent_death_argv,
+    process_name,
+    process_session_id,
+    process_start_ticks,
+    same_process,
+    save_records,
+    signal_group,
+)
+from agent.gpu.base import GpuProcess
 
 log = structlog.get_logger(__name__)
 
@@ -57,9 +86,17 @@ SIMULATED_COMMAND_TEMPLATE = (
 TEMPLATE_FIELDS = ("engine_id", "model", "tp", "pp", "port", "gpus", "python")
 
 ENGINE_ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-OPTION_KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+MAX_MODEL_CHARS = 256
 LOG_TAIL_LINES = 20
 LOG_TAIL_CHARS = 4000
+RECORD_FILE_NAME = "engines.json"
+# A rollback restarts a configuration that has already started on this node: it gets that start's
+# measured time times this margin, at least the floor (model weights may have left the page cache
+# meanwhile), and the driver's default ready timeout when no start was measured (an adopted engine
+# whose record predates the measurement).
+ROLLBACK_READY_MARGIN = 3.0
+ROLLBACK_READY_FLOOR_S = 30.0
+ADOPTION_HEALTH_TIMEOUT_S = 5.0
 
 
 class EngineState(enum.Enum):
@@ -117,6 +154,22 @@ class ReconfigureTimings:
     stop_s: float
     start_s: float
     restarted: bool  # False when the engine already ran this spec and nothing was done
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptionOutcome:
+    """What `adopt_or_stop` did with one entry of the record file.
+
+    outcome: "adopted" (same process, /health 200: managed again, READY); "stopped" (same process but
+    not healthy, not adoptable, or its GPUs/port/id taken: its process group was killed); "gone" (the
+    process had exited: leftover members of its group were killed); "pid_reused" (the pid now belongs to
+    another process: nothing signalled). Every entry is dropped from the file except adopted ones.
+    """
+
+    engine_id: str
+    pid: int
+    outcome: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,12 +259,19 @@ class _AsyncioProcess:
 
 
 class SubprocessSpawner:
-    """`Spawner` with asyncio subprocesses in a new session (setsid), output appended to the log file."""
+    """`Spawner` with asyncio subprocesses in a new session (setsid), given a parent-death signal by a
+    small launcher that execs the engine (`agent.engine.ownership.parent_death_argv`), output appended to
+    the log file.
+
+    Call `spawn` on the event loop's thread (asyncio forks there): the parent-death signal fires when the
+    forking thread exits, and the loop's thread lives as long as the agent.
+    """
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> EngineProcess:
+        launched = parent_death_argv(argv, env)  # FileNotFoundError (an OSError) for a missing program
         with open(log_path, "ab") as log_file:  # the child keeps its own descriptor
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *launched,
                 env=dict(env),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
@@ -239,6 +299,8 @@ class _Engine:
     expected_exit: bool = False  # the driver is stopping it: an exit is not a failure
     last_metrics: EngineMetrics | None = None
     watcher: asyncio.Task[None] | None = None
+    start_ticks: int | None = None  # the running process's start time (/proc/PID/stat field 22)
+    ready_s: float | None = None  # how long the running process took to become READY (None: not yet)
 
     def holds_resources(self) -> bool:
         return self.busy or self.state in LIVE_STATES
@@ -259,8 +321,12 @@ def validate_spec(spec: EngineSpec) -> None:
         raise InvalidArgumentError(
             "engine_id", spec.engine_id, "1-63 characters of [a-z0-9-], starting with a letter"
         )
-    if not spec.model or spec.model != spec.model.strip():
-        raise InvalidArgumentError("model", spec.model, "a non-empty model name without surrounding spaces")
+    if not spec.model or spec.model != spec.model.strip() or len(spec.model) > MAX_MODEL_CHARS:
+        raise InvalidArgumentError(
+            "model",
+            spec.model,
+            f"a non-empty model name of at most {MAX_MODEL_CHARS} characters, no surrounding spaces",
+        )
     if not spec.gpu_indices:
         raise InvalidArgumentError("gpu_indices", list(spec.gpu_indices), "a non-empty list of GPU indices")
     if any(i < 0 for i in spec.gpu_indices) or len(set(spec.gpu_indices)) != len(spec.gpu_indices):
@@ -270,13 +336,7 @@ def validate_spec(spec: EngineSpec) -> None:
         raise InvalidArgumentError("tp_degree", spec.tp_degree, [d for d in range(1, n + 1) if n % d == 0])
     if not 1 <= spec.http_port <= 65535:
         raise InvalidArgumentError("http_port", spec.http_port, "1..65535")
-    for key, value in spec.options.items():
-        if not OPTION_KEY_PATTERN.match(key):
-            raise InvalidArgumentError(
-                "engine_options", key, "flag names of [a-z0-9-] without leading dashes"
-            )
-        if "\x00" in value:
-            raise InvalidArgumentError(f"engine_options[{key}]", value, "a string without NUL characters")
+    validate_engine_options(spec.options)
 
 
 def _check_ready_timeout(ready_timeout_s: float | None) -> None:
@@ -309,6 +369,13 @@ class EngineDriver:
     {tp} {pp} {port} {gpus} (comma-joined indices) {python} and the keys of `template_vars`; the spec's
     options follow as `--key value` (`--key` alone for an empty value). Unknown template fields raise
     InvalidArgumentError("engine.command", ...) here, at construction.
+
+    `record_path` is the record file of running engines (default LOG_DIR/engines.json; the agent passes
+    RUNTIME_DIR/engines.json); call `adopt_or_stop` once, before the first start, to take over or stop
+    what a previous agent left running. `gpu_processes` lists the compute processes on GPUs
+    (`agent.engine.ownership.gpu_process_lister` over the agent's GPU workers); without it no GPU is
+    checked for foreign processes. A rollback waits for READY up to `rollback_ready_margin` x the previous
+    configuration's measured start time, at least `rollback_ready_floor_s`.
     """
 
     def __init__(
@@ -325,6 +392,10 @@ class EngineDriver:
         env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         poll_s: float = 0.1,
+        record_path: Path | None = None,
+        gpu_processes: GpuProcessLister | None = None,
+        rollback_ready_margin: float = ROLLBACK_READY_MARGIN,
+        rollback_ready_floor_s: float = ROLLBACK_READY_FLOOR_S,
     ) -> None:
         try:
             self._argv_template = shlex.split(command_template)
@@ -342,6 +413,10 @@ class EngineDriver:
             raise InvalidArgumentError("engine.ready_timeout_s", ready_timeout_s, "> 0")
         if stop_grace_s < 0:
             raise InvalidArgumentError("engine.stop_grace_s", stop_grace_s, ">= 0")
+        if not rollback_ready_margin >= 1.0:
+            raise InvalidArgumentError("rollback_ready_margin", rollback_ready_margin, ">= 1")
+        if not rollback_ready_floor_s > 0:
+            raise InvalidArgumentError("rollback_ready_floor_s", rollback_ready_floor_s, "> 0 seconds")
         self.command_template = command_template
         self.ready_timeout_s = ready_timeout_s
         self.stop_grace_s = stop_grace_s
@@ -355,6 +430,11 @@ class EngineDriver:
         self._poll_s = poll_s
         self._request_timeout_s = max(1.0, 10 * poll_s)
         self._engines: dict[str, _Engine] = {}
+        self.record_path = record_path if record_path is not None else self._log_dir / RECORD_FILE_NAME
+        self._gpu_processes = gpu_processes
+        self._rollback_ready_margin = rollback_ready_margin
+        self._rollback_ready_floor_s = rollback_ready_floor_s
+        self._gpu_processes_unsupported_logged = False
 
     # ---- queries -------------------------------------------------------------------------------------
 
@@ -385,6 +465,45 @@ class EngineDriver:
                 argv.append(value)
         return argv
 
+    def owns_pid(self, pid: int) -> bool:
+        """Whether `pid` is one of this driver's engine processes or one of their workers (a process in the
+        session of an engine, which leads its session: vLLM's TP workers inherit it)."""
+        leaders = {
+            rec.process.pid
+            for rec in self._engines.values()
+            if rec.process is not None and rec.process.returncode is None
+        }
+        return pid in leaders or process_session_id(pid) in leaders
+
+    async def foreign_processes(
+        self, gpu_indices: Iterable[int], *, strict: bool = False
+    ) -> dict[int, tuple[GpuProcess, ...]]:
+        """GPU index -> compute processes on it that are not this driver's engines (GPUs without any are
+        left out). Without a `gpu_processes` lister, or where the backend cannot list processes
+        (UnsupportedError), nothing is found. Another failure raises UnavailableError when `strict`,
+        and is logged (`gpu_processes_unreadable`) and finds nothing otherwise (GetInventory)."""
+        indices = sorted(set(gpu_indices))
+        if self._gpu_processes is None or not indices:
+            return {}
+        try:
+            listed = await self._gpu_processes(indices)
+        except UnsupportedError as exc:
+            if not self._gpu_processes_unsupported_logged:
+                self._gpu_processes_unsupported_logged = True
+                log.warning("gpu_processes_unsupported", error=str(exc))
+            return {}
+        except DynamoError as exc:
+            if strict:
+                raise UnavailableError(f"cannot list the processes on GPU(s) {indices}: {exc}") from exc
+            log.warning("gpu_processes_unreadable", gpu_indices=indices, error=str(exc))
+            return {}
+        found: dict[int, tuple[GpuProcess, ...]] = {}
+        for index in indices:
+            foreign = tuple(p for p in listed.get(index, ()) if not self.owns_pid(p.pid))
+            if foreign:
+                found[index] = foreign
+        return found
+
     async def metrics(self, engine_id: str) -> EngineMetrics:
         """Scrape the engine's /metrics now; rates are against the previous scrape of the same process.
 
@@ -411,6 +530,8 @@ class EngineDriver:
         """
         validate_spec(spec)
         _check_ready_timeout(ready_timeout_s)
+        if spec.engine_id not in self._engines:  # refuse before a new engine is even registered
+            await self._refuse_foreign_processes(spec)
         rec = self._record_for(spec)
         async with rec.lock:
             if rec.state in LIVE_STATES:
@@ -418,6 +539,8 @@ class EngineDriver:
                     f"engine {spec.engine_id} is {rec.state.value}; reconfigure it or stop it first"
                 )
             self._check_conflicts(spec, rec)
+            await self._refuse_foreign_processes(spec)
+            self._check_conflicts(spec, rec)  # again: others ran while the GPUs were listed
             rec.busy = True
             try:
                 return await self._start_locked(rec, spec, ready_timeout_s)
@@ -458,13 +581,20 @@ class EngineDriver:
         if drain_timeout_s < 0:
             raise InvalidArgumentError("drain_timeout_s", drain_timeout_s, ">= 0")
         _check_ready_timeout(ready_timeout_s)
+        if spec.engine_id not in self._engines:  # refuse before a new engine is even registered
+            await self._refuse_foreign_processes(spec)
         rec = self._record_for(spec)
         async with rec.lock:
             self._check_conflicts(spec, rec)
             alive = rec.process is not None and rec.process.returncode is None
             if rec.state is EngineState.READY and rec.spec == spec and alive:
                 return ReconfigureTimings(drain_s=0.0, stop_s=0.0, start_s=0.0, restarted=False)
+            await self._refuse_foreign_processes(spec)
+            self._check_conflicts(spec, rec)  # again: others ran while the GPUs were listed
             previous = rec.spec if rec.state in LIVE_STATES else None
+            # The previous configuration's own measured start time bounds its rollback, not the caller's
+            # ready timeout (which may be far too short for any start, as it was for the new one).
+            rollback_timeout_s = self._rollback_ready_timeout_s(rec.ready_s if previous is not None else None)
             rec.busy = True
             rec.reserved_gpus = rec.reserved_gpus | frozenset(spec.gpu_indices)
             rec.reserved_ports = rec.reserved_ports | {spec.http_port}
@@ -476,9 +606,14 @@ class EngineDriver:
                 except UnavailableError as exc:
                     if previous is None:
                         raise
-                    log.warning("engine_rollback", engine_id=spec.engine_id, failed_reason=rec.failure_reason)
+                    log.warning(
+                        "engine_rollback",
+                        engine_id=spec.engine_id,
+                        failed_reason=rec.failure_reason,
+                        rollback_ready_timeout_s=round(rollback_timeout_s, 3),
+                    )
                     try:
-                        await self._start_locked(rec, previous, ready_timeout_s)
+                        await self._start_locked(rec, previous, rollback_timeout_s)
                     except UnavailableError as rollback_exc:
                         raise UnavailableError(
                             f"engine {spec.engine_id}: new configuration failed to start ({exc}); "
@@ -491,6 +626,29 @@ class EngineDriver:
             finally:
                 self._settle(rec)
             return ReconfigureTimings(drain_s=drain_s, stop_s=stop_s, start_s=start_s, restarted=True)
+
+    async def adopt_or_stop(
+        self, *, health_timeout_s: float = ADOPTION_HEALTH_TIMEOUT_S
+    ) -> list[AdoptionOutcome]:
+        """Take over, or stop, the engines the record file lists (an agent that died left them): call once
+        at start-up, before anything is started.
+
+        An entry whose process still runs (same pid AND same start time) and answers GET /health with 200
+        within `health_timeout_s` is adopted: READY again under its recorded spec, its GPUs and port held,
+        watched through /proc (no parent-death signal: it is not this agent's child; the next start-up
+        adopts or stops it again). Any other live one has its process group stopped (SIGTERM, SIGKILL
+        after the stop grace); an exited one has what is left of its group killed; a reused pid is left
+        alone. The file is rewritten with the adopted engines only. An unreadable file is logged
+        (`engine_records_unreadable`) and replaced.
+        """
+        try:
+            entries = load_records(self.record_path)
+        except DataFileError as exc:
+            log.error("engine_records_unreadable", path=str(self.record_path), error=str(exc))
+            entries = []
+        outcomes = [await self._adopt_or_stop_one(entry, health_timeout_s) for entry in entries]
+        self._save_records()
+        return outcomes
 
     async def stop_all(self, grace_s: float | None = None) -> None:
         """Stop every engine concurrently (agent shutdown); engines finish in-flight work within the grace."""
@@ -567,6 +725,147 @@ class EngineDriver:
                     f"http_port: port {spec.http_port} belongs to engine {other_id} ({other.state.value})"
                 )
 
+    def _rollback_ready_timeout_s(self, known_start_s: float | None) -> float:
+        if known_start_s is None:
+            return self.ready_timeout_s
+        return max(self._rollback_ready_floor_s, self._rollback_ready_margin * known_start_s)
+
+    async def _refuse_foreign_processes(self, spec: EngineSpec) -> None:
+        """FailedPreconditionError naming the GPU and the pid when a process this driver does not own
+        holds one of the spec's GPUs (e.g. an engine a dead agent left, or someone's job)."""
+        found = await self.foreign_processes(spec.gpu_indices, strict=True)
+        for index in spec.gpu_indices:
+            for proc in found.get(index, ()):
+                memory = f", {proc.used_memory_bytes} bytes of GPU memory" if proc.used_memory_bytes else ""
+                raise FailedPreconditionError(
+                    f"gpu_indices: GPU {index} is in use by process {proc.pid} "
+                    f"({process_name(proc.pid)}{memory}), which is not an engine of this agent; "
+                    "stop that process or choose other GPUs"
+                )
+
+    def _records(self) -> list[EngineRecord]:
+        records: list[EngineRecord] = []
+        for engine_id, rec in sorted(self._engines.items()):
+            process = rec.process
+            if process is None or process.returncode is not None or rec.start_ticks is None:
+                continue
+            spec = rec.spec
+            records.append(
+                EngineRecord(
+                    engine_id=engine_id,
+                    pid=process.pid,
+                    start_time_ticks=rec.start_ticks,
+                    model=spec.model,
+                    gpu_indices=spec.gpu_indices,
+                    tp_degree=spec.tp_degree,
+                    http_port=spec.http_port,
+                    options=dict(spec.options),
+                    ready_s=rec.ready_s,
+                )
+            )
+        return records
+
+    def _save_records(self) -> None:
+        """Rewrite the record file with every running engine process (synchronously: a few hundred bytes,
+        and the order of writes must follow the order of changes)."""
+        try:
+            save_records(self.record_path, self._records())
+        except OSError as exc:
+            log.error("engine_records_write_failed", path=str(self.record_path), error=str(exc))
+
+    async def _adopt_or_stop_one(self, entry: RecordEntry, health_timeout_s: float) -> AdoptionOutcome:
+        pid, ticks = entry.pid, entry.start_time_ticks
+
+        def done(outcome: str, reason: str) -> AdoptionOutcome:
+            event = {"adopted": "engine_adopted", "stopped": "engine_orphan_stopped"}.get(
+                outcome, "engine_record_dropped"
+            )
+            log.warning(event, engine_id=entry.engine_id, pid=pid, outcome=outcome, reason=reason)
+            return AdoptionOutcome(entry.engine_id, pid, outcome, reason)
+
+        for rec in self._engines.values():  # a second call must not stop what the first one adopted
+            if rec.process is not None and rec.process.pid == pid and rec.start_ticks == ticks:
+                return done("adopted", "already managed by this driver")
+        if not same_process(pid, ticks):
+            if not group_is_ours(pid, ticks):
+                return done("pid_reused", "the pid belongs to another process now; nothing signalled")
+            signal_group(pid, signal.SIGKILL)  # workers the engine left behind, if any
+            return done("gone", "the engine process had exited; what was left of its group was killed")
+        reason = await self._adoption_refusal(entry, health_timeout_s)
+        if reason:
+            await self._stop_orphan(pid, ticks)
+            return done("stopped", reason)
+        record = entry.record
+        assert record is not None
+        spec = EngineSpec(
+            engine_id=record.engine_id,
+            model=record.model,
+            gpu_indices=record.gpu_indices,
+            tp_degree=record.tp_degree,
+            http_port=record.http_port,
+            options=record.options,
+        )
+        process = AdoptedProcess(pid, ticks, self._poll_s)
+        rec = _Engine(
+            spec=spec,
+            state=EngineState.READY,
+            state_since_unix_ns=self._clock.wall_ns(),
+            log_path=self._log_dir / f"{spec.engine_id}.log",
+            process=process,
+            start_ticks=ticks,
+            ready_s=record.ready_s,
+        )
+        self._settle(rec)
+        self._engines[spec.engine_id] = rec
+        rec.watcher = asyncio.get_running_loop().create_task(self._watch(rec, process))
+        return done("adopted", f"same process, /health 200 on port {spec.http_port}")
+
+    async def _adoption_refusal(self, entry: RecordEntry, health_timeout_s: float) -> str:
+        """Why the live process of `entry` cannot be adopted; empty when it can."""
+        record = entry.record
+        if record is None:
+            return f"record unusable: {entry.problem}"
+        spec = EngineSpec(
+            engine_id=record.engine_id,
+            model=record.model,
+            gpu_indices=record.gpu_indices,
+            tp_degree=record.tp_degree,
+            http_port=record.http_port,
+            options=record.options,
+        )
+        try:
+            validate_spec(spec)
+            if spec.engine_id in self._engines:
+                raise FailedPreconditionError(f"engine {spec.engine_id} is listed twice")
+            self._check_conflicts(spec, None)
+        except DynamoError as exc:
+            return f"record not adoptable: {exc}"
+        url = self._base_url(spec) + "/health"
+        deadline_s = self._clock.monotonic_s() + health_timeout_s
+        while True:
+            try:
+                resp = await self._http.request("GET", url, timeout_s=max(0.05, min(1.0, health_timeout_s)))
+                if resp.status == 200:
+                    return ""
+                last = f"HTTP {resp.status}"
+            except UnavailableError as exc:
+                last = str(exc)
+            if self._clock.monotonic_s() >= deadline_s:
+                return f"not healthy within {health_timeout_s:g} s (GET {url}: {last})"
+            await asyncio.sleep(self._poll_s)
+
+    async def _stop_orphan(self, pid: int, ticks: int) -> None:
+        """SIGTERM an engine's process group, SIGKILL after the stop grace, then SIGKILL what is left."""
+        process = AdoptedProcess(pid, ticks, self._poll_s)
+        process.signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=self.stop_grace_s)
+        except TimeoutError:
+            process.signal_group(signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), timeout=max(1.0, self.stop_grace_s))
+        process.signal_group(signal.SIGKILL)
+
     def _base_url(self, spec: EngineSpec) -> str:
         return f"http://{self._host}:{spec.http_port}"
 
@@ -592,6 +891,7 @@ class EngineDriver:
         rec.spec = spec
         rec.last_metrics = None
         rec.expected_exit = False
+        rec.ready_s = None
         self._rotate_log(rec)
         self._set_state(rec, EngineState.STARTING)
         log.info("engine_starting", engine_id=spec.engine_id, argv=argv, log_path=str(rec.log_path))
@@ -604,6 +904,8 @@ class EngineDriver:
             log.warning("engine_start_failed", engine_id=spec.engine_id, reason=reason)
             raise UnavailableError(f"engine {spec.engine_id}: {reason}") from exc
         rec.process = process
+        rec.start_ticks = process_start_ticks(process.pid, zombies=True)
+        self._save_records()  # from now on a restarted agent finds it, whatever happens to this one
         rec.watcher = asyncio.get_running_loop().create_task(self._watch(rec, process))
         url = self._base_url(spec) + "/health"
         deadline_s = t0 + timeout_s
@@ -623,7 +925,9 @@ class EngineDriver:
                 await self._fail_start(rec, process, f"not ready within {timeout_s:g} s (GET {url})")
             await asyncio.sleep(self._poll_s)
         start_s = self._clock.monotonic_s() - t0
+        rec.ready_s = start_s  # this configuration's known-good start time (rollback, adoption)
         self._set_state(rec, EngineState.READY)
+        self._save_records()
         log.info("engine_ready", engine_id=spec.engine_id, pid=process.pid, start_s=round(start_s, 3))
         return start_s
 
@@ -634,6 +938,8 @@ class EngineDriver:
             await rec.watcher
             rec.watcher = None
         rec.process = None
+        rec.start_ticks = None
+        self._save_records()
         tail = _read_log_tail(rec.log_path)
         last = _last_line(tail)
         failure = f"{reason}: {last}" if last else reason
@@ -647,8 +953,15 @@ class EngineDriver:
         returncode = await process.wait()
         if rec.process is not process or rec.expected_exit or rec.state is EngineState.STARTING:
             return  # a stop we asked for, or the start-up loop reports it
+        # Workers the leader left behind (e.g. vLLM's TP processes) must not keep the GPUs.
+        process.signal_group(signal.SIGKILL)
+        self._save_records()
         last = _last_line(_read_log_tail(rec.log_path))
-        reason = f"exited with status {returncode}" + (f": {last}" if last else "")
+        if isinstance(process, AdoptedProcess):
+            reason = "exited (adopted after an agent restart: exit status unknown)"
+        else:
+            reason = f"exited with status {returncode}"
+        reason += f": {last}" if last else ""
         self._set_state(rec, EngineState.FAILED, reason)
         log.error(
             "engine_exited_unexpectedly", engine_id=rec.spec.engine_id, returncode=returncode, reason=reason
@@ -707,8 +1020,10 @@ class EngineDriver:
             await rec.watcher
             rec.watcher = None
         rec.process = None
+        rec.start_ticks = None
         rec.last_metrics = None
         self._set_state(rec, EngineState.STOPPED)
+        self._save_records()
         log.info(
             "engine_stopped",
             engine_id=rec.spec.engine_id,

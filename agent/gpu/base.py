@@ -5,6 +5,12 @@ blocking calls; the agent calls them from one serial worker per GPU (`agent.gpu.
 event loop. All quantities in SI units with the unit in the name; conversions (NVML's mW, mJ) happen
 inside the backend. Errors are raised from `agent.api.errors` (PermissionDeniedError, UnsupportedError,
 NotFoundError, UnavailableError, ...), never backend-specific exceptions.
+
+Besides readings and settings, a backend lists the compute processes on each GPU (`compute_processes`):
+the engine driver (`agent.engine.driver`) refuses to start an engine on a GPU that a process it does not
+own holds, and GetInventory reports those processes. Where the backend can read a GPU's locked clock
+range back (`GpuInfo.sm_clock_lock_readable`; the simulated backend can, NVML offers no getter), every
+`GpuReading` carries it, so that the agent reports target (what it applied) beside effective.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ class GpuInfo:
     # averages over 1 s on Ampere (except GA100) and newer GPUs; the NVML backend does not tell the
     # generations apart and leaves 0. The simulated backend averages over 1 s.
     power_average_s: float = 0.0
+    # Whether `GpuReading.sm_clock_lock_mhz` is read back from the GPU (True) or always None because the
+    # backend has no way to read a lock (NVML: there is a setter, nvmlDeviceSetGpuLockedClocks, but no
+    # getter; see docs/nvml.md).
+    sm_clock_lock_readable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,17 @@ class GpuReading:
     temperature_c: float
     enforced_power_limit_w: float
     clock_event_reasons_mask: int
+    # The locked SM clock range (min, max) read back from the GPU at this instant; None when the GPU is
+    # unlocked or when the backend cannot read locks (GpuInfo.sm_clock_lock_readable False).
+    sm_clock_lock_mhz: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A process holding a compute context on a GPU (nvmlDeviceGetComputeRunningProcesses)."""
+
+    pid: int  # in the PID namespace of the driver (the host's): the agent must run in it to match pids
+    used_memory_bytes: int | None  # GPU memory the process holds; None where the driver does not say
 
 
 class GpuBackend(Protocol):
@@ -76,6 +97,11 @@ class GpuBackend(Protocol):
 
     def set_power_limit(self, index: int, power_limit_w: float) -> None:
         """Set the power limit; the caller validates it against the GPU's [min, max] first."""
+        ...
+
+    def compute_processes(self, index: int) -> tuple[GpuProcess, ...]:
+        """Processes with a compute context on GPU `index`, ascending pid (UnsupportedError where the
+        driver cannot list them)."""
         ...
 
     def close(self) -> None:

@@ -6,6 +6,13 @@ telemetry sampler calls `read()`. NVML's units (mW, mJ, percent) become SI here,
 code becomes an error of `agent.api.errors` through ONE table, `NVML_ERROR_TABLE`; nothing above this
 module sees a pynvml type or exception.
 
+Locked clocks cannot be read back through NVML: it offers `nvmlDeviceSetGpuLockedClocks` and
+`nvmlDeviceResetGpuLockedClocks` but no getter (`nvmlDeviceGetClock`'s ids are the current clock, the
+deprecated application clocks and the customer boost maximum; `nvmlDeviceGetMinMaxClockOfPState` is a
+performance state's range, not the lock). So `GpuInfo.sm_clock_lock_readable` is False here and readings
+carry the measured SM clock and the clock event reasons; the agent reports them beside the lock it applied
+(docs/nvml.md, *Target and effective clocks*).
+
 Privileges: reads need none; `nvmlDeviceSetGpuLockedClocks`, `nvmlDeviceResetGpuLockedClocks` and
 `nvmlDeviceSetPowerManagementLimit` need root or CAP_SYS_ADMIN (NVML_ERROR_NO_PERMISSION ->
 PermissionDeniedError otherwise). Tests run this module unchanged over the fake library in tests/fakenvml.
@@ -31,7 +38,7 @@ from agent.api.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from agent.gpu.base import GpuInfo, GpuReading
+from agent.gpu.base import GpuInfo, GpuProcess, GpuReading
 
 _T = TypeVar("_T")
 
@@ -325,6 +332,24 @@ class NvmlBackend:
             index,
             NvmlArgument("power_limit_w", power_limit_w, allowed),
         )
+
+    def compute_processes(self, index: int) -> tuple[GpuProcess, ...]:
+        """nvmlDeviceGetComputeRunningProcesses (v3): pids in the host's PID namespace, ascending."""
+        handle = self._handle(index)
+        found = _nvml_call(
+            "nvmlDeviceGetComputeRunningProcesses",
+            lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle),
+            index,
+        )
+        by_pid: dict[int, GpuProcess] = {}
+        for proc in found:
+            used = getattr(proc, "usedGpuMemory", None)  # None: the driver does not say (e.g. WDDM)
+            pid = int(proc.pid)
+            earlier = by_pid.get(pid)  # MIG: one entry per compute instance; their memory adds up
+            before = earlier.used_memory_bytes if earlier is not None else 0
+            total = None if used is None or before is None else int(used) + before
+            by_pid[pid] = GpuProcess(pid=pid, used_memory_bytes=total)
+        return tuple(by_pid[pid] for pid in sorted(by_pid))
 
     def close(self) -> None:
         """nvmlShutdown once; a second close is a no-op."""

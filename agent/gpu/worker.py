@@ -3,6 +3,11 @@
 Each GPU gets a single-thread executor, so calls to one GPU run one at a time and in the order they were
 made (a clock lock is never overtaken by the read meant to confirm it), while different GPUs proceed in
 parallel and a slow NVML call on one GPU never blocks the event loop or the other GPUs.
+
+A call handed to a worker always runs to its end: cancelling the coroutine that awaits it stops the
+wait, not the driver call. That is why the node agent runs every control operation in a task its caller
+cannot cancel (`agent.scopes`): a write must never reach the hardware without its outcome being
+recorded.
 """
 
 from __future__ import annotations

@@ -15,6 +15,13 @@ The energy counter is exact rather than sampled: the engine adds each iteration'
 Because power is the one-second average of that same energy, the agent's cross-check of the counter
 against integrated power (agent.telemetry) agrees on a simulated node, up to the edges of its window.
 Time comes from an injected `agent.api.clock.Clock`, so unit tests are deterministic.
+
+Unlike NVML, a simulated GPU's lock can be read back: every reading carries the range in the GPU's
+control file (`GpuReading.sm_clock_lock_mhz`), beside the clock the engine actually runs at (below the
+lock when the power limit caps it). `compute_processes` lists the engine process registered in the GPU's
+activity file while it lives (the simulated engine registers once its model is "loaded", as a CUDA
+context appears once a real engine initialises); a test can register any other live process there to
+stand for a process the agent does not know.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 
 from agent.api.clock import Clock, SystemClock
 from agent.api.errors import FailedPreconditionError, InvalidArgumentError
-from agent.gpu.base import GpuInfo, GpuReading
+from agent.gpu.base import GpuInfo, GpuProcess, GpuReading
 from agent.sim.node import GpuActivity, GpuControl, NodeDir, NodeSpec, process_alive
 from agent.sim.physics.params import load_params_file, params_path
 from agent.sim.physics.specs import GpuSpec, arch_for, gpu_for
@@ -140,6 +147,7 @@ class SimulatedGpuBackend:
             mem_total_bytes=self._spec.memory_bytes,
             pci_bus_id=f"00000000:{0x18 + index:02X}:00.0",
             power_average_s=POWER_AVERAGE_S,
+            sm_clock_lock_readable=True,
         )
 
     def control(self, index: int) -> GpuControl:
@@ -168,6 +176,13 @@ class SimulatedGpuBackend:
         if live and found.power_capped:
             mask |= REASON_SW_POWER_CAP
         util = self._utilisation(index, now_s, found)
+        # Read back from the GPU's control file (the simulated hardware), not from the backend's memory.
+        applied = self._node.read_control(index) or self._default_control
+        lock_mhz = (
+            (applied.locked_min_clock_mhz, applied.locked_max_clock_mhz)
+            if applied.locked_min_clock_mhz is not None and applied.locked_max_clock_mhz is not None
+            else None
+        )
         return GpuReading(
             power_w=power_w,
             energy_j=self._idle_w * (now_s - self._start_s) + found.extra_energy_j,
@@ -180,6 +195,7 @@ class SimulatedGpuBackend:
             temperature_c=_AMBIENT_C + _THERMAL_RESISTANCE_C_PER_W * power_w,
             enforced_power_limit_w=control.power_limit_w,
             clock_event_reasons_mask=mask,
+            sm_clock_lock_mhz=lock_mhz,
         )
 
     def _utilisation(self, index: int, now_s: float, found: GpuActivity) -> float:
@@ -230,6 +246,14 @@ class SimulatedGpuBackend:
             index,
             GpuControl(current.locked_min_clock_mhz, current.locked_max_clock_mhz, float(power_limit_w)),
         )
+
+    def compute_processes(self, index: int) -> tuple[GpuProcess, ...]:
+        """The live process registered in the GPU's activity file (the simulated engine), if any."""
+        self._check(index)
+        found = self._node.read_activity(index)
+        if not process_alive(found.pid):
+            return ()
+        return (GpuProcess(pid=found.pid, used_memory_bytes=found.mem_used_bytes),)
 
     def close(self) -> None:
         self._closed = True

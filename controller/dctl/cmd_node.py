@@ -15,7 +15,8 @@ ABORTED on its next call and re-reads the inventory (docs/agent.md, "dctl next t
     dctl node engine start ADDR --engine ID --model M --gpus 0,1,.. [--tp N] [--option K=V ..]
     dctl node engine reconfigure ADDR --engine ID [--gpus 0,1,..] [--tp N] [--model M] [--option K=V ..]
     dctl node engine stop ADDR --engine ID
-  common: --output table|json, --token T (or DYNAMOLLM_TOKEN), --timeout-s S
+  common: --output table|json, --token T (or DYNAMOLLM_TOKEN), --timeout-s S,
+          --tls-ca F --tls-cert F --tls-key F --tls-server-name N (or DYNAMOLLM_TLS_CA/_CERT/_KEY)
 Exit codes (controller/dctl/main.py): 2 bad flag or refused by the agent, 3 node unreachable or the
 agent temporarily unable (UNAVAILABLE, deadline), 4 internal error.
 """
@@ -39,7 +40,7 @@ from controller.dctl.output import echo, stdout
 if TYPE_CHECKING:
     from google.protobuf.message import Message
 
-    from agent.api.client import AgentClient
+    from agent.api.client import AgentClient, ClientTls
     from agent.api.v1 import common_pb2, control_pb2, telemetry_pb2
 
 _T = TypeVar("_T")
@@ -52,6 +53,9 @@ DEFAULT_DRAIN_TIMEOUT_S = 60.0
 AGENT_DEFAULT_READY_TIMEOUT_S = 600.0
 ENGINE_DEADLINE_SLACK_S = 60.0
 TOKEN_ENV = "DYNAMOLLM_TOKEN"
+TLS_CA_ENV = "DYNAMOLLM_TLS_CA"
+TLS_CERT_ENV = "DYNAMOLLM_TLS_CERT"
+TLS_KEY_ENV = "DYNAMOLLM_TLS_KEY"
 ADDR_FORMS = "HOST:PORT, [IPV6]:PORT or unix:/path"
 
 
@@ -63,6 +67,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--token",
         default=os.environ.get(TOKEN_ENV),
         help=f"bearer token for the agent (default: ${TOKEN_ENV}; none when unset)",
+    )
+    common.add_argument(
+        "--tls-ca",
+        default=os.environ.get(TLS_CA_ENV),
+        metavar="FILE",
+        help=f"TLS: CA (PEM) that signed the agent's certificate (default: ${TLS_CA_ENV}; with only "
+        "--tls-cert/--tls-key: the system's roots). Any --tls-* flag makes the channel TLS",
+    )
+    common.add_argument(
+        "--tls-cert",
+        default=os.environ.get(TLS_CERT_ENV),
+        metavar="FILE",
+        help=f"TLS: client certificate chain (PEM) for an agent requiring mTLS (default: ${TLS_CERT_ENV})",
+    )
+    common.add_argument(
+        "--tls-key",
+        default=os.environ.get(TLS_KEY_ENV),
+        metavar="FILE",
+        help=f"TLS: the client certificate's private key (PEM) (default: ${TLS_KEY_ENV})",
+    )
+    common.add_argument(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="TLS: host name to check the agent's certificate against (default: the one in ADDR)",
     )
     common.add_argument(
         "--timeout-s",
@@ -231,15 +260,32 @@ class _Conn:
     addr: str
     token: str | None
     timeout_s: float
+    tls: ClientTls | None = None
 
     def client(self) -> AgentClient:
         from agent.api.client import AgentClient
 
-        return AgentClient(self.addr, token=self.token, timeout_s=self.timeout_s)
+        return AgentClient(self.addr, token=self.token, timeout_s=self.timeout_s, tls=self.tls)
+
+
+def _tls(args: argparse.Namespace) -> ClientTls | None:
+    """TLS when any --tls-* flag (or its environment variable) is given; files are read now, so that a
+    missing one is a flag error (exit 2) before any RPC."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    from agent.api.client import ClientTls
+
+    return ClientTls.from_files(
+        ca_file=args.tls_ca or None,
+        cert_file=args.tls_cert or None,
+        key_file=args.tls_key or None,
+        server_name=args.tls_server_name or None,
+        names=("--tls-ca", "--tls-cert", "--tls-key"),
+    )
 
 
 def _conn(args: argparse.Namespace, timeout_s: float) -> _Conn:
-    return _Conn(_addr(args.addr), args.token or None, timeout_s)
+    return _Conn(_addr(args.addr), args.token or None, timeout_s, _tls(args))
 
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:

@@ -29,11 +29,17 @@
  * power limit, f drops to the highest step that fits and reason 0x4 (SW power cap) is reported; an idle
  * GPU (L = 0) runs at the bottom of its range with reason 0x1. The energy counter integrates that power
  * exactly, piecewise constant between calls, over CLOCK_MONOTONIC.
+ *
+ * Environment knobs (read on every call, see env_gpu_value): FAKE_NVML_SM_CLOCK_CAP_MHZ caps the SM
+ * clock (a GPU that cannot hold its lock, reason 0x20), FAKE_NVML_COMPUTE_PIDS lists compute processes
+ * per GPU (nvmlDeviceGetComputeRunningProcesses_v3; none by default). FAKE_NVML_BLOCK_ON and
+ * FAKE_NVML_BLOCK_PATH park a chosen call so a test can kill -9 the agent there (see "test hold").
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -249,6 +255,36 @@ struct operating_point {
     unsigned long long reasons;
 };
 
+/* Environment knobs read on every call (not state-file keys), as comma-separated <gpu>:<value>[:<value>]
+ * entries (or one bare value for every GPU where noted):
+ *   FAKE_NVML_SM_CLOCK_CAP_MHZ   <mhz> or <gpu>:<mhz>: the SM clock never exceeds mhz (a GPU that cannot
+ *                                hold a higher lock); reason 0x20 (SW thermal slowdown) when it bites.
+ *   FAKE_NVML_COMPUTE_PIDS       <gpu>:<pid>[:<used bytes>]: processes nvmlDeviceGetComputeRunningProcesses
+ *                                lists on that GPU (default used memory 1 GiB). */
+#define REASON_SW_THERMAL_SLOWDOWN 0x20ULL
+#define MAX_FAKE_PROCESSES 32
+
+/* The value for `gpu` in env `name` (bare values apply to every GPU); 0 when absent. */
+static unsigned long long env_gpu_value(const char *name, int gpu) {
+    const char *p = getenv(name);
+    unsigned long long found = 0;
+    while (p && *p) {
+        char *rest;
+        unsigned long long first = strtoull(p, &rest, 10);
+        if (rest == p) break;
+        if (*rest == ':') {
+            const char *second = rest + 1;
+            unsigned long long value = strtoull(second, &rest, 10);
+            if ((int)first == gpu) found = value;
+        } else {
+            found = first;
+        }
+        while (*rest && *rest != ',') rest++;
+        p = *rest == ',' ? rest + 1 : rest;
+    }
+    return found;
+}
+
 static double power_at(const struct state *s, const struct gpu_state *g, unsigned clock_mhz) {
     double load = g->load_pct / 100.0;
     double ratio = (double)clock_mhz / (double)s->sm_clock_max_mhz;
@@ -273,6 +309,11 @@ static struct operating_point operating_point(const struct state *s, const struc
             op.reasons = REASON_SW_POWER_CAP;
         }
     }
+    unsigned long long cap_mhz = env_gpu_value("FAKE_NVML_SM_CLOCK_CAP_MHZ", (int)(g - s->gpu));
+    if (cap_mhz && op.sm_clock_mhz > cap_mhz) {
+        op.sm_clock_mhz = (unsigned)cap_mhz;
+        op.reasons |= REASON_SW_THERMAL_SLOWDOWN;
+    }
     op.power_w = power_at(s, g, op.sm_clock_mhz);
     return op;
 }
@@ -291,9 +332,11 @@ static void advance_energy(struct state *s) {
 struct session {
     int fd;
     struct state st;
+    const char *fn; /* the device function of this session (begin_device); NULL for the others */
 };
 
 static nvmlReturn_t open_state(struct session *ss) {
+    ss->fn = NULL;
     const char *path = getenv("FAKE_NVML_STATE");
     if (!path || !*path) {
         fprintf(stderr, "fake NVML: FAKE_NVML_STATE is not set (path of the fake's state file)\n");
@@ -375,11 +418,61 @@ static int injected(struct state *s, const char *fn, int gpu) {
 
 static int initialized(void) { return __atomic_load_n(&g_init_count, __ATOMIC_SEQ_CST) > 0; }
 
+/* ---- test hold: stop the calling thread at a chosen call, e.g. to kill -9 the agent there ----
+ * FAKE_NVML_BLOCK_ON=<function>[@<n>]: the n-th call (default: first) of <function> in this process
+ * waits before it acts. FAKE_NVML_BLOCK_ON=after:<function>[@<n>]: once the n-th call of <function>
+ * has succeeded, the next device call on the same thread waits (in the agent: the next call on that
+ * GPU's worker thread, i.e. after the hardware write and before what follows it). A waiting call
+ * creates the file FAKE_NVML_BLOCK_PATH (content: the function) and polls until the file
+ * FAKE_NVML_BLOCK_PATH.release exists. Calls are counted, and the hold happens once, per path (an
+ * existing FAKE_NVML_BLOCK_PATH means it happened); it waits outside the state file's lock. */
+static pthread_mutex_t g_hold_mutex = PTHREAD_MUTEX_INITIALIZER;
+static char g_hold_path[4096]; /* the FAKE_NVML_BLOCK_PATH that g_hold_calls counts for */
+static long g_hold_calls;
+static __thread int t_hold_next;
+
+/* True when `fn` is the n-th counted call of the FAKE_NVML_BLOCK_ON function of kind `after`. */
+static int hold_counts(const char *fn, int after) {
+    const char *on = getenv("FAKE_NVML_BLOCK_ON");
+    const char *path = getenv("FAKE_NVML_BLOCK_PATH");
+    if (!on || !path || !*path) return 0;
+    int is_after = !strncmp(on, "after:", 6);
+    if (is_after != after) return 0;
+    on += after ? 6 : 0;
+    const char *at = strchr(on, '@');
+    size_t len = at ? (size_t)(at - on) : strlen(on);
+    if (strlen(fn) != len || strncmp(on, fn, len)) return 0;
+    long nth = at ? strtol(at + 1, NULL, 10) : 1;
+    pthread_mutex_lock(&g_hold_mutex);
+    if (strcmp(g_hold_path, path)) {
+        snprintf(g_hold_path, sizeof g_hold_path, "%s", path);
+        g_hold_calls = 0;
+    }
+    int hit = ++g_hold_calls == nth;
+    pthread_mutex_unlock(&g_hold_mutex);
+    return hit;
+}
+
+static void hold(const char *fn) {
+    if (!t_hold_next && !hold_counts(fn, 0)) return;
+    t_hold_next = 0;
+    const char *path = getenv("FAKE_NVML_BLOCK_PATH");
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) return; /* held once already for this path */
+    dprintf(fd, "%s\n", fn);
+    close(fd);
+    char release[4096];
+    snprintf(release, sizeof release, "%s.release", path);
+    while (access(release, F_OK) != 0) usleep(1000);
+}
+
 /* Opens the state for a device call: checks init, the handle and injected failures. */
 static nvmlReturn_t begin_device(struct session *ss, const char *fn, nvmlDevice_t device, struct gpu_state **g) {
     if (!initialized()) return NVML_ERROR_UNINITIALIZED;
+    hold(fn);
     nvmlReturn_t rc = open_state(ss);
     if (rc != NVML_SUCCESS) return rc;
+    ss->fn = fn;
     if (device < g_devices || device >= g_devices + ss->st.gpus) {
         close_state(ss);
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -395,7 +488,9 @@ static nvmlReturn_t begin_device(struct session *ss, const char *fn, nvmlDevice_
 
 static nvmlReturn_t end(struct session *ss, nvmlReturn_t rc) {
     nvmlReturn_t wrc = close_state(ss);
-    return rc != NVML_SUCCESS ? rc : wrc;
+    rc = rc != NVML_SUCCESS ? rc : wrc;
+    if (rc == NVML_SUCCESS && ss->fn && hold_counts(ss->fn, 1)) t_hold_next = 1;
+    return rc;
 }
 
 #define BEGIN(fn, device)                                 \
@@ -684,6 +779,49 @@ EXPORT nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, 
     BEGIN("nvmlDeviceGetCurrentClocksEventReasons", device);
     if (!reasons) return end(&ss, NVML_ERROR_INVALID_ARGUMENT);
     *reasons = operating_point(&ss.st, g).reasons;
+    return end(&ss, NVML_SUCCESS);
+}
+
+/* nvmlProcessInfo_t of nvml.h (v2 and v3 share the layout); its processes come from FAKE_NVML_COMPUTE_PIDS.
+ * Size protocol as the driver: too small a count (or no buffer) -> INSUFFICIENT_SIZE with the count. */
+typedef struct {
+    unsigned pid;
+    unsigned long long usedGpuMemory;
+    unsigned gpuInstanceId;
+    unsigned computeInstanceId;
+} nvmlProcessInfo_t;
+
+EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned *count,
+                                                            nvmlProcessInfo_t *infos) {
+    BEGIN("nvmlDeviceGetComputeRunningProcesses_v3", device);
+    (void)g;
+    if (!count) return end(&ss, NVML_ERROR_INVALID_ARGUMENT);
+    nvmlProcessInfo_t found[MAX_FAKE_PROCESSES];
+    unsigned n = 0;
+    int gpu = (int)(device - g_devices);
+    for (const char *p = getenv("FAKE_NVML_COMPUTE_PIDS"); p && *p && n < MAX_FAKE_PROCESSES;) {
+        char *rest;
+        long entry_gpu = strtol(p, &rest, 10);
+        if (rest == p || *rest != ':') break;
+        unsigned long pid = strtoul(rest + 1, &rest, 10);
+        unsigned long long used = 1ULL << 30;
+        if (*rest == ':') used = strtoull(rest + 1, &rest, 10);
+        if (entry_gpu == gpu && pid) {
+            memset(&found[n], 0, sizeof found[n]);
+            found[n].pid = (unsigned)pid;
+            found[n].usedGpuMemory = used;
+            found[n].gpuInstanceId = found[n].computeInstanceId = 0xFFFFFFFFu; /* no MIG */
+            n++;
+        }
+        while (*rest && *rest != ',') rest++;
+        p = *rest == ',' ? rest + 1 : rest;
+    }
+    if (*count < n || (n && !infos)) {
+        *count = n;
+        return end(&ss, NVML_ERROR_INSUFFICIENT_SIZE);
+    }
+    if (n) memcpy(infos, found, n * sizeof *found);
+    *count = n;
     return end(&ss, NVML_SUCCESS);
 }
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -51,6 +51,8 @@ async def node(fake_nvml: FakeNvml, tmp_path: Path) -> AsyncIterator[Node]:  # n
         {
             "listen": "127.0.0.1:0",
             "runtime_dir": str(tmp_path / "run"),
+            # An NVML node refuses unauthenticated control by default; these tests call over loopback.
+            "auth": {"allow_unauthenticated_loopback": True},
             "telemetry": {"period_s": 0.05, "min_period_s": 0.05},
         },
         {},
@@ -132,7 +134,10 @@ async def test_lease_expiry_resets_the_driver(node: Node, fake_nvml: FakeNvml) -
 
 
 class AgentProcess:
-    """`python -m agent.app` over the fake library; the port comes from stdout's first line."""
+    """`python -m agent.app` over the fake library; the port comes from stdout's first line. Every one
+    started is in `started`, so that a failing test does not leave agents running (`_reap_agents`)."""
+
+    started: ClassVar[list[asyncio.subprocess.Process]] = []
 
     def __init__(self, proc: asyncio.subprocess.Process, port: int, stderr_path: Path) -> None:
         self.proc = proc
@@ -144,6 +149,7 @@ class AgentProcess:
         env = fake.env()
         env["PYTHONPATH"] = str(ROOT)
         env["DYNAMOLLM_AGENT_GPU_BACKEND"] = "nvml"
+        env["DYNAMOLLM_AGENT_AUTH_ALLOW_UNAUTHENTICATED_LOOPBACK"] = "true"
         stderr_path = runtime_dir.parent / f"agent-{len(list(runtime_dir.parent.glob('agent-*')))}.log"
         with open(stderr_path, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
@@ -160,6 +166,7 @@ class AgentProcess:
                 stderr=err,
                 cwd=ROOT,
             )
+        cls.started.append(proc)
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         if not line:
@@ -179,6 +186,16 @@ class AgentProcess:
     async def kill(self, sig: int) -> int:
         self.proc.send_signal(sig)
         return await asyncio.wait_for(self.proc.wait(), 20)
+
+
+@pytest.fixture(autouse=True)
+async def _reap_agents() -> AsyncIterator[None]:
+    yield
+    while AgentProcess.started:
+        proc = AgentProcess.started.pop()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_kill_9_then_restart_restores_defaults(fake_nvml: FakeNvml, tmp_path: Path) -> None:  # noqa: F811

@@ -1,5 +1,6 @@
 """`python -m agent.app --simulated` as a real process: the listening line, an engine started through
-ReconfigureEngine, and SIGTERM (GPU defaults restored in the simulated node, engine process gone, exit 0)."""
+ReconfigureEngine, and SIGTERM (GPU defaults restored in the simulated node, engine process gone, exit 0);
+the warning that a simulated node accepts unauthenticated loopback control."""
 
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ async def test_sigterm_stops_engines_restores_gpus_exits_0(tmp_path: Path) -> No
         log = (tmp_path / "agent.log").read_text()
         for event_name in ("gpu_defaults_restored_on_shutdown", "engine_stopped", "agent_stopped"):
             assert event_name in log
+        # --simulated without credentials: unauthenticated loopback control, said out loud at start-up
+        assert "unauthenticated_loopback_control_allowed" in log
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -473,6 +473,7 @@ async def test_tokens_scopes(tmp_path: Path) -> None:
         '[[tokens]]\nname = "controller"\ntoken = "control-token-0123456789"\nscopes = ["read", "control"]\n'
         '[[tokens]]\nname = "grafana"\ntoken = "read-token-0123456789"\nscopes = ["read"]\n'
     )
+    tokens.chmod(0o600)
     running = await start_agent(make_settings(tmp_path, auth={"tokens_file": str(tokens)}))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -561,9 +562,10 @@ async def test_engine_lifecycle(node: Node) -> None:
     assert narrower.engine.generation == 3
 
     broken = reconfigure(4, "e1", [0, 1])
-    broken.engine_options["max-num-seqs"] = "-5"  # the engine program refuses it and exits
+    # each value is valid, together they are not: the engine program refuses them and exits
+    broken.engine_options.update({"max-num-seqs": "64", "max-num-batched-tokens": "8"})
     details = await expect_error(node.ctl.ReconfigureEngine(broken, timeout=60), grpc.StatusCode.UNAVAILABLE)
-    assert "previous configuration restored" in details and "max-num-seqs" in details
+    assert "previous configuration restored" in details and "max-num-batched-tokens" in details
     (e1,) = [e for e in (await node.inventory()).engines if e.engine_id == "e1"]
     assert (e1.state, list(e1.gpu_indices), e1.generation) == (common_pb2.ENGINE_STATE_READY, [0], 3)
 
@@ -633,7 +635,8 @@ async def test_energy_counter_agrees_with_integrated_power_under_load(node: Node
 
 async def test_engine_start_failure_is_recorded(node: Node) -> None:
     request = reconfigure(1, "bad", [0])
-    request.engine_options["max-num-seqs"] = "-5"  # the engine program refuses it and exits
+    # each value is valid, together they are not: the engine program refuses them and exits
+    request.engine_options.update({"max-num-seqs": "64", "max-num-batched-tokens": "8"})
     details = await expect_error(node.ctl.ReconfigureEngine(request, timeout=60), grpc.StatusCode.UNAVAILABLE)
     assert "bad" in details
     again = await expect_error(node.ctl.ReconfigureEngine(request), grpc.StatusCode.UNAVAILABLE)

@@ -19,9 +19,11 @@ import pytest
 from agent.app import RunningAgent, start_agent
 from agent.settings import merge_settings
 from controller.dctl.main import main
+from tests.integration.tls_pki import Pki, make_pki, openssl_available
 
 GPUS = 8
-TOKEN = "a-control-token-of-some-length"
+TOKEN = "an-admin-token-of-some-length"
+CONTROL_TOKEN = "a-control-token-of-some-length"
 
 
 class _AgentThread:
@@ -352,11 +354,20 @@ def test_the_token_reaches_an_agent_that_requires_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tokens = tmp_path / "tokens.toml"
-    tokens.write_text(f'[[tokens]]\nname = "ops"\ntoken = "{TOKEN}"\nscopes = ["read", "control"]\n')
+    tokens.write_text(
+        f'[[tokens]]\nname = "ops"\ntoken = "{TOKEN}"\nscopes = ["read", "control", "admin"]\n'
+        f'[[tokens]]\nname = "tuner"\ntoken = "{CONTROL_TOKEN}"\nscopes = ["read", "control"]\n'
+    )
+    tokens.chmod(0o600)
     running = _AgentThread(_values(tmp_path / "run", auth={"tokens_file": str(tokens)}))
     try:
         code, _, err = _dctl(capsys, "reset-clocks", running.addr)
         assert code == 2 and "UNAUTHENTICATED" in _error_line(err)
+        # every GPU at once preempts whoever manages the node: admin
+        code, _, err = _dctl(capsys, "reset-clocks", running.addr, "--token", CONTROL_TOKEN)
+        assert code == 2 and "PERMISSION_DENIED" in _error_line(err) and "'admin'" in _error_line(err)
+        code, _, err = _dctl(capsys, "reset-clocks", running.addr, "--gpu", "1", "--token", CONTROL_TOKEN)
+        assert code == 0, err
         code, _, err = _dctl(capsys, "reset-clocks", running.addr, "--token", TOKEN)
         assert code == 0, err
         monkeypatch.setenv("DYNAMOLLM_TOKEN", TOKEN)
@@ -365,5 +376,46 @@ def test_the_token_reaches_an_agent_that_requires_one(
         )
         assert code == 0, err
         assert _status(capsys, running.addr)["inventory"]["lease"]["holder"] == "ops"
+    finally:
+        running.close()
+
+
+# ---------------------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if not openssl_available():
+        pytest.skip("the openssl command is not installed")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_dctl_over_mtls(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    tls = {"cert": str(pki.server.cert), "key": str(pki.server.key), "client_ca": str(pki.ca.cert)}
+    running = _AgentThread(_values(tmp_path / "run", tls=tls))
+    ca = ("--tls-ca", str(pki.ca.cert))
+    client = ("--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key))
+    try:
+        code, out, err = _dctl(capsys, "status", running.addr, *ca, *client, "--output", "json")
+        assert code == 0, err
+        assert json.loads(out)["inventory"]["node_id"] == "test-node"
+        # the certificate grants read (tls.client_scopes); changing clocks needs more
+        code, _, err = _dctl(capsys, "reset-clocks", running.addr, "--gpu", "0", *ca, *client)
+        assert code == 2 and "PERMISSION_DENIED" in _error_line(err) and "cert:controller" in _error_line(err)
+        # no client certificate, or one from another CA: the TLS handshake fails, the node is unreachable
+        code, _, err = _dctl(capsys, "status", running.addr, *ca, "--timeout-s", "5")
+        assert code == 3 and "UNAVAILABLE" in _error_line(err)
+        stranger = ("--tls-cert", str(pki.stranger.cert), "--tls-key", str(pki.stranger.key))
+        code, _, err = _dctl(capsys, "status", running.addr, *ca, *stranger, "--timeout-s", "5")
+        assert code == 3
+        code, _, err = _dctl(capsys, "status", running.addr, "--timeout-s", "5")  # plaintext
+        assert code == 3
+        # bad TLS flags are flag errors before any RPC
+        code, out, err = _dctl(capsys, "status", running.addr, *ca, "--tls-cert", str(pki.client.cert))
+        assert (
+            code == 2 and out == "" and _error_line(err).startswith("dctl node: error: --tls-key: got None")
+        )
+        code, _, err = _dctl(capsys, "status", running.addr, "--tls-ca", str(tmp_path / "none.pem"))
+        assert code == 2 and _error_line(err).startswith("dctl node: error: --tls-ca: got ")
     finally:
         running.close()

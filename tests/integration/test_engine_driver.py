@@ -273,11 +273,13 @@ async def test_failed_reconfigure_rolls_back(sim_driver: EngineDriver) -> None:
     old = sim_spec((0, 1, 2, 3), port)
     await sim_driver.start(old)
     old_pid = sim_driver.engine("eng-a").pid
-    broken = sim_spec(tuple(range(8)), port, **{"max-model-len": "1"})  # the engine rejects it at start
+    # Each value passes the driver's checks; together they do not (the engine wants at least
+    # max-num-seqs batched tokens) and the engine rejects them at start-up.
+    broken = sim_spec(tuple(range(8)), port, **{"max-num-batched-tokens": "8"})
     with pytest.raises(UnavailableError) as info:
         await sim_driver.reconfigure(broken, drain_timeout_s=5.0)
     assert "previous configuration restored" in str(info.value)
-    assert "--max-model-len" in str(info.value)
+    assert "--max-num-batched-tokens" in str(info.value)
     status = sim_driver.engine("eng-a")
     assert status.state is EngineState.READY
     assert status.spec == old
@@ -286,3 +288,20 @@ async def test_failed_reconfigure_rolls_back(sim_driver: EngineDriver) -> None:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 3}
         async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as resp:
             assert resp.status == 200
+
+
+async def test_rollback_uses_the_known_good_start_time_not_the_callers_timeout(
+    sim_driver: EngineDriver,
+) -> None:
+    """Fault: a 0.05 s ready timeout fails the new configuration (as it should); the rollback used to get
+    the same 0.05 s, failed too, and left a READY engine FAILED. It now gets the previous configuration's
+    measured start time times a margin (with a floor)."""
+    port = free_port()
+    old = sim_spec((0, 1), port)
+    await sim_driver.start(old)
+    new = sim_spec((0, 1), port, **{"max-num-seqs": "8"})
+    with pytest.raises(UnavailableError) as info:
+        await sim_driver.reconfigure(new, drain_timeout_s=1.0, ready_timeout_s=0.05)
+    assert "previous configuration restored" in str(info.value), str(info.value)
+    status = sim_driver.engine("eng-a")
+    assert (status.state, status.spec) == (EngineState.READY, old)

@@ -15,6 +15,7 @@ from grpc import aio
 from agent.api.client import (
     ERROR_FOR_STATUS,
     AgentClient,
+    ClientTls,
     GenerationSource,
     GpuClockSetting,
     error_from_status,
@@ -244,6 +245,24 @@ async def test_invalid_argument_keeps_the_agent_message_and_parses_its_parts(
 def test_an_invalid_argument_message_of_another_form_is_kept_whole() -> None:
     err = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "something odd", target="t", rpc="X")
     assert isinstance(err, InvalidArgumentError) and str(err) == "something odd"
+
+
+def test_a_huge_status_message_is_cut() -> None:
+    err = error_from_status(grpc.StatusCode.FAILED_PRECONDITION, "x" * 100_000, target="t", rpc="X")
+    assert isinstance(err, FailedPreconditionError)
+    assert len(str(err)) < 2100 and str(err).endswith("(100000 characters)")
+    invalid = error_from_status(
+        grpc.StatusCode.INVALID_ARGUMENT, "engine_id: got '" + "e" * 50_000, target="t", rpc="X"
+    )
+    assert len(str(invalid)) < 2100
+
+
+def test_tls_options_are_checked_before_any_channel() -> None:
+    with pytest.raises(InvalidArgumentError, match="private_key"):
+        ClientTls(certificate_chain=b"-----BEGIN CERTIFICATE-----")
+    with pytest.raises(InvalidArgumentError, match="one of tls and credentials"):
+        AgentClient("127.0.0.1:1", tls=ClientTls(), credentials=grpc.ssl_channel_credentials())
+    assert "BEGIN" not in repr(ClientTls(root_certificates=b"-----BEGIN CERTIFICATE-----"))
 
 
 def test_an_unknown_code_is_an_internal_error() -> None:

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from agent.api.errors import (
+    DynamoError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
+    UnsupportedError,
 )
 from agent.engine.driver import (
     EngineDriver,
@@ -26,6 +28,7 @@ from agent.engine.driver import (
     HttpResponse,
     ReconfigureTimings,
 )
+from agent.gpu.base import GpuProcess
 
 TEMPLATE = "fake-engine --model {model} --tp {tp} --pp {pp} --port {port} --gpus {gpus} --dir {node_dir}"
 
@@ -140,8 +143,28 @@ class SteppingClock:
         return int(self.now_s * 1e9)
 
 
+class FakeGpus:
+    """`gpu_processes` seam: the compute processes each GPU lists; `error` makes the listing fail."""
+
+    def __init__(self) -> None:
+        self.processes: dict[int, list[GpuProcess]] = {}
+        self.error: DynamoError | None = None
+        self.calls: list[tuple[int, ...]] = []
+
+    async def __call__(self, indices: Sequence[int]) -> dict[int, tuple[GpuProcess, ...]]:
+        self.calls.append(tuple(indices))
+        if self.error is not None:
+            raise self.error
+        return {i: tuple(self.processes.get(i, [])) for i in indices}
+
+
 def make_driver(
-    node: FakeNode, tmp_path: Path, *, clock: SteppingClock | None = None, **kwargs: float
+    node: FakeNode,
+    tmp_path: Path,
+    *,
+    clock: SteppingClock | None = None,
+    gpus: FakeGpus | None = None,
+    **kwargs: float,
 ) -> EngineDriver:
     return EngineDriver(
         TEMPLATE,
@@ -154,6 +177,8 @@ def make_driver(
         template_vars={"node_dir": str(tmp_path / "node")},
         env={"EXTRA": "1"},
         poll_s=0.001,
+        gpu_processes=gpus,
+        rollback_ready_floor_s=kwargs.get("rollback_ready_floor_s", 30.0),
     )
 
 
@@ -215,8 +240,23 @@ def test_bad_command_template_names_the_key(template: str) -> None:
         ({"tp_degree": 0}, "tp_degree"),
         ({"http_port": 0}, "http_port"),
         ({"http_port": 70000}, "http_port"),
+        ({"model": "m" * 257}, "model"),
         ({"options": {"--max-num-seqs": "1"}}, "engine_options"),
-        ({"options": {"max-num-seqs": "1\x00"}}, "engine_options[max-num-seqs]"),
+        ({"options": {"k" * 65: ""}}, "engine_options"),
+        ({"options": {"max-num-seqs": "1\x00"}}, "engine_options['max-num-seqs']"),
+        ({"options": {"max-num-seqs": "-5"}}, "engine_options['max-num-seqs']"),
+        ({"options": {"max-num-seqs": "0"}}, "engine_options['max-num-seqs']"),
+        ({"options": {"max-num-seqs": "2e3"}}, "engine_options['max-num-seqs']"),
+        ({"options": {"max-num-batched-tokens": "9" * 30}}, "engine_options['max-num-batched-tokens']"),
+        ({"options": {"gpu-memory-utilization": "0"}}, "engine_options['gpu-memory-utilization']"),
+        ({"options": {"gpu-memory-utilization": "1.5"}}, "engine_options['gpu-memory-utilization']"),
+        ({"options": {"startup-s": "nan"}}, "engine_options['startup-s']"),
+        ({"options": {"startup-s": "inf"}}, "engine_options['startup-s']"),
+        ({"options": {"enforce-eager": "yes"}}, "engine_options['enforce-eager']"),
+        ({"options": {"dtype": "int4"}}, "engine_options['dtype']"),
+        ({"options": {"custom-flag": "--enforce-eager"}}, "engine_options['custom-flag']"),
+        ({"options": {"custom-flag": "x" * 257}}, "engine_options['custom-flag']"),
+        ({"options": {"custom-flag": "a\nb"}}, "engine_options['custom-flag']"),
     ],
 )
 async def test_bad_spec_is_rejected_before_anything_happens(
@@ -442,6 +482,37 @@ async def test_reconfigure_failure_and_failed_rollback(tmp_path: Path) -> None:
     assert driver.engine("eng-a").state is EngineState.FAILED
 
 
+async def test_rollback_gets_the_known_good_start_time_not_the_callers_timeout(tmp_path: Path) -> None:
+    """Fault: the caller's 0.05 s ready timeout fails the new configuration, and the rollback used to get
+    the same 0.05 s, fail as well, and leave the READY engine FAILED. The clock steps 1 s per read, so the
+    first start measures several seconds."""
+    node = FakeNode()
+    driver = make_driver(node, tmp_path, clock=SteppingClock(), ready_timeout_s=100.0)
+    node.plans.append({"healthy_after_polls": 3})
+    start_s = await driver.start(spec())
+    assert start_s > 1.0
+    node.plans += [{"healthy_after_polls": 0}, {"healthy_after_polls": 3}]  # new: never; old: as before
+    with pytest.raises(UnavailableError) as info:
+        await driver.reconfigure(spec(tp=1), drain_timeout_s=1.0, ready_timeout_s=0.05)
+    assert "previous configuration restored" in str(info.value), str(info.value)
+    status = driver.engine("eng-a")
+    assert (status.state, status.spec) == (EngineState.READY, spec())
+
+
+async def test_rollback_timeout_is_margin_times_known_start_with_a_floor(tmp_path: Path) -> None:
+    node = FakeNode()
+    driver = make_driver(
+        node, tmp_path, clock=SteppingClock(), ready_timeout_s=100.0, rollback_ready_floor_s=1.0
+    )
+    node.plans.append({"healthy_after_polls": 3})
+    start_s = await driver.start(spec())
+    # The previous configuration now needs far longer than 3 x its measured start: the rollback gives up.
+    node.plans += [{"healthy_after_polls": 0}, {"healthy_after_polls": 1000}]
+    with pytest.raises(UnavailableError, match=f"not ready within {3 * start_s:g} s"):
+        await driver.reconfigure(spec(tp=1), drain_timeout_s=1.0, ready_timeout_s=0.05)
+    assert driver.engine("eng-a").state is EngineState.FAILED
+
+
 async def test_new_engine_failing_to_start_has_no_rollback(tmp_path: Path) -> None:
     node = FakeNode()
     driver = make_driver(node, tmp_path)
@@ -479,3 +550,50 @@ async def test_stop_all_stops_every_engine(tmp_path: Path) -> None:
     await driver.stop_all()
     assert all(e.returncode is not None for e in node.engines)
     assert {s.state for s in driver.engines()} == {EngineState.STOPPED}
+
+
+# ---- processes on the GPUs that are not this driver's engines --------------------------------------
+
+
+async def test_foreign_process_on_a_gpu_is_refused_naming_gpu_and_pid(tmp_path: Path) -> None:
+    node, gpus = FakeNode(), FakeGpus()
+    driver = make_driver(node, tmp_path, gpus=gpus)
+    gpus.processes[1] = [GpuProcess(pid=2**22 + 11, used_memory_bytes=5 * 2**30)]
+    for action in (driver.start(spec()), driver.reconfigure(spec(), 1.0)):
+        with pytest.raises(FailedPreconditionError) as info:
+            await action
+        message = str(info.value)
+        assert "GPU 1" in message and str(2**22 + 11) in message and str(5 * 2**30) in message
+    assert node.engines == [] and driver.engines() == []  # nothing started, nothing registered
+    assert await driver.foreign_processes(range(4)) == {1: (GpuProcess(2**22 + 11, 5 * 2**30),)}
+    await driver.start(spec(gpus=(2, 3)))  # other GPUs are free
+
+
+async def test_own_engine_processes_are_not_foreign(tmp_path: Path) -> None:
+    node, gpus = FakeNode(), FakeGpus()
+    driver = make_driver(node, tmp_path, gpus=gpus)
+    await driver.start(spec(gpus=(0, 1)))
+    own = node.engines[0].pid
+    gpus.processes = {0: [GpuProcess(own, None)], 1: [GpuProcess(own, None)]}
+    assert driver.owns_pid(own)
+    assert await driver.foreign_processes([0, 1]) == {}
+    # The engine's own GPUs stay its own through a reconfiguration onto more GPUs.
+    timings = await driver.reconfigure(spec(gpus=(0, 1, 2, 3), tp=4), drain_timeout_s=1.0)
+    assert timings.restarted and driver.engine("eng-a").state is EngineState.READY
+    # Once stopped, its pid is no longer the driver's: a process still listed on the GPU is foreign.
+    await driver.stop("eng-a")
+    assert not driver.owns_pid(own)
+    with pytest.raises(FailedPreconditionError, match=f"process {own}"):
+        await driver.start(spec("eng-b", gpus=(0,), tp=1, port=8002))
+
+
+async def test_unlistable_gpus(tmp_path: Path) -> None:
+    node, gpus = FakeNode(), FakeGpus()
+    driver = make_driver(node, tmp_path, gpus=gpus)
+    gpus.error = UnsupportedError("nvmlDeviceGetComputeRunningProcesses: driver too old")
+    await driver.start(spec())  # a driver that cannot list processes does not block engines
+    gpus.error = UnavailableError("GPU is lost")
+    with pytest.raises(UnavailableError, match="cannot list the processes on GPU"):
+        await driver.start(spec("eng-b", gpus=(2, 3), port=8002))
+    assert "eng-b" not in {s.spec.engine_id for s in driver.engines()} and len(node.engines) == 1
+    assert await driver.foreign_processes([0, 1]) == {}  # GetInventory: logged, nothing found

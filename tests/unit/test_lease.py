@@ -38,6 +38,23 @@ def test_grant_view_and_expiry() -> None:
     assert book.view(now_s=200.0, now_unix_ns=0).generation == 7  # the generation stays in force
 
 
+def test_a_grant_taken_back_reinstates_the_earlier_terms() -> None:
+    """ApplyGpuConfig grants before its first write; a failed, rolled-back apply puts the lease back."""
+    book = LeaseBook()
+    book.grant(holder="a", generation=3, lease_s=10.0, now_s=0.0)
+    earlier = book.terms()
+    book.grant(holder="b", generation=4, lease_s=60.0, now_s=1.0)
+    assert (book.holder, book.generation, book.expires_s) == ("b", 4, 61.0)
+    book.reinstate(earlier)
+    assert (book.holder, book.generation, book.expires_s) == ("a", 3, 10.0)
+    assert book.is_expired(10.0)  # an expiry that passed meanwhile fires at once
+    fresh = LeaseBook()
+    before = fresh.terms()
+    fresh.grant(holder="b", generation=1, lease_s=5.0, now_s=0.0)
+    fresh.reinstate(before)
+    assert not fresh.is_active(1.0) and fresh.generation == 0
+
+
 def test_renew_sets_rather_than_adds() -> None:
     book = LeaseBook()
     book.grant(holder="a", generation=3, lease_s=10.0, now_s=0.0)

@@ -377,3 +377,42 @@ def test_state_helper_refuses_unknown_keys(fake_nvml: FakeNvml) -> None:
         fake_nvml.state.update({"gpu0.locked_mhz": 1})
     with pytest.raises(NotFoundError):
         fake_nvml.state.gpu(0)  # nothing has run on this state file yet
+
+
+# ---- compute processes and clocks a GPU cannot hold (environment knobs of the fake) -------------------
+
+
+def test_compute_processes_per_gpu(backend: NvmlBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backend.compute_processes(0) == backend.compute_processes(1) == ()
+    monkeypatch.setenv("FAKE_NVML_COMPUTE_PIDS", "1:4243,1:4242:1000,0:77:5")
+    assert [(p.pid, p.used_memory_bytes) for p in backend.compute_processes(1)] == [
+        (4242, 1000),
+        (4243, 2**30),
+    ]
+    assert [(p.pid, p.used_memory_bytes) for p in backend.compute_processes(0)] == [(77, 5)]
+
+
+def test_compute_processes_errors_go_through_the_table(fake_nvml: FakeNvml, backend: NvmlBackend) -> None:
+    fake_nvml.state.fail_next("nvmlDeviceGetComputeRunningProcesses_v3", pynvml.NVML_ERROR_NOT_SUPPORTED)
+    with pytest.raises(UnsupportedError, match="nvmlDeviceGetComputeRunningProcesses on GPU 0"):
+        backend.compute_processes(0)
+    fake_nvml.state.fail_next("nvmlDeviceGetComputeRunningProcesses_v3", pynvml.NVML_ERROR_GPU_IS_LOST, gpu=1)
+    with pytest.raises(UnavailableError):
+        backend.compute_processes(1)
+
+
+def test_lock_is_not_readable_and_a_capped_gpu_shows_it(
+    fake_nvml: FakeNvml, backend: NvmlBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert not backend.info(0).sm_clock_lock_readable
+    backend.set_locked_clocks(0, 1410, 1410)
+    backend.set_locked_clocks(1, 1410, 1410)
+    held = backend.read(0)
+    assert (held.sm_clock_mhz, held.sm_clock_lock_mhz) == (1410, None)
+    monkeypatch.setenv("FAKE_NVML_SM_CLOCK_CAP_MHZ", "0:1005")  # GPU 0 cannot run above 1005 MHz
+    capped, other = backend.read(0), backend.read(1)
+    assert capped.sm_clock_mhz == 1005 and capped.clock_event_reasons_mask & 0x20
+    assert capped.power_w < held.power_w  # the energy model follows the clock it really runs at
+    assert other.sm_clock_mhz == 1410 and not other.clock_event_reasons_mask & 0x20
+    monkeypatch.setenv("FAKE_NVML_SM_CLOCK_CAP_MHZ", "1500")  # a bare value caps every GPU
+    assert backend.read(0).sm_clock_mhz == 1410 and backend.read(1).sm_clock_mhz == 1410

@@ -50,6 +50,10 @@ def test_defaults() -> None:
     assert "{pp}" in s.engine.command
     assert s.simulated.node_dir == Path("/run/dynamollm-agent/simnode")
     assert s.audit_log == Path("/run/dynamollm-agent/audit.jsonl")
+    assert (s.audit_max_bytes, s.audit_backups) == (8 * 2**20, 3)
+    # secure by default: no unauthenticated control on a real node, no TLS unless configured
+    assert s.allow_unauthenticated_loopback is False and s.tls is None
+    assert s.unix_socket_mode == 0o660
 
 
 def test_simulated_backend_derives_engine_defaults() -> None:
@@ -61,6 +65,7 @@ def test_simulated_backend_derives_engine_defaults() -> None:
     assert s.engine.tp_degrees == SIMULATED_TP_DEGREES
     assert s.simulated.node_dir == Path("/tmp/x/simnode")
     assert s.engine.log_dir == Path("/tmp/x/engines")
+    assert s.allow_unauthenticated_loopback is True  # the local demo default of a simulated node
 
 
 def test_simulated_engine_facts_match_the_physics_model() -> None:
@@ -108,6 +113,18 @@ def test_every_key_has_an_env_override() -> None:
         ({}, {"DYNAMOLLM_AGENT_NOPE": "1"}, "DYNAMOLLM_AGENT_NOPE", "DYNAMOLLM_AGENT_LISTEN"),
         ({}, {"DYNAMOLLM_AGENT_REFLECTION": "maybe"}, "reflection", "true or false"),
         ({}, {"DYNAMOLLM_AGENT_MAX_LEASE_S": "nan"}, "max_lease_s", "a number"),
+        ({"unix_socket_mode": "0999"}, {}, "unix_socket_mode", "octal"),
+        ({"audit": {"max_bytes": 100}}, {}, "audit.max_bytes", "4096.."),
+        ({"audit": {"backups": -1}}, {}, "audit.backups", "0..100"),
+        ({"tls": {"client_scopes": ["root"]}}, {}, "tls.client_scopes", "read, control, admin"),
+        ({"tls": {"cert": "/x.pem"}}, {}, "tls.key", "go together"),
+        ({"tls": {"client_ca": "/ca.pem"}}, {}, "tls.client_ca", "tls.cert and tls.key"),
+        (
+            {},
+            {"DYNAMOLLM_AGENT_AUTH_ALLOW_UNAUTHENTICATED_LOOPBACK": "sure"},
+            "auth.allow_unauthenticated_loopback",
+            "true or false",
+        ),
         (
             {"gpu": {"backend": "simulated"}, "engine": {"models": ["gpt-5"]}},
             {},
@@ -135,13 +152,18 @@ def test_tokens_file(tmp_path: Path) -> None:
     path.write_text(
         '[[tokens]]\nname = "controller"\ntoken = "0123456789abcdef0"\nscopes = ["read", "control"]\n'
         '[[tokens]]\nname = "grafana"\ntoken = "fedcba98765432100"\nscopes = ["read"]\n'
+        '[[tokens]]\nname = "ops"\ntoken = "fedcba98765432199"\nscopes = ["read", "control", "admin"]\n'
     )
+    path.chmod(0o600)
     s = _merge({"auth": {"tokens_file": str(path)}})
     assert [(t.name, sorted(t.scopes)) for t in s.tokens] == [
         ("controller", ["control", "read"]),
         ("grafana", ["read"]),
+        ("ops", ["admin", "control", "read"]),
     ]
-    path.write_text('[[tokens]]\nname = "x"\ntoken = "0123456789abcdef0"\nscopes = ["admin"]\n')
+    assert s.reflection is False  # tokens configured: no API map for whoever connects
+    assert s.allow_unauthenticated_loopback is False
+    path.write_text('[[tokens]]\nname = "x"\ntoken = "0123456789abcdef0"\nscopes = ["root"]\n')
     with pytest.raises(InvalidArgumentError, match=r"tokens\[0\]\.scopes"):
         _merge({"auth": {"tokens_file": str(path)}})
     path.write_text('[[tokens]]\nname = "x"\ntoken = "short"\nscopes = ["read"]\n')
@@ -150,6 +172,58 @@ def test_tokens_file(tmp_path: Path) -> None:
     assert "short" not in str(info.value)  # secrets never echoed
     with pytest.raises(InvalidArgumentError, match=r"auth\.tokens_file"):
         _merge({"auth": {"tokens_file": str(tmp_path / "missing.toml")}})
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o660])
+def test_a_tokens_file_others_can_access_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text('[[tokens]]\nname = "x"\ntoken = "0123456789abcdef0"\nscopes = ["read"]\n')
+    path.chmod(mode)
+    with pytest.raises(InvalidArgumentError) as info:
+        _merge({"auth": {"tokens_file": str(path)}})
+    assert info.value.field == "auth.tokens_file"
+    assert f"(mode {mode:04o})" in str(info.value) and "chmod 600" in str(info.value)
+    for private in (0o600, 0o400):
+        path.chmod(private)
+        assert _merge({"auth": {"tokens_file": str(path)}}).tokens[0].name == "x"
+
+
+def test_tls_settings(tmp_path: Path) -> None:
+    cert, key, ca = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem"
+    for path in (cert, key, ca):
+        path.write_text("-----BEGIN X-----\nAAAA\n-----END X-----\n")
+    key.chmod(0o600)
+    s = _merge({"tls": {"cert": str(cert), "key": str(key), "client_ca": str(ca), "client_scopes": []}})
+    assert s.tls is not None and s.tls.client_ca is not None and s.tls.client_scopes == frozenset()
+    assert s.reflection is False
+    assert "BEGIN" not in repr(s.tls)  # key material never in a repr (logs, tracebacks)
+    key.chmod(0o644)
+    with pytest.raises(InvalidArgumentError, match=r"tls\.key.*mode 0644"):
+        _merge({"tls": {"cert": str(cert), "key": str(key)}})
+    key.chmod(0o600)
+    cert.write_text("not a certificate")
+    with pytest.raises(InvalidArgumentError, match=r"tls\.cert.*PEM"):
+        _merge({"tls": {"cert": str(cert), "key": str(key)}})
+    explicit = _merge({"reflection": True, "tls": {"cert": str(ca), "key": str(key)}})
+    assert explicit.reflection is True  # an explicit setting wins
+
+
+def test_the_loopback_opt_in(tmp_path: Path) -> None:
+    simulated = {"gpu": {"backend": "simulated"}}
+    assert _merge(simulated).allow_unauthenticated_loopback is True
+    assert (
+        _merge(
+            {**simulated, "auth": {"allow_unauthenticated_loopback": False}}
+        ).allow_unauthenticated_loopback
+        is False
+    )
+    assert _merge({"auth": {"allow_unauthenticated_loopback": True}}).allow_unauthenticated_loopback is True
+    env = {env_name("auth.allow_unauthenticated_loopback"): "true"}
+    assert (
+        env_name("auth.allow_unauthenticated_loopback")
+        == "DYNAMOLLM_AGENT_AUTH_ALLOW_UNAUTHENTICATED_LOOPBACK"
+    )
+    assert _merge(env=env).allow_unauthenticated_loopback is True
 
 
 def test_load_settings_reads_toml_file(tmp_path: Path) -> None:

@@ -254,3 +254,31 @@ def test_idle_engine_reports_the_locked_clock_not_its_last_iteration(backend: Si
     backend.set_locked_clocks(0, 1200, 1410)
     NodeDir(backend.node_dir).write_activity(0, _engine_record(extra_power_w=0.0, clock_mhz=1980))
     assert backend.read(0).sm_clock_mhz == 1410
+
+
+def test_locked_clocks_are_read_back_from_the_node(backend: SimulatedGpuBackend) -> None:
+    assert backend.info(0).sm_clock_lock_readable
+    assert backend.read(0).sm_clock_lock_mhz is None
+    backend.set_locked_clocks(0, 1200, 1410)
+    assert backend.read(0).sm_clock_lock_mhz == (1200, 1410)
+    assert backend.read(1).sm_clock_lock_mhz is None
+    # What the GPU holds is what the control file says, not what the backend remembers.
+    NodeDir(backend.node_dir).write_control(0, GpuControl(990, 990, 700.0))
+    assert backend.read(0).sm_clock_lock_mhz == (990, 990)
+    backend.reset_locked_clocks(0)
+    assert backend.read(0).sm_clock_lock_mhz is None
+
+
+def test_compute_processes_are_the_live_registered_engine(backend: SimulatedGpuBackend) -> None:
+    node = NodeDir(backend.node_dir)
+    assert backend.compute_processes(0) == ()
+    node.write_activity(0, _engine_record())
+    (proc,) = backend.compute_processes(0)
+    assert (proc.pid, proc.used_memory_bytes) == (os.getpid(), 70 * 2**30)
+    assert backend.compute_processes(1) == ()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    node.write_activity(0, _engine_record(pid=dead.pid))
+    assert backend.compute_processes(0) == ()
+    with pytest.raises(InvalidArgumentError):
+        backend.compute_processes(2)

@@ -1,5 +1,6 @@
-"""agent.telemetry: stream period validation, bounded subscriber queues with counted drops, the energy
-cross-check, and the sampler over an in-memory backend."""
+"""agent.telemetry: stream period validation (huge periods included), bounded subscriber queues with
+counted drops, the energy cross-check, the sampler over an in-memory backend, and the clock targets each
+sample carries beside the measured clock."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from agent.api.clock import SystemClock
 from agent.api.errors import InvalidArgumentError
 from agent.api.v1 import telemetry_pb2
 from agent.control import StreamPlan, validate_stream
-from agent.gpu.base import GpuInfo, GpuReading
+from agent.convert import gpu_sample_pb, sm_clock_below_target
+from agent.gpu.base import GpuInfo, GpuProcess, GpuReading
 from agent.gpu.worker import GpuWorkers
 from agent.telemetry import NodeSample, Subscription, TelemetrySampler, energy_discrepancy
 
@@ -57,6 +59,9 @@ class StuckCounterBackend:
     def reset_locked_clocks(self, index: int) -> None: ...
 
     def set_power_limit(self, index: int, power_limit_w: float) -> None: ...
+
+    def compute_processes(self, index: int) -> tuple[GpuProcess, ...]:
+        return ()
 
     def close(self) -> None: ...
 
@@ -181,3 +186,68 @@ async def test_sampler_ticks_publishes_and_checks_energy() -> None:
         sampler.unsubscribe(sub)
         workers.close()
     assert sampler.subscriber_count == 0
+
+
+@pytest.mark.parametrize("period_s", [1e308, 1.7976931348623157e308, -1e308, 1e300, 61.0])
+@pytest.mark.parametrize("sampler_period_s", [0.05, 0.001, 1.0])
+def test_huge_stream_periods_are_invalid_argument_naming_period_s(
+    period_s: float, sampler_period_s: float
+) -> None:
+    """Fault: 1e308 / 0.05 is inf, and round(inf) raised OverflowError (INTERNAL at the RPC)."""
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_stream(
+            _stream_request(period_s),
+            gpu_count=2,
+            sampler_period_s=sampler_period_s,
+            min_period_s=0.05,
+            max_period_s=60.0,
+        )
+    assert info.value.field == "period_s" and "60" in info.value.allowed
+
+
+def test_subscription_refuses_a_plan_without_a_whole_stride() -> None:
+    for stride in (0, -1):
+        with pytest.raises(InvalidArgumentError):
+            Subscription(StreamPlan(0.1, stride, (0,), False), 4)
+
+
+def test_clock_below_target_only_when_busy_and_under_the_minimum() -> None:
+    busy = GpuReading(300.0, 1.0, 1005, 2619, 0.9, 0.5, 1, 50.0, 700.0, 0x20)
+    idle = GpuReading(70.0, 1.0, 345, 2619, 0.0, 0.0, 1, 30.0, 700.0, 0x1)
+    assert sm_clock_below_target(busy, (1410, 1410))
+    assert not sm_clock_below_target(busy, (990, 1410))  # within the range
+    assert not sm_clock_below_target(busy, None)  # no target: nothing to fall short of
+    assert not sm_clock_below_target(idle, (1410, 1410))  # idle: the clock says nothing
+    msg = gpu_sample_pb(0, busy, (1410, 1410))
+    assert (msg.target_sm_clock_lock.min_clock_mhz, msg.target_sm_clock_lock.max_clock_mhz) == (1410, 1410)
+    assert msg.sm_clock_below_target and not msg.HasField("effective_sm_clock_lock")
+    plain = gpu_sample_pb(0, busy)
+    assert not plain.HasField("target_sm_clock_lock") and not plain.sm_clock_below_target
+
+
+async def test_samples_carry_the_targets_in_force_when_read() -> None:
+    backend = StuckCounterBackend()
+    workers = await GpuWorkers.create(backend)
+    targets: dict[int, tuple[int, int] | None] = {0: (1200, 1410), 1: None}
+    sampler = TelemetrySampler(
+        workers,
+        SystemClock(),
+        period_s=0.02,
+        buffer=5,
+        subscriber_queue=4,
+        mismatch_ratio=0.05,
+        clock_targets=targets.__getitem__,
+    )
+    sub = sampler.subscribe(StreamPlan(0.02, 1, (0, 1), False))
+    try:
+        sample = await sampler.sample_once()
+        assert sample.targets == ((0, (1200, 1410)), (1, None))
+        targets[0] = None  # a later change does not rewrite an earlier sample
+        g0, g1 = sub.to_pb(sample).gpus
+        assert (g0.target_sm_clock_lock.min_clock_mhz, g0.target_sm_clock_lock.max_clock_mhz) == (1200, 1410)
+        assert g0.sm_clock_below_target is False  # 1980 MHz measured, above the minimum
+        assert not g1.HasField("target_sm_clock_lock")
+        assert (await sampler.sample_once()).targets == ((0, None), (1, None))
+    finally:
+        sampler.unsubscribe(sub)
+        workers.close()

@@ -315,7 +315,7 @@ def test_gen_proto_check_flags_drift_and_regeneration_repairs_it(
     (v1 / "retired_pb2.py").write_text("# generated from a .proto that no longer exists\n")
     proto = repo_copy / "proto" / "agent" / "api" / "v1" / "common.proto"
     proto.write_text(
-        proto.read_text().replace("  bool modified = 12;\n", "  bool modified = 12;\n  bool spare = 13;\n")
+        proto.read_text().replace("  bool modified = 12;\n", "  bool modified = 12;\n  bool spare = 999;\n")
     )
 
     status, err = _check(repo_copy, capsys)

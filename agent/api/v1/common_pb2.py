@@ -24,33 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gent/api/v1/common.proto\x12\x12\x64ynamollm.agent.v1\"<\n\x0cSmClockRange\x12\x15\n\rmin_clock_mhz\x18\x01 \x01(\r\x12\x15\n\rmax_clock_mhz\x18\x02 \x01(\r\"\xbd\x02\n\x07GpuInfo\x12\x11\n\tgpu_index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\x12\x1f\n\x17supported_sm_clocks_mhz\x18\x05 \x03(\r\x12\x19\n\x11min_power_limit_w\x18\x06 \x01(\x01\x12\x19\n\x11max_power_limit_w\x18\x07 \x01(\x01\x12\x1d\n\x15\x64\x65\x66\x61ult_power_limit_w\x18\x08 \x01(\x01\x12\x15\n\rpower_limit_w\x18\t \x01(\x01\x12\x37\n\rsm_clock_lock\x18\n \x01(\x0b\x32 .dynamollm.agent.v1.SmClockRange\x12\x17\n\x0fmem_total_bytes\x18\x0b \x01(\x04\x12\x10\n\x08modified\x18\x0c \x01(\x08\"\x91\x03\n\nEngineInfo\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.dynamollm.agent.v1.EngineKind\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x11\n\ttp_degree\x18\x05 \x01(\r\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.dynamollm.agent.v1.EngineState\x12\x1b\n\x13state_since_unix_ns\x18\x07 \x01(\x03\x12\x11\n\thttp_port\x18\x08 \x01(\r\x12\x12\n\ngeneration\x18\t \x01(\x04\x12I\n\x0e\x65ngine_options\x18\n \x03(\x0b\x32\x31.dynamollm.agent.v1.EngineInfo.EngineOptionsEntry\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0b \x01(\t\x1a\x34\n\x12\x45ngineOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\nLeaseState\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpires_unix_ns\x18\x03 \x01(\x03\x12\x13\n\x0bremaining_s\x18\x04 \x01(\x01\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\x8f\x02\n\tGpuSample\x12\x11\n\tgpu_index\x18\x01 \x01(\r\x12\x0f\n\x07power_w\x18\x02 \x01(\x01\x12\x10\n\x08\x65nergy_j\x18\x03 \x01(\x01\x12\x14\n\x0csm_clock_mhz\x18\x04 \x01(\r\x12\x15\n\rmem_clock_mhz\x18\x05 \x01(\r\x12\x16\n\x0eutil_gpu_ratio\x18\x06 \x01(\x01\x12\x16\n\x0eutil_mem_ratio\x18\x07 \x01(\x01\x12\x16\n\x0emem_used_bytes\x18\x08 \x01(\x04\x12\x15\n\rtemperature_c\x18\t \x01(\x01\x12\x1e\n\x16\x65nforced_power_limit_w\x18\n \x01(\x01\x12 \n\x18\x63lock_event_reasons_mask\x18\x0b \x01(\x04\"\xdc\x02\n\rEngineMetrics\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.dynamollm.agent.v1.EngineState\x12\x1e\n\x16running_requests_count\x18\x03 \x01(\r\x12\x1e\n\x16waiting_requests_count\x18\x04 \x01(\r\x12\x1c\n\x14kv_cache_usage_ratio\x18\x05 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x07 \x01(\x04\x12\x1f\n\x17\x66inished_requests_count\x18\x08 \x01(\x04\x12\x19\n\x11preemptions_count\x18\t \x01(\x04\x12\x1b\n\x13prompt_tokens_per_s\x18\n \x01(\x01\x12\x1f\n\x17generation_tokens_per_s\x18\x0b \x01(\x01*m\n\x0eGpuBackendKind\x12 \n\x1cGPU_BACKEND_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15GPU_BACKEND_KIND_NVML\x10\x01\x12\x1e\n\x1aGPU_BACKEND_KIND_SIMULATED\x10\x02*Z\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x01\x12\x19\n\x15\x45NGINE_KIND_SIMULATED\x10\x02*\xac\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x16\n\x12\x45NGINE_STATE_READY\x10\x02\x12\x19\n\x15\x45NGINE_STATE_DRAINING\x10\x03\x12\x18\n\x14\x45NGINE_STATE_STOPPED\x10\x04\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gent/api/v1/common.proto\x12\x12\x64ynamollm.agent.v1\"<\n\x0cSmClockRange\x12\x15\n\rmin_clock_mhz\x18\x01 \x01(\r\x12\x15\n\rmax_clock_mhz\x18\x02 \x01(\r\"\x80\x05\n\x07GpuInfo\x12\x11\n\tgpu_index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\x12\x1f\n\x17supported_sm_clocks_mhz\x18\x05 \x03(\r\x12\x19\n\x11min_power_limit_w\x18\x06 \x01(\x01\x12\x19\n\x11max_power_limit_w\x18\x07 \x01(\x01\x12\x1d\n\x15\x64\x65\x66\x61ult_power_limit_w\x18\x08 \x01(\x01\x12\x15\n\rpower_limit_w\x18\t \x01(\x01\x12\x37\n\rsm_clock_lock\x18\n \x01(\x0b\x32 .dynamollm.agent.v1.SmClockRange\x12\x17\n\x0fmem_total_bytes\x18\x0b \x01(\x04\x12\x10\n\x08modified\x18\x0c \x01(\x08\x12\x63\n\x1e\x66oreign_process_mem_used_bytes\x18\r \x03(\x0b\x32;.dynamollm.agent.v1.GpuInfo.ForeignProcessMemUsedBytesEntry\x12\x14\n\x0csm_clock_mhz\x18\x0e \x01(\r\x12 \n\x18\x63lock_event_reasons_mask\x18\x0f \x01(\x04\x12\x1e\n\x16sm_clock_lock_readable\x18\x10 \x01(\x08\x12\x41\n\x17\x65\x66\x66\x65\x63tive_sm_clock_lock\x18\x11 \x01(\x0b\x32 .dynamollm.agent.v1.SmClockRange\x1a\x41\n\x1f\x46oreignProcessMemUsedBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x91\x03\n\nEngineInfo\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.dynamollm.agent.v1.EngineKind\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x11\n\ttp_degree\x18\x05 \x01(\r\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.dynamollm.agent.v1.EngineState\x12\x1b\n\x13state_since_unix_ns\x18\x07 \x01(\x03\x12\x11\n\thttp_port\x18\x08 \x01(\r\x12\x12\n\ngeneration\x18\t \x01(\x04\x12I\n\x0e\x65ngine_options\x18\n \x03(\x0b\x32\x31.dynamollm.agent.v1.EngineInfo.EngineOptionsEntry\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0b \x01(\t\x1a\x34\n\x12\x45ngineOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\nLeaseState\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpires_unix_ns\x18\x03 \x01(\x03\x12\x13\n\x0bremaining_s\x18\x04 \x01(\x01\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\xb1\x03\n\tGpuSample\x12\x11\n\tgpu_index\x18\x01 \x01(\r\x12\x0f\n\x07power_w\x18\x02 \x01(\x01\x12\x10\n\x08\x65nergy_j\x18\x03 \x01(\x01\x12\x14\n\x0csm_clock_mhz\x18\x04 \x01(\r\x12\x15\n\rmem_clock_mhz\x18\x05 \x01(\r\x12\x16\n\x0eutil_gpu_ratio\x18\x06 \x01(\x01\x12\x16\n\x0eutil_mem_ratio\x18\x07 \x01(\x01\x12\x16\n\x0emem_used_bytes\x18\x08 \x01(\x04\x12\x15\n\rtemperature_c\x18\t \x01(\x01\x12\x1e\n\x16\x65nforced_power_limit_w\x18\n \x01(\x01\x12 \n\x18\x63lock_event_reasons_mask\x18\x0b \x01(\x04\x12>\n\x14target_sm_clock_lock\x18\x0c \x01(\x0b\x32 .dynamollm.agent.v1.SmClockRange\x12\x41\n\x17\x65\x66\x66\x65\x63tive_sm_clock_lock\x18\r \x01(\x0b\x32 .dynamollm.agent.v1.SmClockRange\x12\x1d\n\x15sm_clock_below_target\x18\x0e \x01(\x08\"\xdc\x02\n\rEngineMetrics\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.dynamollm.agent.v1.EngineState\x12\x1e\n\x16running_requests_count\x18\x03 \x01(\r\x12\x1e\n\x16waiting_requests_count\x18\x04 \x01(\r\x12\x1c\n\x14kv_cache_usage_ratio\x18\x05 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x07 \x01(\x04\x12\x1f\n\x17\x66inished_requests_count\x18\x08 \x01(\x04\x12\x19\n\x11preemptions_count\x18\t \x01(\x04\x12\x1b\n\x13prompt_tokens_per_s\x18\n \x01(\x01\x12\x1f\n\x17generation_tokens_per_s\x18\x0b \x01(\x01*m\n\x0eGpuBackendKind\x12 \n\x1cGPU_BACKEND_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15GPU_BACKEND_KIND_NVML\x10\x01\x12\x1e\n\x1aGPU_BACKEND_KIND_SIMULATED\x10\x02*Z\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x01\x12\x19\n\x15\x45NGINE_KIND_SIMULATED\x10\x02*\xac\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x16\n\x12\x45NGINE_STATE_READY\x10\x02\x12\x19\n\x15\x45NGINE_STATE_DRAINING\x10\x03\x12\x18\n\x14\x45NGINE_STATE_STOPPED\x10\x04\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.api.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GPUINFO_FOREIGNPROCESSMEMUSEDBYTESENTRY']._loaded_options = None
+  _globals['_GPUINFO_FOREIGNPROCESSMEMUSEDBYTESENTRY']._serialized_options = b'8\001'
   _globals['_ENGINEINFO_ENGINEOPTIONSENTRY']._loaded_options = None
   _globals['_ENGINEINFO_ENGINEOPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_GPUBACKENDKIND']._serialized_start=1572
-  _globals['_GPUBACKENDKIND']._serialized_end=1681
-  _globals['_ENGINEKIND']._serialized_start=1683
-  _globals['_ENGINEKIND']._serialized_end=1773
-  _globals['_ENGINESTATE']._serialized_start=1776
-  _globals['_ENGINESTATE']._serialized_end=1948
+  _globals['_GPUBACKENDKIND']._serialized_start=2057
+  _globals['_GPUBACKENDKIND']._serialized_end=2166
+  _globals['_ENGINEKIND']._serialized_start=2168
+  _globals['_ENGINEKIND']._serialized_end=2258
+  _globals['_ENGINESTATE']._serialized_start=2261
+  _globals['_ENGINESTATE']._serialized_end=2433
   _globals['_SMCLOCKRANGE']._serialized_start=49
   _globals['_SMCLOCKRANGE']._serialized_end=109
   _globals['_GPUINFO']._serialized_start=112
-  _globals['_GPUINFO']._serialized_end=429
-  _globals['_ENGINEINFO']._serialized_start=432
-  _globals['_ENGINEINFO']._serialized_end=833
-  _globals['_ENGINEINFO_ENGINEOPTIONSENTRY']._serialized_start=781
-  _globals['_ENGINEINFO_ENGINEOPTIONSENTRY']._serialized_end=833
-  _globals['_LEASESTATE']._serialized_start=835
-  _globals['_LEASESTATE']._serialized_end=945
-  _globals['_GPUSAMPLE']._serialized_start=948
-  _globals['_GPUSAMPLE']._serialized_end=1219
-  _globals['_ENGINEMETRICS']._serialized_start=1222
-  _globals['_ENGINEMETRICS']._serialized_end=1570
+  _globals['_GPUINFO']._serialized_end=752
+  _globals['_GPUINFO_FOREIGNPROCESSMEMUSEDBYTESENTRY']._serialized_start=687
+  _globals['_GPUINFO_FOREIGNPROCESSMEMUSEDBYTESENTRY']._serialized_end=752
+  _globals['_ENGINEINFO']._serialized_start=755
+  _globals['_ENGINEINFO']._serialized_end=1156
+  _globals['_ENGINEINFO_ENGINEOPTIONSENTRY']._serialized_start=1104
+  _globals['_ENGINEINFO_ENGINEOPTIONSENTRY']._serialized_end=1156
+  _globals['_LEASESTATE']._serialized_start=1158
+  _globals['_LEASESTATE']._serialized_end=1268
+  _globals['_GPUSAMPLE']._serialized_start=1271
+  _globals['_GPUSAMPLE']._serialized_end=1704
+  _globals['_ENGINEMETRICS']._serialized_start=1707
+  _globals['_ENGINEMETRICS']._serialized_end=2055
 # @@protoc_insertion_point(module_scope)

@@ -148,6 +148,26 @@ class GpuInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ForeignProcessMemUsedBytesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     GPU_INDEX_FIELD_NUMBER: _builtins.int
     UUID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
@@ -160,6 +180,11 @@ class GpuInfo(_message.Message):
     SM_CLOCK_LOCK_FIELD_NUMBER: _builtins.int
     MEM_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     MODIFIED_FIELD_NUMBER: _builtins.int
+    FOREIGN_PROCESS_MEM_USED_BYTES_FIELD_NUMBER: _builtins.int
+    SM_CLOCK_MHZ_FIELD_NUMBER: _builtins.int
+    CLOCK_EVENT_REASONS_MASK_FIELD_NUMBER: _builtins.int
+    SM_CLOCK_LOCK_READABLE_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_SM_CLOCK_LOCK_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     """NVML index on this node."""
     uuid: _builtins.str
@@ -184,6 +209,15 @@ class GpuInfo(_message.Message):
     """True when any setting differs from the default snapshot taken before the agent's first write,
     i.e. when a lease expiry or RestoreDefaults would change something on this GPU.
     """
+    sm_clock_mhz: _builtins.int
+    """The SM clock measured when the inventory was taken, to compare with sm_clock_lock (0: not read)."""
+    clock_event_reasons_mask: _builtins.int
+    """Why the SM clock is below its lock or maximum at that moment (GpuSample.clock_event_reasons_mask)."""
+    sm_clock_lock_readable: _builtins.bool
+    """Whether the backend reads a GPU's locked clocks back: true for simulated GPUs; false with NVML,
+    which has a setter but no getter for locked clocks (effective_sm_clock_lock is then never set, and
+    sm_clock_mhz with clock_event_reasons_mask is the evidence of what the GPU does).
+    """
     @_builtins.property
     def supported_sm_clocks_mhz(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """SM clocks the GPU accepts for locking at its highest memory clock, ascending, distinct
@@ -193,6 +227,18 @@ class GpuInfo(_message.Message):
     @_builtins.property
     def sm_clock_lock(self) -> Global___SmClockRange:
         """The SM clock lock the agent applied; absent when the GPU runs with driver-default clocks."""
+
+    @_builtins.property
+    def foreign_process_mem_used_bytes(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Compute processes on this GPU that are not engines of this agent (nor their workers), from
+        nvmlDeviceGetComputeRunningProcesses: process id (the host's PID namespace) -> GPU memory it holds
+        (0 where the driver does not say). ReconfigureEngine refuses a GPU listed here with
+        FAILED_PRECONDITION naming the GPU and the pid. Empty where the driver cannot list processes.
+        """
+
+    @_builtins.property
+    def effective_sm_clock_lock(self) -> Global___SmClockRange:
+        """The locked SM clock range read back from the GPU; absent when unlocked or not readable."""
 
     def __init__(
         self,
@@ -209,10 +255,15 @@ class GpuInfo(_message.Message):
         sm_clock_lock: Global___SmClockRange | None = ...,
         mem_total_bytes: _builtins.int = ...,
         modified: _builtins.bool = ...,
+        foreign_process_mem_used_bytes: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        sm_clock_mhz: _builtins.int = ...,
+        clock_event_reasons_mask: _builtins.int = ...,
+        sm_clock_lock_readable: _builtins.bool = ...,
+        effective_sm_clock_lock: Global___SmClockRange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sm_clock_lock", b"sm_clock_lock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_sm_clock_lock", b"effective_sm_clock_lock", "sm_clock_lock", b"sm_clock_lock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_power_limit_w", b"default_power_limit_w", "gpu_index", b"gpu_index", "max_power_limit_w", b"max_power_limit_w", "mem_total_bytes", b"mem_total_bytes", "min_power_limit_w", b"min_power_limit_w", "modified", b"modified", "name", b"name", "pci_bus_id", b"pci_bus_id", "power_limit_w", b"power_limit_w", "sm_clock_lock", b"sm_clock_lock", "supported_sm_clocks_mhz", b"supported_sm_clocks_mhz", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_event_reasons_mask", b"clock_event_reasons_mask", "default_power_limit_w", b"default_power_limit_w", "effective_sm_clock_lock", b"effective_sm_clock_lock", "foreign_process_mem_used_bytes", b"foreign_process_mem_used_bytes", "gpu_index", b"gpu_index", "max_power_limit_w", b"max_power_limit_w", "mem_total_bytes", b"mem_total_bytes", "min_power_limit_w", b"min_power_limit_w", "modified", b"modified", "name", b"name", "pci_bus_id", b"pci_bus_id", "power_limit_w", b"power_limit_w", "sm_clock_lock", b"sm_clock_lock", "sm_clock_lock_readable", b"sm_clock_lock_readable", "sm_clock_mhz", b"sm_clock_mhz", "supported_sm_clocks_mhz", b"supported_sm_clocks_mhz", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -366,6 +417,9 @@ class GpuSample(_message.Message):
     TEMPERATURE_C_FIELD_NUMBER: _builtins.int
     ENFORCED_POWER_LIMIT_W_FIELD_NUMBER: _builtins.int
     CLOCK_EVENT_REASONS_MASK_FIELD_NUMBER: _builtins.int
+    TARGET_SM_CLOCK_LOCK_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_SM_CLOCK_LOCK_FIELD_NUMBER: _builtins.int
+    SM_CLOCK_BELOW_TARGET_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     """NVML index on this node."""
     power_w: _builtins.float
@@ -392,6 +446,22 @@ class GpuSample(_message.Message):
     """NVML clock event reasons bit mask (nvmlDeviceGetCurrentClocksEventReasons): why the SM clock is
     below its lock or maximum, e.g. 0x4 software power cap, 0x20 software thermal slowdown.
     """
+    sm_clock_below_target: _builtins.bool
+    """True when a target lock is set, the GPU is busy (clock event reason GPU idle, 0x1, not set) and
+    sm_clock_mhz is below the target's min_clock_mhz: the GPU does not hold the lock it was given.
+    """
+    @_builtins.property
+    def target_sm_clock_lock(self) -> Global___SmClockRange:
+        """The SM clock lock the agent applied to this GPU (the target; absent: driver-default clocks). A GPU
+        at its power limit cannot hold a high locked clock under load: compare with sm_clock_mhz.
+        """
+
+    @_builtins.property
+    def effective_sm_clock_lock(self) -> Global___SmClockRange:
+        """The lock read back from the GPU where the backend can (GpuInfo.sm_clock_lock_readable); absent
+        when the GPU is unlocked or the lock cannot be read back (NVML).
+        """
+
     def __init__(
         self,
         *,
@@ -406,10 +476,13 @@ class GpuSample(_message.Message):
         temperature_c: _builtins.float = ...,
         enforced_power_limit_w: _builtins.float = ...,
         clock_event_reasons_mask: _builtins.int = ...,
+        target_sm_clock_lock: Global___SmClockRange | None = ...,
+        effective_sm_clock_lock: Global___SmClockRange | None = ...,
+        sm_clock_below_target: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_sm_clock_lock", b"effective_sm_clock_lock", "target_sm_clock_lock", b"target_sm_clock_lock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_event_reasons_mask", b"clock_event_reasons_mask", "energy_j", b"energy_j", "enforced_power_limit_w", b"enforced_power_limit_w", "gpu_index", b"gpu_index", "mem_clock_mhz", b"mem_clock_mhz", "mem_used_bytes", b"mem_used_bytes", "power_w", b"power_w", "sm_clock_mhz", b"sm_clock_mhz", "temperature_c", b"temperature_c", "util_gpu_ratio", b"util_gpu_ratio", "util_mem_ratio", b"util_mem_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_event_reasons_mask", b"clock_event_reasons_mask", "effective_sm_clock_lock", b"effective_sm_clock_lock", "energy_j", b"energy_j", "enforced_power_limit_w", b"enforced_power_limit_w", "gpu_index", b"gpu_index", "mem_clock_mhz", b"mem_clock_mhz", "mem_used_bytes", b"mem_used_bytes", "power_w", b"power_w", "sm_clock_below_target", b"sm_clock_below_target", "sm_clock_mhz", b"sm_clock_mhz", "target_sm_clock_lock", b"target_sm_clock_lock", "temperature_c", b"temperature_c", "util_gpu_ratio", b"util_gpu_ratio", "util_mem_ratio", b"util_mem_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,7 +17,18 @@ so a restart does not reopen old generations), a request with generation g:
     lost reply or a timeout is therefore always safe;
   - g == c with a different request: INVALID_ARGUMENT naming `generation`;
   - g < c: ABORTED, message naming the current generation; nothing is changed. The caller re-reads
-    GetInventory and plans again.
+    GetInventory and plans again;
+  - g > c beyond the bound below: INVALID_ARGUMENT naming `generation` and the allowed range; nothing
+    is changed and c stays where it was.
+Bound (agent/api/generations.py): 1 <= g <= 2^63-1 (int64, as stored), and a NEW g is at most
+max(c + 2^32, T + 2^40), where T is the agent's clock in nanoseconds since the Unix epoch. So a
+counter may skip ahead and wall-clock generations (dctl's, ~1.8e18) are accepted from a clock up to
+~18 minutes ahead of the agent's, but no single call (2^64-1, 2^63-1) can use up a scope: above the
+clock a scope climbs at most 2^32 per accepted call. A replay (g == c) is answered whatever the bound.
+Once acted on, a call runs to its end (completion or rollback) even if its caller cancels, times
+out or disconnects; its outcome is recorded under g and a retry returns it. If the agent dies while
+a call runs, the restarted agent restores the GPUs to their defaults and records the call's outcome
+as ABORTED ("interrupted"): retry with a new generation.
 A controller that draws every generation from one increasing counter satisfies every scope.
 RenewLease consumes no generation: it only names the GPU-scope one, and repeating it is harmless
 because it sets the expiry rather than adding to it.
