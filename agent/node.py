@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import structlog
+from google.protobuf.message import Message
 
 from agent.api.clock import Clock
 from agent.api.errors import DynamoError, PermissionDeniedError, UnavailableError
@@ -76,6 +77,8 @@ log = structlog.get_logger("agent.node")
 
 AGENT_VERSION = "0.1.0"
 T = TypeVar("T")
+P = TypeVar("P")
+R = TypeVar("R", bound=Message)
 
 
 def _own_task(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -509,6 +512,36 @@ class NodeAgent:
             scope = self._engine_scopes[engine_id] = self._new_engine_scope(engine_id, None)
         return scope
 
+    async def _run_engine_call(
+        self,
+        engine_id: str,
+        request: Message,
+        generation: int,
+        rpc: str,
+        response_type: type[R],
+        prepare: Callable[[], P],
+        act: Callable[[P], Awaitable[R]],
+        on_detached: DetachedHook | None,
+    ) -> R:
+        """`run_scoped` in the engine's scope (created on first use, dropped again if the call was
+        refused before any change: refused requests naming ever new ids must not accumulate scopes)."""
+        scope = self._engine_scope(engine_id)
+        try:
+            return await run_scoped(
+                scope,
+                request,
+                generation,
+                rpc=rpc,
+                response_type=response_type,
+                prepare=prepare,
+                act=act,
+                persist=self.persist,
+                clock=self.clock,
+                on_detached=on_detached,
+            )
+        finally:
+            self._drop_if_unused(engine_id, scope)
+
     def _drop_if_unused(self, engine_id: str, scope: GenerationScope) -> None:
         """Forget a scope that holds no call (the request was refused before any change), so refused
         requests naming ever new engine ids do not accumulate scopes."""
@@ -586,22 +619,16 @@ class NodeAgent:
                 start_s=timings.start_s,
             )
 
-        scope = self._engine_scope(engine_id)
-        try:
-            return await run_scoped(
-                scope,
-                request,
-                request.generation,
-                rpc="ReconfigureEngine",
-                response_type=control_pb2.ReconfigureEngineResponse,
-                prepare=prepare,
-                act=act,
-                persist=self.persist,
-                clock=self.clock,
-                on_detached=on_detached,
-            )
-        finally:
-            self._drop_if_unused(engine_id, scope)
+        return await self._run_engine_call(
+            engine_id,
+            request,
+            request.generation,
+            "ReconfigureEngine",
+            control_pb2.ReconfigureEngineResponse,
+            prepare,
+            act,
+            on_detached,
+        )
 
     async def stop_engine(
         self,
@@ -632,19 +659,13 @@ class NodeAgent:
                 stop_s=stop_s,
             )
 
-        scope = self._engine_scope(engine_id)
-        try:
-            return await run_scoped(
-                scope,
-                request,
-                request.generation,
-                rpc="StopEngine",
-                response_type=control_pb2.StopEngineResponse,
-                prepare=prepare,
-                act=act,
-                persist=self.persist,
-                clock=self.clock,
-                on_detached=on_detached,
-            )
-        finally:
-            self._drop_if_unused(engine_id, scope)
+        return await self._run_engine_call(
+            engine_id,
+            request,
+            request.generation,
+            "StopEngine",
+            control_pb2.StopEngineResponse,
+            prepare,
+            act,
+            on_detached,
+        )

@@ -797,14 +797,7 @@ class EngineDriver:
             return done("stopped", reason)
         record = entry.record
         assert record is not None
-        spec = EngineSpec(
-            engine_id=record.engine_id,
-            model=record.model,
-            gpu_indices=record.gpu_indices,
-            tp_degree=record.tp_degree,
-            http_port=record.http_port,
-            options=record.options,
-        )
+        spec = _spec_of(record)
         process = AdoptedProcess(pid, ticks, self._poll_s)
         rec = _Engine(
             spec=spec,
@@ -825,14 +818,7 @@ class EngineDriver:
         record = entry.record
         if record is None:
             return f"record unusable: {entry.problem}"
-        spec = EngineSpec(
-            engine_id=record.engine_id,
-            model=record.model,
-            gpu_indices=record.gpu_indices,
-            tp_degree=record.tp_degree,
-            http_port=record.http_port,
-            options=record.options,
-        )
+        spec = _spec_of(record)
         try:
             validate_spec(spec)
             if spec.engine_id in self._engines:
@@ -1031,3 +1017,15 @@ class EngineDriver:
             stop_s=round(stop_s, 3),
         )
         return stop_s
+
+
+def _spec_of(record: EngineRecord) -> EngineSpec:
+    """The engine spec a record file entry describes."""
+    return EngineSpec(
+        engine_id=record.engine_id,
+        model=record.model,
+        gpu_indices=record.gpu_indices,
+        tp_degree=record.tp_degree,
+        http_port=record.http_port,
+        options=record.options,
+    )
