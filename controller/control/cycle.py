@@ -313,7 +313,8 @@ class ControlCycle:
 
     def _result(self, commands: Sequence[Command], decisions: Sequence[Decision]) -> TickResult:
         routes = None
-        if commands or self._routes_dirty:
+        # Escalation's queue commands leave the instances as they are; anything else may change them.
+        if self._routes_dirty or any(not isinstance(c, RejectPastDeadline | MoveWaiting) for c in commands):
             self._routes_version += 1
             active = [
                 (r.instance_id, r.pool, self._weight(r))
