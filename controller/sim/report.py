@@ -22,6 +22,7 @@ Definitions (also in docs/simulator.md):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ import numpy.typing as npt
 from agent.api.errors import InvalidArgumentError
 from controller.model.classes import REQUEST_CLASSES, ClassSlo
 from controller.model.cluster import ClusterPlan, InstanceSpec
-from controller.model.decisions import Decision
+from controller.model.decisions import ClockDecision, Decision, StepRecord
 from controller.model.state import Periods
 from controller.sim.carbon import (
     J_PER_KWH,
@@ -456,7 +457,12 @@ def build_report(
         "wall_s": wall_s,
         "plan": plan_json(result.plan),
         "timeseries": _series_json(result),
-        "decisions": [d.to_json() for d in result.decisions],
+        # Every cluster and pool step with its reasons; the instance level's clock changes (up to
+        # ~10^6 in a week) are counted by reason, not listed: SimResult.decisions holds each one.
+        "decisions": [d.to_json() for d in result.decisions if isinstance(d, StepRecord)],
+        "clock_decisions": dict(
+            Counter(d.reason for d in result.decisions if isinstance(d, ClockDecision)).most_common()
+        ),
     }
     if workload is not None:
         report["workload"] = dict(workload)
