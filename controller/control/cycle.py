@@ -128,7 +128,7 @@ class ControlCycle:
         clocks = (
             profile.clocks_mhz
             if profile is not None
-            else [s.clock_mhz for s in initial_plan_specs(initial_plan)]
+            else [spec.clock_mhz for pool in initial_plan.pools for spec in pool.instances]
         )
         self.max_clock_mhz = max(clocks, default=0)
         self.epoch_start_s = origin_s
@@ -353,10 +353,6 @@ class _UniformModel:
 
 
 UNIFORM_MODEL = _UniformModel()
-
-
-def initial_plan_specs(plan: ClusterPlan) -> list[InstanceSpec]:
-    return [spec for pool in plan.pools for spec in pool.instances]
 
 
 @dataclass(frozen=True, slots=True)
