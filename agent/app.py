@@ -398,7 +398,9 @@ async def _restore_defaults(settings: AgentSettings) -> int:
         if modified or doc.pending:
             # The snapshot and the interrupted calls' outcomes are kept: the next start must not
             # re-read defaults from GPUs the agent touched, and a retry must learn the call was cut.
-            await asyncio.to_thread(store.save, after_recovery(doc, boot_id=safety.boot_id))
+            await asyncio.to_thread(
+                store.save, after_recovery(doc, boot_id=safety.boot_id, absent=safety.absent)
+            )
         print(json.dumps({"event": "gpu_defaults_restored", "gpu_indices": restored}), flush=True)
         return 0
     finally:

@@ -382,6 +382,15 @@ class NodeAgent:
                 await self.safety.apply(plan.gpus)  # saves the intent, then writes; rolls back on failure
             except BaseException:
                 self.lease.reinstate(replaced)
+                if self.safety.applied and not self.lease_view().active:
+                    # The rollback could not undo every write: a GPU stays modified with no lease in
+                    # force. A lease that ends now makes the watcher restore it (and retry until it can).
+                    self.lease.grant(
+                        holder=identity,
+                        generation=plan.generation,
+                        lease_s=0.0,
+                        now_s=self.clock.monotonic_s(),
+                    )
                 self.watcher.poke()
                 raise
             return control_pb2.ApplyGpuConfigResponse(

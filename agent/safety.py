@@ -170,11 +170,14 @@ def settle_interrupted(state: AgentStateDoc) -> AgentStateDoc:
     return replace(state, gpu_scope=gpu_scope, engine_scopes=engine_scopes, pending={})
 
 
-def after_recovery(state: AgentStateDoc, *, boot_id: str) -> AgentStateDoc:
-    """What to save once `GpuSafety.recover(state)` has restored every GPU: nothing modified, no lease,
+def after_recovery(
+    state: AgentStateDoc, *, boot_id: str, absent: Mapping[str, GpuApplied] | None = None
+) -> AgentStateDoc:
+    """What to save once `GpuSafety.recover(state)` has restored every GPU it found: nothing modified
+    but the `absent` GPUs (modified ones not enumerated now, restored when they are back), no lease,
     interrupted calls recorded, the snapshot kept (for this boot)."""
     settled = settle_interrupted(state_for_boot(state, boot_id))
-    return replace(settled, applied={}, lease_expires_unix_ns=0)
+    return replace(settled, applied=dict(absent or {}), lease_expires_unix_ns=0)
 
 
 # ------------------------------------------------------------------------------------ JSON (pure)
@@ -347,9 +350,12 @@ class StateStore:
         for stale in self.path.parent.glob(f"{self.path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
         try:
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return AgentStateDoc()
+        except (OSError, UnicodeDecodeError) as exc:
+            # Unreadable or not text: the caller treats it like a corrupt file (reset every GPU).
+            raise DataFileError(str(self.path), None, None, f"cannot read the agent state: {exc}") from None
         return decode_state(text, source=str(self.path))
 
     def save(self, state: AgentStateDoc, *, version: int | None = None) -> bool:
@@ -401,6 +407,9 @@ class GpuSafety:
         self._persist = persist
         self.boot_id = read_boot_id() if boot_id is None else boot_id
         self.defaults: dict[str, GpuDefault] = dict(defaults or {})  # by UUID
+        # Modified GPUs the node does not enumerate now (pulled, or failed to come up): kept on disk, so a
+        # later start that finds them again still restores them.
+        self.absent: dict[str, GpuApplied] = {}
         self.applied: dict[int, GpuApplied] = self._by_index(applied or {}, "gpu_missing_at_start")
         self.writing: dict[int, GpuApplied] = {}  # the write in progress (write-ahead), by index
 
@@ -411,6 +420,7 @@ class GpuSafety:
             index = index_of.get(uuid)
             if index is None:
                 log.error(missing_event, uuid=uuid, sm_clock_lock=setting.sm_clock_lock)
+                self.absent[uuid] = setting
                 continue
             out[index] = setting
         return out
@@ -419,7 +429,8 @@ class GpuSafety:
         return self._workers.infos[index].uuid
 
     def applied_by_uuid(self) -> dict[str, GpuApplied]:
-        return {self._uuid(i): a for i, a in self.applied.items()}
+        """Every GPU that may differ from its snapshot, by UUID, absent ones included."""
+        return {**self.absent, **{self._uuid(i): a for i, a in self.applied.items()}}
 
     def writing_by_uuid(self) -> dict[str, GpuApplied]:
         return {self._uuid(i): w for i, w in self.writing.items()}

@@ -67,9 +67,10 @@ _NOT_RECORDED = (
 class RecordedStatus(Exception):
     """A recorded error outcome, returned again for a replayed generation."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, replayed: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.replayed = replayed  # the outcome of an earlier call with this generation, returned again
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +138,7 @@ async def _replay(scope: GenerationScope, response_type: type[M]) -> M:
         assert record.outcome is not None
         outcome = record.outcome
     if outcome.reply is None:
-        raise RecordedStatus(grpc.StatusCode[outcome.code], outcome.message)
+        raise RecordedStatus(grpc.StatusCode[outcome.code], outcome.message, replayed=True)
     reply = response_type.FromString(outcome.reply)
     reply.replayed = True  # type: ignore[attr-defined]
     return reply

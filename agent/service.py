@@ -263,7 +263,7 @@ class ControlServicer:
             raise
         except Exception as exc:
             code = exc.code if isinstance(exc, RecordedStatus) else status_for(exc)
-            audit(code.name, error=str(exc))
+            audit(code.name, error=str(exc), replayed=isinstance(exc, RecordedStatus) and exc.replayed)
             await _abort(context, exc)
         audit("OK", replayed=bool(getattr(reply, "replayed", False)))
         return reply

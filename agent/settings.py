@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
@@ -388,12 +389,20 @@ def _parse_listen(listen: str) -> None:
 
 
 def check_private_file(key: str, path: Path) -> None:
-    """A secret (tokens file, TLS key) must exist and be readable by its owner only: InvalidArgumentError
-    naming the key, the mode and the fix otherwise (the agent refuses to start, exit status 2)."""
+    """A secret (tokens file, TLS key) must exist, be owned by the agent's user (or root) and be readable
+    by its owner only: InvalidArgumentError naming the key, the mode or owner and the fix otherwise (the
+    agent refuses to start, exit status 2). Another owner could rewrite the tokens."""
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        info = path.stat()
     except OSError as exc:
         raise InvalidArgumentError(key, str(path), f"a readable file ({exc.strerror})") from None
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (0, os.geteuid()):
+        raise InvalidArgumentError(
+            key,
+            f"{path} (owner uid {info.st_uid})",
+            f"a file owned by the agent's user (uid {os.geteuid()}) or root",
+        )
     if mode & 0o077:
         raise InvalidArgumentError(
             key, f"{path} (mode {mode:04o})", "a file only its owner can read or write: chmod 600 (or 400) it"
@@ -410,6 +419,25 @@ def _read_pem(key: str, path: Path) -> bytes:
     return data
 
 
+def _check_tls_material(cert: str, key: str, client_ca: str) -> None:
+    """Parse the certificate, its key and the client CA now, so a mismatch or a bad file is reported
+    under its own key at start-up (gRPC would only fail to bind, blaming `listen`)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise InvalidArgumentError(
+            "tls.cert", cert, f"a PEM certificate chain matching tls.key ({str(exc)[:120]})"
+        ) from None
+    if client_ca:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise InvalidArgumentError(
+                "tls.client_ca", client_ca, f"PEM CA certificates ({str(exc)[:120]})"
+            ) from None
+
+
 def load_tls(values: Mapping[str, Any]) -> TlsSettings | None:
     """The [tls] keys: certificate and key together (or neither); a client CA needs both."""
     cert, key, client_ca = values["tls.cert"], values["tls.key"], values["tls.client_ca"]
@@ -423,6 +451,13 @@ def load_tls(values: Mapping[str, Any]) -> TlsSettings | None:
         missing = "tls.cert" if not cert else "tls.key"
         raise InvalidArgumentError(missing, "", "a PEM file path: tls.cert and tls.key go together")
     check_private_file("tls.key", Path(key))
+    _check_tls_material(cert, key, client_ca)
+    if not client_ca and set(values["tls.client_scopes"]) != {"read"}:
+        raise InvalidArgumentError(
+            "tls.client_scopes",
+            values["tls.client_scopes"],
+            "the default ['read'] unless tls.client_ca is set (without it no client certificate is verified)",
+        )
     return TlsSettings(
         cert_chain=_read_pem("tls.cert", Path(cert)),
         private_key=_read_pem("tls.key", Path(key)),
@@ -440,9 +475,11 @@ def load_tokens(path: Path) -> tuple[BearerToken, ...]:
     field = "auth.tokens_file"
     check_private_file(field, path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvalidArgumentError(field, str(path), f"a readable file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(field, str(path), "a UTF-8 text file") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgumentError(field, str(path), f"valid TOML ({exc})") from None
     entries = data.get("tokens")
@@ -451,6 +488,8 @@ def load_tokens(path: Path) -> tuple[BearerToken, ...]:
     tokens: list[BearerToken] = []
     for i, entry in enumerate(entries):
         where = f"{field}: tokens[{i}]"
+        if not isinstance(entry, dict):
+            raise InvalidArgumentError(where, entry, "a table {name, token, scopes}")
         name, token, scopes = entry.get("name"), entry.get("token"), entry.get("scopes")
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"{where}.name", name, "a non-empty string")
@@ -597,11 +636,13 @@ def load_settings(
         path = DEFAULT_CONFIG_PATH
     if path is not None:
         try:
-            file_values = tomllib.loads(path.read_text())
+            file_values = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise InvalidArgumentError(
                 "--config", str(path), f"a readable TOML file ({exc.strerror})"
             ) from None
+        except UnicodeDecodeError:
+            raise InvalidArgumentError("--config", str(path), "a UTF-8 TOML file") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidArgumentError("--config", str(path), f"valid TOML ({exc})") from None
     return merge_settings(
