@@ -18,6 +18,10 @@ report.json, table.txt and plots go to OUT/<set>/<name>/):
   is printed (target: the week under 10 minutes). --week-duration runs only the first S seconds;
   static policies are sized on the busiest --week-sizing-window seconds (default 2 h), then run once.
 
+Every compare also has the fluid lower bound on energy (`controller.sim.bound`, computed from the
+trace, not simulated): the tables' `energy x bound` column (each policy's energy / the bound's) and
+a `bound` row; `--policies` accepts the name `bound` (it adds nothing: the bound is always there).
+
 Carbon: CAISO hourly direct intensity of the trace's year (2023 for the hour traces, 2024 for the week);
 energy price: the CAISO 2024 hourly price for the week, its 2024 mean (0.0407 USD/kWh) for the 2023
 hours (no 2023 price file). Prints Markdown tables (docs/evaluation.md holds a measured copy). A
@@ -44,6 +48,7 @@ from controller.dctl.cmd_simulate import (  # noqa: E402  (after the sys.path in
     DEFAULT_GPU_USD_PER_SERVER_HOUR,
 )
 from controller.profiles import default_profile  # noqa: E402
+from controller.sim.bound import BOUND_NAME  # noqa: E402
 from controller.sim.carbon import CarbonIntensity, ConstantEnergyPrice, EnergyPrice  # noqa: E402
 from controller.sim.cluster import SimConfig  # noqa: E402
 from controller.sim.compare import normalised_rows, policy_registry, resolve_trace, run_compare  # noqa: E402
@@ -103,17 +108,26 @@ def _refused(report: Mapping[str, Any]) -> str:
 
 
 def markdown_table(reports: Sequence[Mapping[str, Any]]) -> str:
-    """The compare table as Markdown: ratios to singlepool, absolute latencies and attainment."""
+    """The compare table as Markdown: ratios to singlepool and to the fluid lower bound (its own last
+    row, from the reports' `bound`), absolute latencies and attainment."""
     lines = [
-        "| policy | energy kWh | energy x | carbon x | cost x | avg servers | TTFT p99 s | TBT p99 s "
-        "| SLO met | reconfigurations | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | energy kWh | energy x | energy x bound | carbon x | cost x | avg servers | TTFT p99 s "
+        "| TBT p99 s | SLO met | reconfigurations | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, r in zip(normalised_rows(reports), reports, strict=True):
         lines.append(
-            f"| {row.policy} | {row.energy_kwh:.2f} | {_x(row.energy_x)} | {_x(row.carbon_x)} | "
-            f"{_x(row.cost_x)} | {row.avg_servers:.2f} | {_s(row.ttft_p99_s)} | {_s(row.tbt_p99_s)} | "
-            f"{_pct(row.slo_attainment)} | {row.reconfigurations} | {r['wall_s']:.1f} |"
+            f"| {row.policy} | {row.energy_kwh:.2f} | {_x(row.energy_x)} | {_x(row.energy_x_bound)} | "
+            f"{_x(row.carbon_x)} | {_x(row.cost_x)} | {row.avg_servers:.2f} | {_s(row.ttft_p99_s)} | "
+            f"{_s(row.tbt_p99_s)} | {_pct(row.slo_attainment)} | {row.reconfigurations} | {r['wall_s']:.1f} |"
+        )
+    bound = next((r["bound"] for r in reports if r.get("bound")), None)
+    base = next((r for r in reports if r["policy"] == "singlepool"), None)
+    if bound is not None:
+        energy_x = bound["energy_j"] / base["energy_j"] if base and base["energy_j"] > 0 else None
+        lines.append(
+            f"| {BOUND_NAME} (fluid, {bound['avg_gpus']:.1f} GPUs on average) | {bound['energy_kwh']:.2f} | "
+            f"{_x(energy_x)} | 1.000 | - | - | - | - | - | - | - | {bound['wall_s']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -253,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sweep-scales: give {len(LOAD_NAMES)} rate scales (low, medium, high)")
     if not (args.data_dir / "traces" / HOUR_TRACES["conv"]).is_file():
         parser.error(f"--data-dir: {args.data_dir / 'traces' / HOUR_TRACES['conv']} not found")
-    unknown = [p for p in args.policies if p not in policy_registry()]
+    allowed = (*policy_registry(), BOUND_NAME)
+    unknown = [p for p in args.policies if p not in allowed]
     if unknown:
-        parser.error(f"--policies: unknown {unknown}; allowed: {tuple(policy_registry())}")
+        parser.error(f"--policies: unknown {unknown}; allowed: {allowed}")
 
     cpu = platform.processor() or platform.machine()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}")

@@ -42,8 +42,9 @@ if TYPE_CHECKING:
     from controller.sim.traces import Trace
 
 # Names of controller.sim.policies.SIM_POLICIES (listed here so that --help and validation need no heavy
-# import; tests/sim/test_cmd_simulate.py checks they agree).
-POLICIES = ("singlepool", "multipool", "scaleinst", "scaleshard", "scalefreq", "dynamollm", "oracle")
+# import; tests/sim/test_cmd_simulate.py checks they agree), and `bound`, the fluid lower bound on energy
+# (controller.sim.bound): computed, not simulated, in every --compare; `--policy bound` is refused.
+POLICIES = ("singlepool", "multipool", "scaleinst", "scaleshard", "scalefreq", "dynamollm", "oracle", "bound")
 TRACE_FORMS = "a trace CSV file, synthetic:conversation, synthetic:coding, azure-week:conv, azure-week:code"
 WEEK_PREFIX = "azure-week:"  # controller.sim.week.WEEK_SPEC_PREFIX, repeated to keep --help import-light
 DEFAULT_TRACE_DIR = Path("..") / "shared" / "data" / "traces"
@@ -91,7 +92,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         nargs="*",
         metavar="POLICY",
         help="run these policies (none: all) and singlepool on the same trace; needs --out DIR. A policy "
-        "that cannot run is reported (table, report.json, stderr), the others still run; exit status 1",
+        "that cannot run is reported (table, report.json, stderr), the others still run; exit status 1. "
+        "Every comparison also reports 'bound', the fluid lower bound on energy (computed from the trace, "
+        "not simulated): a table row and each policy's 'x bound'",
     )
     p.add_argument(
         "--out", default=None, metavar="DIR", help="with --compare: report.json, table.txt and PNG plots"

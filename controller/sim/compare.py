@@ -24,6 +24,12 @@ table, and `CompareOutcome.failures` is non-empty (`dctl simulate` then exits 1)
 there is nothing to normalise to: the table then shows absolute figures only (every ratio column "-")
 and says so in its first line; `scalefreq` / `scaleshard` start from their own profile-based plan.
 
+The fluid lower bound (`controller.sim.bound`, the name `bound`) is part of every comparison: computed
+from the trace and the profile after the runs (not simulated; naming it in `policies` is allowed and
+adds nothing), it goes into every report as `bound` (the `dynamollm.simbound/v1` object) with the
+report's `energy_x_bound` (its energy / the bound's), and into the table as a reference row and an
+`x bound` column. A report below its bound (ratio < 1) gets a warning line under the table.
+
 The only wall clock is `clock` (injected, default `time.perf_counter`), used for each report's `wall_s`.
 """
 
@@ -46,6 +52,7 @@ from controller.model.profile import Profile
 from controller.policy.base import DynamicPolicy, SimPolicy, SizablePolicy
 from controller.policy.registry import PolicySettings
 from controller.sim import plots
+from controller.sim.bound import BOUND_NAME, DEFAULT_BOUND_PERIOD_S, FluidBound, fluid_bound
 from controller.sim.cluster import PolicyRun, ProgressCallback, SimConfig, run_policy
 from controller.sim.policies import SIM_POLICIES, sim_policy, sim_settings
 from controller.sim.report import Pricing, build_report
@@ -116,13 +123,15 @@ class PolicyFailure:
 @dataclass(frozen=True, slots=True)
 class CompareOutcome:
     """The reports in run order (baseline first), the policies that failed, every report.json entry in
-    run order (reports and failure entries), and the files written (none without an output folder)."""
+    run order (reports and failure entries), the files written (none without an output folder) and the
+    trace's fluid lower bound (None only from callers that build an outcome by hand)."""
 
     baseline: str
     reports: tuple[dict[str, Any], ...]
     files: tuple[Path, ...]
     failures: tuple[PolicyFailure, ...] = ()
     entries: tuple[dict[str, Any], ...] = ()
+    bound: FluidBound | None = None
 
 
 class CompareProgress(Protocol):
@@ -151,6 +160,7 @@ def run_compare(
     registry: Mapping[str, PolicyFactory] | None = None,
     progress: CompareProgress | None = None,
     sizing_window_s: float | None = None,
+    bound_period_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> CompareOutcome:
     """Run `policies` (empty: every registered one) and `baseline` on `trace`; write DIR's files.
@@ -164,11 +174,19 @@ def run_compare(
     `sizing_window_s` (for week-long traces): a static policy is sized by simulating only the trace's
     busiest window of that length (most arrivals), then run once over the whole trace at that size; the
     report's attainment is the whole trace's. None: sized on the whole trace (each trial a full run).
+
+    The fluid lower bound (`controller.sim.bound`) is computed after the runs, per period of
+    `bound_period_s` (None: the pool period of the first report with control periods, else the default
+    pool period; the bound's total does not depend on it), and goes into every report (`bound`,
+    `energy_x_bound`). The name `bound` is accepted in `policies` and runs nothing.
     """
     if sizing_window_s is not None and not (math.isfinite(sizing_window_s) and sizing_window_s > 0):
         raise InvalidArgumentError("--sizing-window", sizing_window_s, "a positive number of seconds")
     known = policy_registry(sim_settings(profile.model, profile.gpu)) if registry is None else registry
-    names = order_policies(policies, tuple(known), baseline)
+    if bound_period_s is not None and not (math.isfinite(bound_period_s) and bound_period_s > 0):
+        raise InvalidArgumentError("bound_period_s", bound_period_s, "a positive number of seconds")
+    accepted = tuple(dict.fromkeys([*known, BOUND_NAME]))
+    names = tuple(n for n in order_policies(policies, accepted, baseline) if n != BOUND_NAME)
     reports: list[dict[str, Any]] = []
     failures: list[PolicyFailure] = []
     entries: list[dict[str, Any]] = []
@@ -206,6 +224,7 @@ def run_compare(
             baseline_instances = instances
         if progress is not None:
             progress.policy_finished(index, len(names), name, None, report["wall_s"])
+    bound = _attach_bound(trace, profile, reports, config, bound_period_s, clock)
     files: tuple[Path, ...] = ()
     if out_dir is not None:
         files = write_outputs(out_dir, entries, baseline)
@@ -215,7 +234,31 @@ def run_compare(
         files=files,
         failures=tuple(failures),
         entries=tuple(entries),
+        bound=bound,
     )
+
+
+def _attach_bound(
+    trace: Trace,
+    profile: Profile,
+    reports: Sequence[dict[str, Any]],
+    config: SimConfig,
+    period_s: float | None,
+    clock: Callable[[], float],
+) -> FluidBound:
+    """The trace's fluid lower bound, written into every report: `bound` (its JSON object) and
+    `energy_x_bound` (the report's energy / the bound's; null for a zero bound)."""
+    started_s = clock()
+    if period_s is None:
+        period_s = next(
+            (float(r["periods"]["pool_s"]) for r in reports if r.get("periods")), DEFAULT_BOUND_PERIOD_S
+        )
+    bound = fluid_bound(trace, profile, period_s=period_s, bins=config.bins)
+    doc = bound.to_json(seed=config.seed, wall_s=clock() - started_s)
+    for r in reports:
+        r["energy_x_bound"] = r["energy_j"] / bound.energy_j if bound.energy_j > 0.0 else None
+        r["bound"] = doc
+    return bound
 
 
 def _run_one(
@@ -350,6 +393,7 @@ class CompareRow:
     policy: str
     energy_kwh: float
     energy_x: float | None
+    energy_x_bound: float | None
     carbon_x: float | None
     cost_x: float | None
     avg_servers: float
@@ -372,7 +416,8 @@ def normalised_rows(
     reports: Sequence[Mapping[str, Any]], baseline: str | None = DEFAULT_BASELINE
 ) -> tuple[CompareRow, ...]:
     """Each report's headline figures and their ratios to the `baseline` policy's report; `baseline`
-    None: absolute figures only (every ratio None). InvalidArgumentError when the baseline is missing."""
+    None: absolute figures only (every ratio None). `energy_x_bound`: the report's own ratio to the
+    fluid lower bound (None when it has none). InvalidArgumentError when the baseline is missing."""
     base: Mapping[str, Any] | None = None
     if baseline is not None:
         base = next((r for r in reports if r["policy"] == baseline), None)
@@ -389,6 +434,7 @@ def normalised_rows(
             policy=r["policy"],
             energy_kwh=r["energy_kwh"],
             energy_x=ratio("energy_j", r),
+            energy_x_bound=r.get("energy_x_bound"),
             carbon_x=ratio("carbon_g", r),
             cost_x=ratio("cost_usd", r),
             avg_servers=r["avg_servers"],
@@ -421,8 +467,9 @@ def format_compare_table(entries: Sequence[Mapping[str, Any]], baseline: str = D
     """The comparison for a terminal, from report.json's entries in run order (reports and failure
     entries): ratios (x) are to the baseline, SLO attainment is absolute; a policy that failed is a
     FAILED row with its reason. Without a baseline report, absolute figures only, said in the first
-    line. Under the table: the pools each policy started with, labelled by the classes they serve, and
-    the key of the class names."""
+    line. `x bound`: each policy's energy / the fluid lower bound's, which has its own row (from the
+    reports' `bound`), with a warning line for any policy below it. Under the table: the pools each
+    policy started with, labelled by the classes they serve, and the key of the class names."""
     reports = [e for e in entries if not is_failure(e)]
     failed = {e["policy"]: e for e in entries if is_failure(e)}
     have_base = any(r["policy"] == baseline for r in reports)
@@ -442,6 +489,7 @@ def format_compare_table(entries: Sequence[Mapping[str, Any]], baseline: str = D
     header = (
         f"{'policy':<12}{'energy kWh':>11}{'energy x':>9}{'carbon x':>9}{'cost x':>8}{'servers':>9}"
         f"{'servers x':>10}{'TTFT p99':>9}{'x':>7}{'TBT p99':>9}{'x':>7}{'SLO met':>9}{'reconf':>8}"
+        f"{'x bound':>9}"
     )
     lines = [f"{head}  {scale}", header]
     for entry in entries:
@@ -455,9 +503,36 @@ def format_compare_table(entries: Sequence[Mapping[str, Any]], baseline: str = D
             f"{row.policy:<12}{row.energy_kwh:>11.3f}{_x(row.energy_x):>9}{_x(row.carbon_x):>9}"
             f"{_x(row.cost_x):>8}{row.avg_servers:>9.2f}{_x(row.servers_x):>10}{_s(row.ttft_p99_s):>9}"
             f"{_x(row.ttft_p99_x):>7}{_s(row.tbt_p99_s):>9}{_x(row.tbt_p99_x):>7}{slo:>9}"
-            f"{row.reconfigurations:>8}"
+            f"{row.reconfigurations:>8}{_x(row.energy_x_bound):>9}"
         )
-    return "\n".join([*lines, *pool_lines(reports)])
+    base = next((r for r in reports if r["policy"] == baseline), None) if have_base else None
+    return "\n".join([*lines, *bound_lines(reports, base), *pool_lines(reports)])
+
+
+def bound_lines(reports: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | None) -> list[str]:
+    """The fluid lower bound's row (its energy, its ratio to `base`'s, 1.000 in `x bound`), what it is,
+    and a warning for every report below it; nothing when no report carries a bound."""
+    bound = next((r["bound"] for r in reports if r.get("bound")), None)
+    if bound is None:
+        return []
+    energy_x = _ratio(bound["energy_j"], None if base is None else base["energy_j"])
+    dash = "-"
+    lines = [
+        f"{BOUND_NAME:<12}{bound['energy_kwh']:>11.3f}{_x(energy_x):>9}{dash:>9}{dash:>8}{dash:>9}{dash:>10}"
+        f"{dash:>9}{dash:>7}{dash:>9}{dash:>7}{dash:>9}{dash:>8}{_x(1.0):>9}",
+        f"{BOUND_NAME}: fluid lower bound on energy, computed from the trace, not simulated "
+        "(controller/sim/bound.py): every admitted request by its true class at the least energy per "
+        "request within its SLO of any (TP, clock), fractional instances, no idle GPUs, packing or "
+        f"reconfiguration (on average {bound['avg_gpus']:.2f} GPUs)",
+    ]
+    for r in reports:
+        ratio = r.get("energy_x_bound")
+        if ratio is not None and ratio < 1.0:
+            lines.append(
+                f"WARNING: {r['policy']} used less energy than the bound ({ratio:.3f}x): the bound assumes "
+                "every admitted request served within its SLO under the profile's capacities"
+            )
+    return lines
 
 
 def pool_lines(reports: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -1,6 +1,10 @@
 """The policies the simulator can run: the registry of `controller.policy.registry` plus the oracle
 (which needs the trace's future, so it exists only here), and the settings a simulation builds them
 with, so that the policy prices reconfigurations with the very costs the executor times them with.
+
+`bound` (`controller.sim.bound`, the fluid lower bound on energy) is a name of `dctl simulate
+--compare` but not a simulated policy: it is computed from the trace, so it has no factory here and
+`sim_policy("bound")` says where to find it.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from dataclasses import replace
 from functools import partial
 from types import MappingProxyType
 
+from agent.api.errors import InvalidArgumentError
 from agent.sim.physics import load_perf_model
 from controller.model.cluster import GPUS_PER_SERVER
 from controller.model.state import Periods
 from controller.policy.base import SimPolicy
 from controller.policy.registry import POLICIES, PolicyFactory, PolicySettings, dynamollm_family, make_policy
+from controller.sim.bound import BOUND_NAME
 from controller.sim.oracle import Oracle
 
 SIM_POLICIES: Mapping[str, PolicyFactory] = MappingProxyType(
@@ -43,4 +49,11 @@ def sim_settings(
 
 def sim_policy(name: str, settings: PolicySettings | None = None) -> SimPolicy:
     """The simulator's policy called `name` (errors name `--policy`)."""
+    if name == BOUND_NAME:
+        raise InvalidArgumentError(
+            "--policy",
+            name,
+            "a simulated policy: the fluid lower bound is computed from the trace, not simulated; "
+            "every --compare reports it (its table row, each report's energy_x_bound)",
+        )
     return make_policy(name, settings, SIM_POLICIES)
