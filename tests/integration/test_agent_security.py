@@ -485,9 +485,9 @@ async def test_a_cancelled_call_is_audited_and_so_is_its_outcome(tmp_path: Path)
         assert cancelled["scope"] == "admin" and "cancelled" in cancelled["error"]
         assert cancelled["request"]["engine_id"] == "slow"
         assert cancelled["request"]["engine_options"] == {"startup-s": "1.5"}
-        assert 0.2 < cancelled["duration_s"] < 1.5
         assert (detached["result"], detached["detached"], detached["generation"]) == ("OK", True, 1)
         assert detached["who"] == cancelled["who"] and detached["request"] == cancelled["request"]
-        assert detached["duration_s"] > 1.0
+        # The caller gave up after its 0.4 s deadline; the operation ran on to the engine's 1.5 s start.
+        assert 0.2 < cancelled["duration_s"] < detached["duration_s"] and detached["duration_s"] > 1.0
     finally:
         await running.stop()
