@@ -1,10 +1,10 @@
 """The control cycle: the ONE place that orders the control steps, shared by the simulator and the live
 controller. Pure: no I/O, no clock, no asyncio; time comes in as `now_s`, the fleet as a `FleetView`.
 
-    fleet view + arrivals since the last tick
+    fleet view + arrivals and completions since the last tick
           |
-    ControlCycle.tick(now_s, view, arrivals)
-      arrival history -> observation -> [cluster step] -> [pool step] -> plan_reconfiguration
+    ControlCycle.tick(now_s, view, arrivals, completions)
+      arrival history, SLO guard -> observation -> [cluster step] -> [pool step] -> plan_reconfiguration
         -> executor (generations, deferred starts, successors, placement)
         -> [instance step: clocks] -> escalation -> routing table
           |
@@ -21,6 +21,10 @@ Each returns the commands to execute in order, the decisions taken (data, with r
 changed, the routing table. A static policy runs through the same cycle (`FixedPlan`): its plan never
 changes, so the only difference between policies is what they decide.
 
+SLO guard (`controller/control/guard.py`): the completions since the last tick (met / total per routed
+class) feed a sliding window; per pool of the plan in force, its windowed attainment sets the pool's
+guard state (clock floor, planned-load factor), which the policy reads in the observation.
+
 Escalation (under-prediction, per ACTIVE instance at each tick, when enabled): requests already past
 their TTFT deadline are rejected (they would miss anyway and delay the rest); an instance whose most
 urgent waiting request falls due before the next tick goes to the maximum clock and its at-risk
@@ -34,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.api.errors import InvalidArgumentError
+from controller.control.guard import GuardConfig, SloGuard
 from controller.control.history import ArrivalHistory
 from controller.model.classes import REQUEST_CLASSES
 from controller.model.cluster import ClusterPlan, InstanceSpec
@@ -41,6 +46,7 @@ from controller.model.decisions import ClockDecision, ClockReason, Decision, Lev
 from controller.model.fleet import (
     Arrivals,
     Command,
+    Completions,
     FleetEvent,
     FleetView,
     MoveWaiting,
@@ -57,6 +63,7 @@ from controller.policy.frequency import escalate
 from controller.policy.instance_model import CapacityCache, instance_model
 from controller.policy.routing import routing_table
 
+_DEFAULT_GUARD = GuardConfig()
 # Epoch boundaries are compared with a tolerance: `now_s` accumulates float periods.
 _EPS_S = 1e-9
 # The instance level looks at the last hour of history: its windows (mix, sustained load) are minutes.
@@ -75,6 +82,7 @@ class CycleConfig:
     escalation: bool = True
     start_unix_s: float | None = None  # wall time of t = 0 (weekly templates align to it)
     max_nodes: int | None = None  # None: nodes are added as needed (a simulated cluster)
+    guard: GuardConfig = _DEFAULT_GUARD  # the closed-loop SLO guard (controller/control/guard.py)
 
     def __post_init__(self) -> None:
         for name in ("history_bin_s", "history_max_s"):
@@ -140,6 +148,7 @@ class ControlCycle:
         self._model = self._instance_model((0.0,) * len(REQUEST_CLASSES))  # nothing observed: an even mix
         self._routes_version = 0
         self._routes_dirty = True
+        self.guard = SloGuard(clocks, cfg.guard)
 
     # ------------------------------------------------------------------ driver API
     def next_tick_s(self) -> float:
@@ -169,11 +178,16 @@ class ControlCycle:
             self._routes_dirty = True
         return self._result(commands, [])
 
-    def tick(self, now_s: float, view: FleetView, arrivals: Arrivals) -> TickResult:
-        """The decision point of an instance period (and of the cluster/pool epochs due at `now_s`)."""
+    def tick(
+        self, now_s: float, view: FleetView, arrivals: Arrivals, completions: Completions | None = None
+    ) -> TickResult:
+        """The decision point of an instance period (and of the cluster/pool epochs due at `now_s`).
+        `completions`: the requests finished since the last tick, for the SLO guard (None: none)."""
         if now_s + _EPS_S < self._next_tick_s:
             raise InvalidArgumentError("now_s", now_s, f">= the next tick time {self._next_tick_s}")
         self.history.add(arrivals)
+        self.guard.observe(now_s, completions or Completions())
+        self._update_guard(now_s)
         commands: list[Command] = []
         decisions: list[Decision] = []
         levels: list[Level] = []
@@ -192,6 +206,14 @@ class ControlCycle:
         return self._result(commands, decisions)
 
     # ------------------------------------------------------------------ steps
+    def _update_guard(self, now_s: float) -> None:
+        """The guard's per-pool state for the plan in force (checked when a check is due)."""
+        lowest: dict[str, int] = {}
+        for r in self.executor.instances.values():
+            if r.phase is Phase.ACTIVE:
+                lowest[r.pool] = min(lowest.get(r.pool, r.spec.clock_mhz), r.spec.clock_mhz)
+        self.guard.update(now_s, {p.name: p.class_names for p in self.plan.pools}, lowest)
+
     def _observe(self, now_s: float, view: FleetView, history_s: float | None) -> ClusterObs:
         """The observation at `now_s`; `history_s` None: the whole history with burst peaks (cluster and
         pool steps), else only its last `history_s` without them (the instance level)."""
@@ -213,6 +235,7 @@ class ControlCycle:
             class_burst_history_rps=bursts,
             epoch_start_s=self.epoch_start_s,
             pool_period_start_s=self.pool_period_start_s,
+            guard=dict(self.guard.state),
         )
 
     def _plan_steps(
@@ -232,6 +255,7 @@ class ControlCycle:
         for level in levels:
             step = self._step(level, self._observe(now_s, view, None))
             self.plan = step.plan
+            self._update_guard(now_s)  # the new plan's pools take over their classes' guard state
             horizon_s = self.periods.cluster_s if level == "cluster" else self.periods.pool_s
             records.append(StepRecord(now_s, level, horizon_s, step, self.executor.generation + 1))
         rates = self.history.rates_rps(now_s, _MODEL_MIX_BINS)

@@ -37,7 +37,8 @@ class MixChoice:
 class PoolDecision:
     """What a cluster or pool step decided for one pool: the classes it serves, its GPU budget, the load
     it planned for (forecast rate plus burst allowance, rps), how the mix was found, the load it could
-    not cover, the chosen mix and the runner-up (the best alternative the step considered)."""
+    not cover, the chosen mix and the runner-up (the best alternative the step considered), and the
+    closed-loop SLO guard's correction in force for it (load factor, clock floor)."""
 
     pool: str
     class_names: tuple[str, ...]
@@ -47,6 +48,8 @@ class PoolDecision:
     shortfall_rps: float
     chosen: MixChoice
     runner_up: MixChoice | None
+    guard_factor: float = 1.0  # the SLO guard's factor on the planned load (forecast_rps includes it)
+    clock_floor_mhz: int = 0  # the SLO guard's clock floor for the pool's instances (0: none)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,8 @@ class PoolDecision:
             "shortfall_rps": round(self.shortfall_rps, 6),
             "chosen": self.chosen.to_json(),
             "runner_up": None if self.runner_up is None else self.runner_up.to_json(),
+            "guard_factor": round(self.guard_factor, 6),
+            "clock_floor_mhz": self.clock_floor_mhz,
         }
 
 

@@ -81,6 +81,26 @@ class Arrivals:
 
 
 @dataclass(frozen=True, slots=True)
+class Completions:
+    """Requests finished since the previous tick, per routed class (index order of
+    `controller.model.classes.REQUEST_CLASSES`): how many met their SLO (TTFT and mean TBT within the
+    targets of their class) and how many finished in all (a request rejected past its deadline, or that
+    no instance could take, counts as finished and missed). Empty tuples: nothing finished."""
+
+    met: tuple[int, ...] = ()
+    total: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.met) != len(self.total) or any(
+            not 0 <= m <= t for m, t in zip(self.met, self.total, strict=True)
+        ):
+            raise InvalidArgumentError("met", (self.met, self.total), "0 <= met <= total, per class")
+
+    def any(self) -> bool:
+        return sum(self.total) > 0
+
+
+@dataclass(frozen=True, slots=True)
 class GpuSet:
     """`count` consecutive GPUs of one node starting at `first_gpu` (tensor parallelism never spans
     nodes)."""

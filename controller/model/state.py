@@ -10,7 +10,8 @@ oracle (`controller.sim.oracle`) gets its foresight from the simulator.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 
 from agent.api.errors import InvalidArgumentError
@@ -59,6 +60,22 @@ class InstanceObs:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardState:
+    """The closed-loop SLO guard's state of one pool (`controller.control.guard`): the factor its planned
+    load is multiplied by at the pool step, the clock below which its instances do not go (0: none), the
+    windowed SLO attainment it was judged on, the completions in that window, how many checks in a row
+    found it well above target (the hysteresis before relaxing), and when it was last raised."""
+
+    factor: float = 1.0
+    clock_floor_mhz: int = 0
+    attainment: float = 1.0
+    samples: int = 0
+    calm_checks: int = 0
+    since_s: float = -math.inf  # the last raise: later checks judge only what followed it
+    factor_raised_s: float = -math.inf  # the last raise of the factor
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterObs:
     """Everything a policy may look at when it decides.
 
@@ -74,6 +91,9 @@ class ClusterObs:
     at an arrival in the bin, divided by the window (rps). The 60-s rates hide sub-minute bursts, which
     a queue absorbs only within the class's TTFT target; the policies size for them from this
     (docs/control.md, "Burst-aware provisioning"). Empty (both fields) when not measured.
+
+    `guard`: per pool of the plan, the closed-loop SLO guard's state (`GuardState`; empty: no guard).
+    Policies that use it (DynamoLLM) scale the pool's planned load and floor its clocks; others ignore it.
     """
 
     now_s: float
@@ -87,6 +107,7 @@ class ClusterObs:
     class_burst_history_rps: tuple[tuple[tuple[float, ...], ...], ...] = ()
     epoch_start_s: float = 0.0
     pool_period_start_s: float = 0.0
+    guard: Mapping[str, GuardState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.class_rate_history_rps) != len(CLASS_NAMES):

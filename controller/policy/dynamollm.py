@@ -14,6 +14,10 @@ each desired plan into costed actions (`controller.orchestrator.plan_reconfigura
 - Instance level: each active instance's clock from its measured and sustained load with a dead-band
   (`frequency.next_clock`); pool steps keep the clocks of the instances they keep
   (`observed.keep_current_clocks`).
+- SLO guard (closed loop, `controller.control.guard`): a pool whose realised SLO attainment falls
+  below target gets a guard factor on its planned load (and GPU budget) at the pool step and a clock
+  floor at the instance level, both from the observation (`ClusterObs.guard`); they relax slowly once
+  it is well above target.
 - Bursts: each class's forecast is raised by the service rate that drains its largest recent
   sub-minute burst beyond Poisson within its TTFT target (`bursts.class_burst_rps`), in the budgets and
   in the pool loads, except bursts small enough to fit a miss budget of 0.5% of the arrivals.
@@ -32,14 +36,15 @@ and the capacity memo belong to the policy object (a daemon solves in a worker t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from controller.model.classes import CLASS_NAMES
-from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
+from controller.model.cluster import GPUS_PER_SERVER, ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.decisions import MixChoice, PlanStep, PoolDecision
 from controller.model.profile import Profile
-from controller.model.state import ClusterObs, Periods
+from controller.model.state import ClusterObs, GuardState, Periods
 from controller.orchestrator.plan import ReconfigCosts
 from controller.policy.base import ArrivalStats
 from controller.policy.bursts import class_burst_rps
@@ -56,6 +61,7 @@ from controller.policy.instance_model import CapacityCache, class_shares
 from controller.policy.observed import (
     choose_clocks,
     forecast_now_unix_s,
+    guard_of,
     history_len,
     idle_instance,
     keep_current_clocks,
@@ -177,6 +183,7 @@ class DynamoLLM:
             headroom=self.clock_headroom,
             mix_window_s=self.mix_window_s,
             sustained_s=self.sustained_window_s,
+            floors_mhz={p.name: guard_of(obs, p.class_names).clock_floor_mhz for p in obs.plan.pools},
         )
 
     def _epoch_budgets(self, obs: ClusterObs, profile: Profile, bins: int) -> tuple[PoolBudget, ...]:
@@ -212,13 +219,29 @@ class DynamoLLM:
             budgets = fit_total(budgets, obs.total_gpus)
         peaks = self._class_peaks(obs, horizon_s, n)
         bursts = self._class_bursts(obs, profile, n, peaks)
+        # The SLO guard's correction: a pool missing its target plans for more load, within a budget
+        # raised as much (then fitted to the cluster's GPUs).
+        guards = {b.name: guard_of(obs, b.class_names) for b in budgets}
+        if any(g.factor > 1.0 for g in guards.values()):
+            budgets = fit_total(
+                tuple(
+                    replace(b, gpu_budget=_scaled_budget(b.gpu_budget, guards[b.name].factor))
+                    for b in budgets
+                ),
+                obs.total_gpus,
+            )
         loads = {
-            b.name: self._pool_load_rps(obs, b.class_names, horizon_s)
-            + sum(bursts[CLASS_NAMES.index(c)] for c in b.class_names)
+            b.name: guards[b.name].factor
+            * (
+                self._pool_load_rps(obs, b.class_names, horizon_s)
+                + sum(bursts[CLASS_NAMES.index(c)] for c in b.class_names)
+            )
             for b in budgets
         }
         current = {b.name: live_counts(obs, b.name) for b in budgets}
-        solved = self._solve(budgets, loads, recent_class_rates_rps(obs, self.mix_window_s), current, profile)
+        solved = self._solve(
+            budgets, loads, recent_class_rates_rps(obs, self.mix_window_s), current, profile, guards
+        )
         forecast = tuple(p + b for p, b in zip(peaks, bursts, strict=True))
         return replace(
             solved,
@@ -234,6 +257,7 @@ class DynamoLLM:
         class_rates_rps: Sequence[float],
         current: Mapping[str, Mapping[InstanceSpec, int]],
         profile: Profile,
+        guards: Mapping[str, GuardState] | None = None,
     ) -> PlanStep:
         pools: list[PoolPlan] = []
         decisions: list[PoolDecision] = []
@@ -268,9 +292,18 @@ class DynamoLLM:
                     shortfall_rps=solution.shortfall_rps,
                     chosen=mix_choice(solution, epoch_s),
                     runner_up=mix_choice(runner_up, epoch_s),
+                    guard_factor=(guards or {}).get(b.name, GuardState()).factor,
+                    clock_floor_mhz=(guards or {}).get(b.name, GuardState()).clock_floor_mhz,
                 )
             )
         return PlanStep(plan=ClusterPlan(pools=tuple(pools)), pools=tuple(decisions))
+
+
+def _scaled_budget(gpus: int, factor: float) -> int:
+    """A GPU budget raised by `factor`, in whole servers (unchanged at 1)."""
+    if factor <= 1.0:
+        return gpus
+    return max(gpus, GPUS_PER_SERVER * math.ceil(gpus * factor / GPUS_PER_SERVER - 1e-9))
 
 
 def fit_total(budgets: tuple[PoolBudget, ...], total_gpus: int) -> tuple[PoolBudget, ...]:

@@ -6,13 +6,13 @@ the clocks the instance level chose across pool steps. Pure functions of `Cluste
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.profile import Profile
-from controller.model.state import ClusterObs, InstanceObs, Phase
+from controller.model.state import ClusterObs, GuardState, InstanceObs, Phase
 from controller.orchestrator.plan import ReconfigCosts
 from controller.policy.capacity import ConfigCapacity, capacities_by_clock
 from controller.policy.forecast import forecast_next_peak_rps
@@ -83,10 +83,13 @@ def choose_clocks(
     headroom: float,
     mix_window_s: float,
     sustained_s: float,
+    floors_mhz: Mapping[str, int] | None = None,
 ) -> dict[int, int]:
     """Instance level: every active instance's clock from its load, with the dead-band of
     `frequency.next_clock`. An instance's sustained load is its pool's arrival rate over the last
-    `sustained_s` times its share of the pool's capacity (the router weights instances by capacity)."""
+    `sustained_s` times its share of the pool's capacity (the router weights instances by capacity).
+    `floors_mhz`: per pool, a clock no instance of it goes below (the SLO guard's floor: the lowest
+    profiled clock at or above it, else the highest)."""
     rates = mix_rates_rps(obs, mix_window_s)
     recent = recent_class_rates_rps(obs, sustained_s) if history_len(obs) else None
     pools = {p.name: p for p in obs.plan.pools}
@@ -118,10 +121,26 @@ def choose_clocks(
         else:
             pool_rps = sum(class_shares(pools[inst.pool].class_names, recent).values())
             sustained_rps = pool_rps * capacity_rps(inst) / pool_capacity_rps[inst.pool]
-        out[inst.instance_id] = next_clock(
-            inst.spec.clock_mhz, inst.load_rps, sustained_rps, by_clock, headroom=headroom
-        )
+        clock = next_clock(inst.spec.clock_mhz, inst.load_rps, sustained_rps, by_clock, headroom=headroom)
+        floor = (floors_mhz or {}).get(inst.pool, 0)
+        if clock < floor:
+            clock = min((c for c in by_clock if c >= floor), default=max(by_clock))
+        out[inst.instance_id] = clock
     return out
+
+
+def guard_of(obs: ClusterObs, class_names: Sequence[str]) -> GuardState:
+    """The SLO guard's state for a pool serving `class_names`: the largest factor and floor of the pools
+    of the plan in force that serve any of them (a pool the cluster step regroups keeps its classes'
+    corrections)."""
+    states = [
+        obs.guard[p.name]
+        for p in obs.plan.pools
+        if p.name in obs.guard and any(c in p.class_names for c in class_names)
+    ]
+    if not states:
+        return GuardState()
+    return GuardState(max(s.factor for s in states), max(s.clock_floor_mhz for s in states))
 
 
 def max_clocks(obs: ClusterObs, profile: Profile) -> dict[int, int]:

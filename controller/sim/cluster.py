@@ -224,6 +224,7 @@ def simulate_cycle(
         drain_step_s=cfg.drain_step_s,
         series_bin_s=cfg.series_bin_s,
         progress_step_s=cfg.progress_step_s,
+        tbt_slo_s=() if profile is None else [profile.slo(c.name).tbt_s for c in REQUEST_CLASSES],
     )
     kernel = run(trace, cycle, fleet, router, settings, on_progress)
     return _result(trace, initial_plan, cfg, policy, perf, fleet, kernel, router, cycle)

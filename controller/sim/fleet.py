@@ -62,6 +62,10 @@ class Outcomes:
         self.escalations: Counter[str] = Counter({"max_clock": 0, "moved": 0, "rejected_past_deadline": 0})
         self.tbt = TbtHistogram()
         self.done_lengths: list[tuple[int, int]] = []  # (input, output) since the predictor last learned
+        # Since the control cycle last learned (the SLO guard): requests completed, and those refused
+        # after admission (rejected past their deadline, or no instance could take them).
+        self.finished: list[int] = []
+        self.dropped: list[int] = []
 
 
 class GpuLog:
@@ -242,6 +246,7 @@ class SimFleet:
             self.outcomes.rejected += len(past)
             self.outcomes.escalations["rejected_past_deadline"] += len(past)
             self.outcomes.chosen[past] = NO_ROUTE
+            self.outcomes.dropped.extend(int(r) for r in past)
 
     # ------------------------------------------------------------------ routing
     def admit(
@@ -265,6 +270,7 @@ class SimFleet:
         if iid is None:
             out.rejected += 1
             out.chosen[w.request_id] = NO_ROUTE
+            out.dropped.append(w.request_id)
             return
         engine = self.slots[iid].engine
         assert engine is not None
@@ -337,6 +343,7 @@ class SimFleet:
             out.ttft_s[r.request_id] = r.ttft_s
             out.tbt_mean_s[r.request_id] = r.tbt_mean_s
             out.done_lengths.append((r.input_tokens, r.output_tokens))
+            out.finished.append(r.request_id)
 
     def _make_engine(self, slot: _Slot, t_s: float) -> None:
         slot.engine = SimEngine(

@@ -30,7 +30,7 @@ from controller.control.cycle import ControlCycle, TickResult
 from controller.model.classes import REQUEST_CLASSES, ClassBins
 from controller.model.cluster import InstanceSpec
 from controller.model.decisions import Decision
-from controller.model.fleet import Arrivals
+from controller.model.fleet import Arrivals, Completions
 from controller.policy.predict import OutputPredictor, predict_output_bins, update_many
 from controller.sim.evaluation import inject_accuracy
 from controller.sim.fleet import SimFleet
@@ -85,6 +85,7 @@ class KernelSettings:
     drain_step_s: float
     series_bin_s: float
     progress_step_s: float
+    tbt_slo_s: Sequence[float] = ()  # per class index; empty: no TBT target
 
 
 @dataclass(slots=True)
@@ -172,6 +173,7 @@ class _Kernel:
         deadline_s = t_s + self.settings.ttft_slo_s[c]
         if not self.fleet.admit(i, c, t_s, input_tokens, output_tokens, deadline_s):
             self.fleet.outcomes.rejected += 1
+            self.fleet.outcomes.dropped.append(i)
 
     def control_until(self, t_s: float, upto: int) -> None:
         """Every control event at or before `t_s` (and not past the trace's end), in time order; at equal
@@ -201,8 +203,30 @@ class _Kernel:
         )
         self.counted = upto
         self.sample(t_s)
-        self.apply(self.cycle.tick(t_s, self.fleet.view(), arrivals))
+        self.apply(self.cycle.tick(t_s, self.fleet.view(), arrivals, self.completions()))
         self.router.until(self.cycle.next_tick_s())
+
+    def completions(self) -> Completions:
+        """The requests finished since the last tick, per routed class, judged as the report judges them
+        (by the targets of their true class, known once their lengths are); then forgotten."""
+        out = self.fleet.outcomes
+        n = len(REQUEST_CLASSES)
+        met = [0] * n
+        total = [0] * n
+        ttft, tbt = self.settings.ttft_slo_s, self.settings.tbt_slo_s
+        routed, true_class = self.router.routed, self.router.true_class
+        for r in out.finished:
+            c, k = int(routed[r]), int(true_class[r])
+            total[c] += 1
+            ok = bool(out.ttft_s[r] <= ttft[k])
+            if ok and tbt and self.trace.output_tokens[r] > 1:
+                ok = bool(out.tbt_mean_s[r] <= tbt[k])
+            met[c] += ok
+        for r in out.dropped:
+            total[int(routed[r])] += 1
+        out.finished.clear()
+        out.dropped.clear()
+        return Completions(tuple(met), tuple(total))
 
     def apply(self, result: TickResult) -> None:
         self.out.decisions.extend(result.decisions)

@@ -218,6 +218,8 @@ def test_decisions_are_reported_as_records() -> None:
                     "shortfall_rps": 0.0,
                     "chosen": {"instances": [{"tp": 8, "clock_mhz": 1980, "count": 1}], "power_w": 1234.568},
                     "runner_up": None,
+                    "guard_factor": 1.0,
+                    "clock_floor_mhz": 0,
                 }
             ],
         },

@@ -1,0 +1,115 @@
+"""The closed-loop SLO guard (controller/control/guard.py): the pure rule, and the cycle feeding it
+realised completions and handing its state to the policy through the observation."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.control.cycle import ControlCycle, CycleConfig
+from controller.control.guard import GuardConfig, SloGuard, check
+from controller.model.classes import CLASS_NAMES
+from controller.model.fleet import Arrivals, Completions, FleetView, InstanceView
+from controller.model.state import GuardState
+from controller.policy.dynamollm import DynamoLLM
+from controller.policy.singlepool import singlepool_plan
+from tests.unit.test_control_cycle import COSTS, LOW, MAX, PERIODS, PROFILE, Scripted
+
+CLOCKS = tuple(sorted(PROFILE.clocks_mhz))
+N = len(CLASS_NAMES)
+
+
+def one_class(met: int, total: int, c: int = 0) -> Completions:
+    m, t = [0] * N, [0] * N
+    m[c], t[c] = met, total
+    return Completions(tuple(m), tuple(t))
+
+
+states = st.builds(
+    GuardState,
+    factor=st.floats(1.0, 1.5),
+    clock_floor_mhz=st.sampled_from((0, *CLOCKS)),
+    calm_checks=st.integers(0, 10),
+    since_s=st.floats(-1e4, 1e4),
+    factor_raised_s=st.floats(-1e4, 1e4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    state=states,
+    total=st.integers(0, 5000),
+    met_share=st.floats(0.0, 1.0),
+    now_s=st.floats(-1e4, 2e4),
+    lowest=st.sampled_from((0, *CLOCKS)),
+)
+def test_the_guard_never_lowers_capacity_while_below_target(
+    state: GuardState, total: int, met_share: float, now_s: float, lowest: int
+) -> None:
+    config = GuardConfig()
+    met = math.floor(total * met_share)
+    new = check(state, met, total, now_s, CLOCKS, lowest, config)
+    if total == 0 or met / total < config.target:
+        assert new.factor >= state.factor
+        assert new.clock_floor_mhz >= state.clock_floor_mhz
+    assert 1.0 <= new.factor <= max(config.max_factor, state.factor)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 400), st.floats(0.0, 1.0)), min_size=1, max_size=40))
+def test_a_guarded_pool_below_target_never_loses_capacity_over_a_run(
+    ticks: list[tuple[int, float]],
+) -> None:
+    guard = SloGuard(CLOCKS, GuardConfig(interval_s=5.0))
+    before = GuardState()
+    for k, (total, share) in enumerate(ticks):
+        now_s = 5.0 * (k + 1)
+        guard.observe(now_s, one_class(math.floor(total * share), total))
+        met, n = guard.windowed(before.since_s)
+        after = guard.update(now_s, {"P": CLASS_NAMES}, {"P": LOW})["P"]
+        if n[0] == 0 or met[0] / n[0] < guard.config.target:
+            assert after.factor >= before.factor and after.clock_floor_mhz >= before.clock_floor_mhz
+        before = after
+
+
+def test_relaxes_only_after_several_checks_well_above_target() -> None:
+    config = GuardConfig()
+    state = GuardState(factor=1.3, clock_floor_mhz=CLOCKS[-1])
+    for _ in range(config.relax_checks - 1):
+        state = check(state, 1000, 1000, 0.0, CLOCKS, 0, config)
+        assert (state.factor, state.clock_floor_mhz) == (1.3, CLOCKS[-1])
+    state = check(state, 1000, 1000, 0.0, CLOCKS, 0, config)
+    assert state.factor < 1.3 and state.clock_floor_mhz == CLOCKS[-2]
+    # Between target and relax: held.
+    held = check(state, 995, 1000, 0.0, CLOCKS, 0, config)
+    assert (held.factor, held.clock_floor_mhz, held.calm_checks) == (state.factor, state.clock_floor_mhz, 0)
+
+
+def test_a_pool_below_target_gets_a_higher_clock_floor_and_guard_factor() -> None:
+    policy = Scripted([])
+    plan = singlepool_plan(1, 8, LOW)
+    pool = plan.pools[0].name
+    cycle = ControlCycle(policy, PROFILE, plan, CycleConfig(escalation=False))
+    cycle.start(0.0)
+    view = FleetView({0: InstanceView(0, 0, 0, math.inf, 0)})
+    cycle.tick(5.0, view, Arrivals.none(), one_class(900, 1000))
+    guard = policy.seen[-1].guard[pool]
+    assert guard.clock_floor_mhz > LOW and guard.factor > 1.0
+    assert guard.attainment == 0.9 and guard.samples == 1000
+
+
+def test_dynamollm_keeps_its_clocks_above_the_guard_floor() -> None:
+    def run(met: int) -> int:
+        policy = DynamoLLM(periods=PERIODS, costs=COSTS)
+        cycle = ControlCycle(policy, PROFILE, singlepool_plan(1, 8, MAX), CycleConfig(escalation=False))
+        cycle.start(0.0)
+        view = FleetView({0: InstanceView(0, 0, 0, math.inf, 0)})
+        arrivals = Arrivals.none()
+        cycle.tick(5.0, view, arrivals, one_class(met, 1000))
+        cycle.tick(10.0, view, arrivals)
+        return cycle.executor.instances[0].spec.clock_mhz
+
+    assert run(1000) < MAX  # idle and meeting its SLO: the instance level lowers the clock
+    assert run(500) == MAX  # missing it: the guard's floor holds the clock
