@@ -45,6 +45,7 @@ from typing import Any
 import structlog
 
 from agent.api.errors import DataFileError, DynamoError
+from agent.api.files import replace_file
 from agent.api.generations import Outcome, ScopeRecord
 from agent.control import GpuPlan
 from agent.gpu.worker import GpuWorkers
@@ -365,17 +366,7 @@ class StateStore:
             if version is not None and version <= self._saved_version:
                 return False
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._tmp
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            replace_file(self.path, text, tmp=self._tmp)
             if version is not None:
                 self._saved_version = version
             return True

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from agent.api.errors import DataFileError, NotFoundError
+from agent.api.files import replace_file
 
 
 def open_error(path: str | os.PathLike[str], err: OSError, expected: str) -> NotFoundError | DataFileError:
@@ -50,18 +50,7 @@ def read_text(path: str | os.PathLike[str], expected: str) -> str:
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` to `path` atomically, mode 0666 less the umask (module docstring)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_file(path, text, mode=0o666 & ~_umask())
 
 
 def _umask() -> int:

@@ -34,6 +34,7 @@ from controller.model.fleet import Arrivals, Completions
 from controller.policy.predict import OutputPredictor, predict_output_bins, update_many
 from controller.sim.evaluation import inject_accuracy
 from controller.sim.fleet import SimFleet
+from controller.sim.report import within_targets
 from controller.sim.traces import Trace
 
 ProgressCallback = Callable[[float], None]
@@ -130,6 +131,10 @@ class _Kernel:
         self.out = KernelRun(0.0, np.zeros(len(trace), dtype=bool), {}, [], [])
         self.refused: Counter[str] = Counter()
         self.counted = 0  # arrivals [0, counted) have been handed to the cycle
+        self._ttft_target_s = np.asarray(settings.ttft_slo_s, dtype=np.float64)
+        self._tbt_target_s = np.asarray(
+            settings.tbt_slo_s or [math.inf] * len(REQUEST_CLASSES), dtype=np.float64
+        )
         self.next_sample_s = 0.0
 
     def run(self, on_progress: ProgressCallback | None) -> KernelRun:
@@ -208,25 +213,26 @@ class _Kernel:
 
     def completions(self) -> Completions:
         """The requests finished since the last tick, per routed class, judged as the report judges them
-        (by the targets of their true class, known once their lengths are); then forgotten."""
+        (`within_targets`, by the targets of their true class, known once their lengths are), and those
+        dropped after admission (misses); then forgotten."""
         out = self.fleet.outcomes
         n = len(REQUEST_CLASSES)
-        met = [0] * n
-        total = [0] * n
-        ttft, tbt = self.settings.ttft_slo_s, self.settings.tbt_slo_s
-        routed, true_class = self.router.routed, self.router.true_class
-        for r in out.finished:
-            c, k = int(routed[r]), int(true_class[r])
-            total[c] += 1
-            ok = bool(out.ttft_s[r] <= ttft[k])
-            if ok and tbt and self.trace.output_tokens[r] > 1:
-                ok = bool(out.tbt_mean_s[r] <= tbt[k])
-            met[c] += ok
-        for r in out.dropped:
-            total[int(routed[r])] += 1
+        done = np.asarray(out.finished, dtype=np.int64)
+        dropped = np.asarray(out.dropped, dtype=np.int64)
         out.finished.clear()
         out.dropped.clear()
-        return Completions(tuple(met), tuple(total))
+        true_class = self.router.true_class[done]
+        ok = within_targets(
+            out.ttft_s[done],
+            out.tbt_mean_s[done],
+            self.trace.output_tokens[done],
+            self._ttft_target_s[true_class],
+            self._tbt_target_s[true_class],
+        )
+        routed_done = self.router.routed[done]
+        met = np.bincount(routed_done[ok], minlength=n)
+        total = np.bincount(routed_done, minlength=n) + np.bincount(self.router.routed[dropped], minlength=n)
+        return Completions(tuple(met.tolist()), tuple(total.tolist()))
 
     def apply(self, result: TickResult) -> None:
         self.out.decisions.extend(result.decisions)

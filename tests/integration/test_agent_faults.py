@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +33,17 @@ import pytest
 
 from agent.api.generations import MAX_GENERATION
 from agent.api.v1 import common_pb2, control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
-from agent.app import RunningAgent, start_agent
+from agent.app import start_agent
 from agent.scopes import FinishedOperation
 from agent.settings import AgentSettings, merge_settings
 from tests.fakenvml import FakeNvml
 from tests.fakenvml.fixtures import fake_nvml, fake_nvml_lib  # noqa: F401 (fixtures)
 from tests.fakenvml.hold import NvmlHold
+from tests.integration.test_agent_service import Node, gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 UUID0 = "GPU-fa4e0000-0000-4000-8000-000000000000"  # the fake library's GPU 0
 ADMIN_LIMIT_MW = 650_000  # GPU 0's limit before the agent: set by an admin, below the 700 W driver default
-
-
-def gpu(index: int, lo: int, hi: int, power_limit_w: float | None = None) -> control_pb2.GpuSetting:
-    setting = control_pb2.GpuSetting(gpu_index=index, min_clock_mhz=lo, max_clock_mhz=hi)
-    if power_limit_w is not None:
-        setting.power_limit_w = power_limit_w
-    return setting
 
 
 def apply_request(generation: int, *gpus: control_pb2.GpuSetting, lease_s: float = 60.0) -> Any:
@@ -70,18 +63,6 @@ async def eventually(check: Any, what: str, timeout_s: float = 10.0) -> Any:
 
 
 # ------------------------------------------------------------------------------ in-process agent
-
-
-@dataclass
-class Node:
-    running: RunningAgent
-    channel: grpc.aio.Channel
-    tel: telemetry_pb2_grpc.NodeTelemetryStub
-    ctl: control_pb2_grpc.NodeControlStub
-    settings: AgentSettings
-
-    async def inventory(self) -> telemetry_pb2.GetInventoryResponse:
-        return await self.tel.GetInventory(telemetry_pb2.GetInventoryRequest())
 
 
 def _settings(tmp_path: Path, **extra: Any) -> AgentSettings:

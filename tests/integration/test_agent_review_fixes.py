@@ -18,6 +18,7 @@ from agent.api.v1 import control_pb2, control_pb2_grpc, telemetry_pb2, telemetry
 from agent.app import start_agent
 from agent.safety import STATE_FORMAT, read_boot_id
 from agent.settings import AgentSettings, load_tokens, merge_settings
+from tests.integration.test_agent_service import gpu
 from tests.integration.tls_pki import make_pki, openssl_available
 from tests.unit.test_safety import FakeBackend
 
@@ -40,10 +41,6 @@ def _settings(tmp: Path, **extra: Any) -> AgentSettings:
     return merge_settings(values, {}, {}, hostname="n")
 
 
-def _gpu(index: int, clock_mhz: int) -> control_pb2.GpuSetting:
-    return control_pb2.GpuSetting(gpu_index=index, min_clock_mhz=clock_mhz, max_clock_mhz=clock_mhz)
-
-
 async def test_a_failed_rollback_still_leaves_the_gpu_under_a_lease_that_restores_it(tmp_path: Path) -> None:
     backend = FakeBackend(2)
     running = await start_agent(_settings(tmp_path), backend=backend)
@@ -53,7 +50,7 @@ async def test_a_failed_rollback_still_leaves_the_gpu_under_a_lease_that_restore
             backend.fail[("set_locked_clocks", 1)] = UnavailableError("NVML gone on GPU 1")
             backend.fail[("reset_locked_clocks", 0)] = UnavailableError("NVML gone on GPU 0")  # the undo
             request = control_pb2.ApplyGpuConfigRequest(
-                generation=1, lease_s=30.0, gpus=[_gpu(0, 990), _gpu(1, 990)]
+                generation=1, lease_s=30.0, gpus=[gpu(0, 990, 990), gpu(1, 990, 990)]
             )
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 await control.ApplyGpuConfig(request)
@@ -138,7 +135,7 @@ async def test_the_audit_of_a_replayed_failure_says_replayed(tmp_path: Path) -> 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             control = control_pb2_grpc.NodeControlStub(channel)
             backend.fail[("set_locked_clocks", 0)] = UnavailableError("NVML hiccup")
-            request = control_pb2.ApplyGpuConfigRequest(generation=1, lease_s=10.0, gpus=[_gpu(0, 990)])
+            request = control_pb2.ApplyGpuConfigRequest(generation=1, lease_s=10.0, gpus=[gpu(0, 990, 990)])
             for _ in range(2):
                 with pytest.raises(grpc.aio.AioRpcError):
                     await control.ApplyGpuConfig(request)
