@@ -202,6 +202,8 @@ class ControlCycle:
         clock_commands, clock_decisions = self._instance_step(now_s, view)
         commands += clock_commands
         decisions += clock_decisions
+        if not self._fixed:
+            commands += self.executor.consolidate(now_s)
         self._next_tick_s = now_s + self.periods.instance_s
         return self._result(commands, decisions)
 

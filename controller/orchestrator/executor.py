@@ -16,6 +16,16 @@ the previous generation's actions not yet due and its starts still waiting for G
   when the old one is idle (restart path: vLLM cannot re-shard a live engine, so the GPUs must be free)
   or at once beside it (the GPU-to-GPU fast path, a simulator option), taking the re-shard time.
 A `reconfiguration_free` policy (the oracle) gets every change at once: starts are ACTIVE immediately.
+
+Consolidation (`consolidate`, server packing): instances come and go, and best-fit placement alone
+leaves them spread over more nodes than they need; each held node costs its rental and the idle power
+of its unused GPUs. When the fleet is settled (no action pending, nothing starting, draining or waiting
+for GPUs) and its instances would fit on fewer nodes (`placement.nodes_needed`), the instances of the
+sparsest node that can be emptied each get a twin (same pool and spec) on the other nodes; each old
+instance drains once its twin is ready, so no capacity is missing meanwhile. A move costs a warm start
+of the moved GPUs (~60 s of their idle power); it frees a node for the rest of the plan's life. The
+moves are counted as the starts and stops they are. A plan arriving meanwhile may stop either of a
+pair like any other instance.
 Every action carried out is counted by kind (`executed`; a start when it is issued, even if it waits
 for GPUs); one that finds its instance gone or draining does nothing and is not counted.
 """
@@ -39,7 +49,7 @@ from controller.model.fleet import (
     StartInstance,
 )
 from controller.model.state import InstanceObs, Phase
-from controller.orchestrator.placement import Placement
+from controller.orchestrator.placement import Placement, nodes_needed
 from controller.orchestrator.plan import Action, ActionKind, ReconfigCosts
 
 
@@ -54,6 +64,7 @@ class InstanceRecord:
     changed_s: float  # last start, change of clock/phase: the planner's dwell time counts from here
     gpus: GpuSet | None = None
     successor: int | None = None  # restart-path TP change: started when this one is idle
+    replaces: int | None = None  # consolidation twin: the instance that drains once this one is ready
 
 
 class Executor:
@@ -135,6 +146,11 @@ class Executor:
             if record.phase is Phase.STARTING:
                 record.phase = Phase.ACTIVE
                 record.changed_s = event.at_s
+            moved = self.instances.get(record.replaces) if record.replaces is not None else None
+            record.replaces = None
+            if moved is not None and moved.phase is Phase.ACTIVE:
+                self.executed["stop"] += 1
+                return self._stop(moved, event.at_s)
             return []
         assert isinstance(event, InstanceIdle)
         return self._gone(record, event.at_s)
@@ -144,6 +160,42 @@ class Executor:
         record = self.instances[instance_id]
         record.spec = InstanceSpec(record.spec.tp, clock_mhz)
         return SetClock(instance_id, clock_mhz, now_s, 0.0 if self.free else self.costs.clock_change_s)
+
+    def consolidate(self, now_s: float) -> list[Command]:
+        """Twins for the instances of the sparsest node that can be emptied, when the settled fleet
+        would fit on fewer nodes (module docstring); nothing otherwise."""
+        records = list(self.instances.values())
+        unsettled = any(
+            r.phase is not Phase.ACTIVE or r.successor is not None or r.replaces is not None or r.gpus is None
+            for r in records
+        )
+        if self.free or unsettled or self._pending or self._waiting_starts:
+            return []
+        if self.placement.nodes_held <= nodes_needed([r.spec.tp for r in records]):
+            return []
+        by_node: dict[int, list[InstanceRecord]] = {}
+        for r in records:
+            assert r.gpus is not None
+            by_node.setdefault(r.gpus.node, []).append(r)
+        for node in sorted(by_node, key=lambda k: (self.placement.used_gpus(k), k)):
+            movers = sorted(by_node[node], key=lambda r: (-r.spec.tp, r.instance_id))
+            if self.placement.gpus_held + sum(r.spec.tp for r in movers) > self.gpu_budget:
+                continue
+            trial = self.placement.copy()
+            if any(trial.allocate(r.spec.tp, avoid_node=node, held_only=True) is None for r in movers):
+                continue
+            commands: list[Command] = []
+            for old in movers:
+                gpus = self.placement.allocate(old.spec.tp, avoid_node=node, held_only=True)
+                assert gpus is not None  # the trial placed them all
+                twin = self._new(old.pool, old.spec, Phase.STARTING, now_s)
+                twin.gpus, twin.replaces = gpus, old.instance_id
+                self.executed["start"] += 1
+                commands.append(
+                    StartInstance(twin.instance_id, old.pool, old.spec, gpus, now_s, self.costs.start_s)
+                )
+            return commands
+        return []
 
     # ------------------------------------------------------------------ actions
     def _execute(self, action: Action, t_s: float) -> list[Command]:

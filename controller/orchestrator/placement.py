@@ -6,7 +6,9 @@ command, so the simulator's fleet and the live fleet put the instance on the sam
 
 Rule: an instance takes `tp` aligned consecutive GPUs of one node (TP never spans nodes). Best fit: the
 fullest node with room, else the lowest-numbered empty one, so instances pack onto as few nodes as the
-plan allows and a node whose last instance leaves is free to be released.
+plan allows and a node whose last instance leaves is free to be released. Best fit alone still leaves
+holes as instances come and go; the executor's consolidation (`Executor.consolidate`) moves the
+instances of a sparse node elsewhere when fewer nodes would hold them all (`nodes_needed`).
 """
 
 from __future__ import annotations
@@ -33,14 +35,25 @@ class Placement:
     def nodes_held(self) -> int:
         return sum(1 for free in self._free if free != _FULL)
 
-    def allocate(self, tp: int) -> GpuSet | None:
-        """The GPUs for an instance of TP `tp`, taken; None when no node has room."""
+    def used_gpus(self, node: int) -> int:
+        return GPUS_PER_SERVER - self._free[node].bit_count()
+
+    def copy(self) -> Placement:
+        twin = Placement(self._max_nodes)
+        twin._free = list(self._free)
+        twin.gpus_held = self.gpus_held
+        return twin
+
+    def allocate(self, tp: int, avoid_node: int | None = None, held_only: bool = False) -> GpuSet | None:
+        """The GPUs for an instance of TP `tp`, taken; None when no node has room. `avoid_node`: a node
+        not to use (the one being emptied); `held_only`: only nodes already in use (consolidation never
+        opens a node to empty another)."""
         if tp not in (1, 2, 4, 8) or tp > GPUS_PER_SERVER:
             raise InvalidArgumentError("tp", tp, "1, 2, 4 or 8")
         block = (1 << tp) - 1
         best: tuple[int, int, int] | None = None  # (free GPUs, node, offset)
         for k, free in enumerate(self._free):
-            if free == _FULL:
+            if free == _FULL or k == avoid_node:
                 continue
             for offset in range(0, GPUS_PER_SERVER, tp):
                 if (free >> offset) & block == block:
@@ -48,8 +61,10 @@ class Placement:
                     if best is None or n_free < best[0]:
                         best = (n_free, k, offset)
                     break
+        if best is None and held_only:
+            return None
         if best is None:
-            empty = next((k for k, free in enumerate(self._free) if free == _FULL), None)
+            empty = next((k for k, free in enumerate(self._free) if free == _FULL and k != avoid_node), None)
             if empty is None:
                 if self._max_nodes is not None:
                     return None
@@ -67,3 +82,17 @@ class Placement:
             raise InvalidArgumentError("gpus", gpus, "a GPU set this placement handed out")
         self._free[gpus.node] |= mask
         self.gpus_held -= gpus.count
+
+
+def nodes_needed(tps: list[int]) -> int:
+    """The fewest 8-GPU nodes that hold instances of these TP degrees: largest first, each into the
+    fullest node with room (exact for power-of-two sizes dividing the node)."""
+    free: list[int] = []
+    for tp in sorted(tps, reverse=True):
+        fits = [k for k, f in enumerate(free) if f >= tp]
+        if fits:
+            k = min(fits, key=lambda k: free[k])
+            free[k] -= tp
+        else:
+            free.append(GPUS_PER_SERVER - tp)
+    return len(free)

@@ -10,8 +10,14 @@ Rules:
   requests/s of class c within its SLO (`Profile.max_load_rps`). A class's forecast peak l_c needs
   w_c = l_c / cap_c such instances ("work", in instances; work of different classes adds up, the
   harmonic mix rule of `singlepool`).
-- Classes are taken from the lightest (largest cap_c) to the heaviest. A pool is worth GPUs of its own
-  only if it fills them: a class whose load (plus what was moved into it) would fill less than
+- TTFT tiers: classes merge only with classes whose TTFT targets are within `merge_ttft_ratio` (default
+  2) of each other (`ttft_tiers`). A merged pool's instances serve its requests in one queue, so a
+  short prompt waits behind the long prefills of the pool's other classes: a mix is only as good as
+  its tightest class's TTFT target allows, and a pool of short (TTFT 0.23 s) and long (2.7 s) prompts
+  misses the short ones' target at loads the profile (each class alone) calls safe. With the default
+  profile the tiers are the three input bins. Each tier is planned on its own by the rules below.
+- Within a tier, classes are taken from the lightest (largest cap_c) to the heaviest. A pool is worth
+  GPUs of its own only if it fills them: a class whose load (plus what was moved into it) would fill less than
   `merge_fill` (default: all) of ONE instance at the pool's best configuration does not get a pool;
   its load and its classes move up to the next heavier class's pool. "Best configuration": the (TP,
   clock) with the least energy per request at full load for the pool's mix
@@ -22,10 +28,10 @@ Rules:
   SLO (a heavier class's pool serves lighter requests faster than its own). The rule is relative to
   the pool's own capacity, so it means the same at 0.1 req/s of long prompts and at 5 req/s of short
   ones, unlike an absolute rate. The
-  heaviest class always keeps a pool and collects what is left, so every class is served.
-- Budget: the pool's work rounded up to whole TP8 instances, times 8 GPUs. Only the pool of the heaviest
-  class over-provisions (x (1 + headroom)), the catch-all for load moved up and for forecast misses of
-  the light classes, whose requests may be moved up to it by the instance manager's escalation. A budget
+  heaviest class of each tier always keeps a pool and collects what is left, so every class is served.
+- Budget: the pool's work rounded up to whole TP8 instances, times 8 GPUs. Only the pool of each
+  tier's heaviest class over-provisions (x (1 + headroom)), the catch-all for load moved up and for
+  forecast misses of the tier's light classes. A budget
   is a cap for the pool manager, not an allocation: a pool uses what its MILP chooses, and the lighter
   classes are served more cheaply on TP4/TP2 instances than counted here, which leaves them margin.
 - Within `total_gpus`: when the budgets add up to more, the largest budgets give up GPUs first, one TP8
@@ -59,6 +65,8 @@ MIN_POOL_GPUS = 2
 # what half and two measured).
 DEFAULT_MERGE_FILL = 1.0
 DEFAULT_LARGEST_HEADROOM = 0.1
+# Classes whose TTFT targets differ by more than this factor never share a pool (module docstring).
+DEFAULT_MERGE_TTFT_RATIO = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,21 @@ def class_order(profile: Profile) -> tuple[str, ...]:
     return tuple(sorted(CLASS_NAMES, key=lambda c: (-caps[c], CLASS_NAMES.index(c))))
 
 
+def ttft_tiers(
+    profile: Profile, ratio: float, classes: Sequence[str] = CLASS_NAMES
+) -> tuple[tuple[str, ...], ...]:
+    """`classes` grouped by TTFT target, tightest first: a group starts at its tightest class and takes
+    every class whose target is within `ratio` of it (the order of `classes` is kept inside a group)."""
+    ttft_s = {c: profile.slo(c).ttft_s for c in classes}
+    tiers: list[tuple[str, ...]] = []
+    left = sorted(classes, key=lambda c: (ttft_s[c], CLASS_NAMES.index(c)))
+    while left:
+        limit_s = ttft_s[left[0]] * ratio
+        tiers.append(tuple(c for c in classes if c in left and ttft_s[c] <= limit_s))
+        left = [c for c in left if c not in tiers[-1]]
+    return tuple(tiers)
+
+
 def plan_pools(
     forecast_peak_rps_by_class: Sequence[float],
     profile: Profile,
@@ -85,11 +108,12 @@ def plan_pools(
     *,
     merge_fill: float = DEFAULT_MERGE_FILL,
     largest_headroom: float = DEFAULT_LARGEST_HEADROOM,
+    merge_ttft_ratio: float = DEFAULT_MERGE_TTFT_RATIO,
 ) -> tuple[PoolBudget, ...]:
     """Pools and GPU budgets for forecast peaks given in CLASS_NAMES order (module docstring).
 
     `total_gpus`: the cluster's GPUs (None: no limit). Pools are named after the heaviest class they
-    serve and listed from the lightest pool to the heaviest.
+    serve and listed tier by tier (tightest TTFT first), each tier from its lightest pool to its heaviest.
     """
     if len(forecast_peak_rps_by_class) != len(CLASS_NAMES):
         raise InvalidArgumentError(
@@ -102,13 +126,31 @@ def plan_pools(
         raise InvalidArgumentError("merge_fill", merge_fill, "a finite share of one instance >= 0")
     if not (math.isfinite(largest_headroom) and largest_headroom >= 0.0):
         raise InvalidArgumentError("largest_headroom", largest_headroom, "a finite fraction >= 0")
+    if not (math.isfinite(merge_ttft_ratio) and merge_ttft_ratio >= 1.0):
+        raise InvalidArgumentError("merge_ttft_ratio", merge_ttft_ratio, "a finite ratio >= 1")
     if GPUS_PER_SERVER not in profile.tps:
         raise InvalidArgumentError("profile.tps", profile.tps, f"a profile measuring TP{GPUS_PER_SERVER}")
-    clock = max(profile.clocks_mhz)
     load = dict(zip(CLASS_NAMES, forecast_peak_rps_by_class, strict=True))
-    order = class_order(profile)
-
     pools: list[tuple[tuple[str, ...], float, float]] = []  # (classes, work in instances, load rps)
+    for tier in ttft_tiers(profile, merge_ttft_ratio, class_order(profile)):
+        pools.extend(_tier_pools(tier, load, profile, merge_fill, largest_headroom))
+    budgets = [GPUS_PER_SERVER * max(1, math.ceil(work * (1.0 - 1e-9))) for _, work, _ in pools]
+    if total_gpus is not None:
+        budgets = trim_budgets(budgets, total_gpus)
+    return tuple(
+        PoolBudget(name=classes[-1], class_names=classes, gpu_budget=gpus, forecast_rps=rps)
+        for (classes, _, rps), gpus in zip(pools, budgets, strict=True)
+    )
+
+
+def _tier_pools(
+    order: Sequence[str], load: dict[str, float], profile: Profile, merge_fill: float, headroom: float
+) -> list[tuple[tuple[str, ...], float, float]]:
+    """The pools of one tier (classes lightest first): (classes, work in TP8 instances, load rps); the
+    tier's last pool (its catch-all) with its work raised by `headroom`. A rounding error above a whole
+    instance does not buy another one (the caller rounds with a tolerance)."""
+    clock = max(profile.clocks_mhz)
+    pools: list[tuple[tuple[str, ...], float, float]] = []
     carried_classes: tuple[str, ...] = ()
     carried_work = 0.0
     carried_rps = 0.0
@@ -128,19 +170,9 @@ def plan_pools(
             continue
         pools.append((classes, work, rps))
         carried_classes, carried_work, carried_rps = (), 0.0, 0.0
-
-    budgets: list[int] = []
-    for i, (_, work, _) in enumerate(pools):
-        if i == len(pools) - 1:
-            work *= 1.0 + largest_headroom
-        # A rounding error above a whole instance does not buy another one.
-        budgets.append(GPUS_PER_SERVER * max(1, math.ceil(work * (1.0 - 1e-9))))
-    if total_gpus is not None:
-        budgets = trim_budgets(budgets, total_gpus)
-    return tuple(
-        PoolBudget(name=classes[-1], class_names=classes, gpu_budget=gpus, forecast_rps=rps)
-        for (classes, _, rps), gpus in zip(pools, budgets, strict=True)
-    )
+    classes, work, rps = pools[-1]
+    pools[-1] = (classes, work * (1.0 + headroom), rps)
+    return pools
 
 
 def best_instance_rps(profile: Profile, class_names: Sequence[str], load_rps: dict[str, float]) -> float:

@@ -45,6 +45,7 @@ import numpy.typing as npt
 from agent.api.errors import InternalError, InvalidArgumentError
 from agent.sim.engine_core import EngineConfig, SimEngine
 from agent.sim.physics import GPU_NAMES, MODEL_NAMES, PerfModel, load_perf_model
+from agent.sim.physics.specs import arch_for
 from controller.model.classes import CLASS_NAMES, DEFAULT_SLO_SCALE, ClassBins, ClassSlo, class_by_name
 from controller.model.profile import (
     SLO_ATTAINMENT_TARGET,
@@ -132,10 +133,12 @@ def weighted_quantile(values: npt.NDArray[np.float64], weights: npt.NDArray[np.i
 
 
 def sample_class_lengths(
-    class_name: str, n: int, rng: np.random.Generator
+    class_name: str, n: int, rng: np.random.Generator, max_context_tokens: int
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
     """n (input, output) token lengths of requests of the class: the Azure 2023 conversation and coding
-    length models pooled by their request rates, rejection-sampled into the class's bins."""
+    length models pooled by their request rates, rejection-sampled into the class's bins and the model's
+    context (input + output <= `max_context_tokens`). A longer request is refused at admission and never
+    reaches an engine, so it has no place in what an engine's capacity is measured with."""
     index = class_by_name(class_name).index
     services = list(WORKLOADS.values())
     rates_rps = np.array([w.rate_rps for w in services])
@@ -146,7 +149,7 @@ def sample_class_lengths(
         counts = rng.multinomial(_LENGTH_BATCH, rates_rps / rates_rps.sum())
         for params, count in zip(services, counts.tolist(), strict=True):
             n_in, n_out = sample_lengths(params, count, rng)
-            mine = _BINS.class_indices(n_in, n_out) == index
+            mine = (_BINS.class_indices(n_in, n_out) == index) & (n_in + n_out <= max_context_tokens)
             inputs.append(n_in[mine])
             outputs.append(n_out[mine])
             kept += int(mine.sum())
@@ -285,7 +288,10 @@ def measure_config(task: _ConfigTask) -> ConfigProfile:
 
     n_lengths = max(s.warmup_requests + s.requests_per_level, 2 * s.engine.max_num_seqs)
     lengths_rng = _rng(task.seed, task.class_name, _ANY_TP, _ANY_CLOCK_MHZ, _LENGTHS_RUN, 0)
-    n_in, n_out = (a.tolist() for a in sample_class_lengths(task.class_name, n_lengths, lengths_rng))
+    context_tokens = arch_for(task.model).max_context_tokens
+    n_in, n_out = (
+        a.tolist() for a in sample_class_lengths(task.class_name, n_lengths, lengths_rng, context_tokens)
+    )
     level_in = n_in[: s.warmup_requests + s.requests_per_level]
     level_out = n_out[: s.warmup_requests + s.requests_per_level]
     saturation_rps = estimate_saturation_rps(

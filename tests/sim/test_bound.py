@@ -174,7 +174,8 @@ def test_class_optimum_is_the_lower_of_line_and_measurements() -> None:
         assert opt.line_energy_per_request_j == pytest.approx(line)
         measured = min(measured_energy_per_request_j(PROFILE, name, c.tp, c.clock_mhz)[0] for c in caps)
         assert opt.energy_per_request_j == pytest.approx(min(line, measured))
-        assert 0.0 < opt.load_rps <= opt.max_load_rps == PROFILE.max_load_rps(name, opt.tp, opt.clock_mhz)
+        assert 0.0 < opt.load_rps <= opt.max_load_rps * (1 + 1e-12)
+        assert opt.max_load_rps == pytest.approx(PROFILE.max_load_rps(name, opt.tp, opt.clock_mhz))
 
 
 def _trace(rows: list[tuple[float, int, int]], end_s: float | None = None) -> Trace:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError
+from agent.sim.physics.specs import arch_for
 from controller.dctl.main import main
 from controller.model.classes import CLASS_NAMES, ClassBins, class_by_name
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
@@ -20,6 +21,7 @@ from controller.sim.report import meets_slo
 from controller.sim.traces import Trace
 
 MODEL, GPU = "llama2-70b", "h100-sxm"
+CONTEXT_TOKENS = arch_for(MODEL).max_context_tokens
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +51,17 @@ def test_committed_default_profile_is_what_the_generator_measures(small: Profile
 
 @pytest.mark.parametrize("name", ["SS", "ML", "LL"])
 def test_lengths_spread_over_the_class_bins(name: str) -> None:
-    inputs, outputs = sample_class_lengths(name, 2000, np.random.default_rng(7))
+    inputs, outputs = sample_class_lengths(name, 2000, np.random.default_rng(7), CONTEXT_TOKENS)
     assert len(inputs) == len(outputs) == 2000
     assert set(ClassBins().class_indices(inputs, outputs).tolist()) == {class_by_name(name).index}
-    again = sample_class_lengths(name, 2000, np.random.default_rng(7))
+    again = sample_class_lengths(name, 2000, np.random.default_rng(7), CONTEXT_TOKENS)
     assert np.array_equal(again[0], inputs) and np.array_equal(again[1], outputs)
-    # the representative lengths are the bins' p90s (over all classes): most requests are shorter
+    # only requests the model admits: a longer one is refused and never reaches an engine
+    assert np.all(inputs + outputs <= CONTEXT_TOKENS)
+    # the representative lengths are the bins' p90s (over all classes, the context not applied): most
+    # requests are shorter (long prompts: all, the context cuts them)
     cls = class_by_name(name)
-    assert 0.75 < np.mean(inputs <= cls.representative_input_tokens) < 0.97
+    assert 0.75 < np.mean(inputs <= cls.representative_input_tokens) < (0.97 if cls.input_bin < 2 else 1.01)
     assert 0.75 < np.mean(outputs <= cls.representative_output_tokens) < 0.97
     assert len(np.unique(inputs)) > 100 and len(np.unique(outputs)) > 50
 
@@ -71,7 +76,7 @@ def test_max_load_is_what_the_simulators_slo_attainment_accepts(small: Profile) 
     for factor in (0.8, 1.3):
         rng = np.random.default_rng(11)
         arrival_s = np.cumsum(rng.exponential(1.0 / (factor * max_load_rps), 3000))
-        inputs, outputs = sample_class_lengths("SS", 3000, rng)
+        inputs, outputs = sample_class_lengths("SS", 3000, rng, CONTEXT_TOKENS)
         trace = Trace("ss", arrival_s, inputs, outputs, None, None)
         result = simulate(trace, plan, model=MODEL, gpu=GPU)
         attainment[factor] = float(np.mean(meets_slo(result, dict.fromkeys(CLASS_NAMES, slo))))

@@ -30,7 +30,7 @@ from controller.model.fleet import (
 from controller.model.profile import Profile
 from controller.model.state import ClusterObs, Periods
 from controller.orchestrator.executor import Executor
-from controller.orchestrator.placement import Placement
+from controller.orchestrator.placement import Placement, nodes_needed
 from controller.orchestrator.plan import Action, ReconfigCosts
 from controller.policy.singlepool import singlepool_plan
 from controller.profiles import default_profile
@@ -249,6 +249,54 @@ def test_placement_packs_best_fit_and_frees_whole_nodes() -> None:
     assert full.allocate(2) is None
     with pytest.raises(InvalidArgumentError, match="gpus"):
         p.release(c)
+
+
+def _fragmented() -> Executor:
+    """Two nodes each half used: a TP4 on node 0, a TP2 and a TP2 on node 1 after its TP4 left."""
+    ex = Executor(ReconfigCosts(), gpu_budget=64, free=False, placement=Placement())
+    ex.initial("a", TP4, 0.0)  # node 0, GPUs 0-3
+    ex.initial("b", TP4, 0.0)  # node 0, GPUs 4-7
+    ex.initial("c", TP8, 0.0)  # node 1
+    ex.initial("d", TP4, 0.0)  # node 2
+    ex.apply([Action("stop", "b", 1, TP4, 0.0, 0.0, 0.0), Action("stop", "c", 2, TP8, 0.0, 0.0, 0.0)], 0.0)
+    ex.on_event(InstanceIdle(1, 5.0))
+    ex.on_event(InstanceIdle(2, 5.0))
+    return ex
+
+
+def test_consolidation_moves_a_sparse_nodes_instances_and_drains_them_once_their_twins_are_up() -> None:
+    ex = _fragmented()  # TP4 on node 0 and TP4 on node 2: one node would hold both
+    assert ex.placement.nodes_held == 2
+    (twin,) = ex.consolidate(10.0)
+    assert isinstance(twin, StartInstance) and twin.spec == TP4 and twin.load_s == ReconfigCosts().start_s
+    moved_pool = twin.pool
+    old = next(
+        r.instance_id
+        for r in ex.instances.values()
+        if r.pool == moved_pool and r.instance_id != twin.instance_id
+    )
+    assert twin.gpus.node != ex.instances[old].gpus.node  # type: ignore[union-attr]
+    assert ex.consolidate(11.0) == []  # one move at a time: the fleet is not settled
+    # The old instance serves until its twin is ready, then drains; its node is free once it is idle.
+    assert ex.on_event(InstanceReady(twin.instance_id, 70.0)) == [DrainInstance(old, 70.0)]
+    ex.on_event(InstanceIdle(old, 80.0))
+    assert ex.placement.nodes_held == 1 and ex.placement.gpus_held == 8
+    assert ex.consolidate(90.0) == []  # packed: nothing more to do
+    assert ex.executed["start"] == 1 and ex.executed["stop"] == 3
+
+
+def test_consolidation_never_opens_a_node_and_waits_for_a_settled_fleet() -> None:
+    ex = Executor(ReconfigCosts(), gpu_budget=64, free=False, placement=Placement())
+    ex.initial("a", TP8, 0.0)
+    ex.initial("b", TP8, 0.0)
+    assert ex.consolidate(1.0) == []  # two full nodes: nothing fits elsewhere
+    pending = _fragmented()
+    pending.apply([Action("stop", "a", 0, TP4, 60.0, 0.0, 0.0)], 10.0)
+    assert pending.consolidate(10.0) == []  # an action is pending
+    tight = _fragmented()
+    tight.gpu_budget = 8  # no room for a twin beside its original
+    assert tight.consolidate(10.0) == []
+    assert nodes_needed([4, 4, 2, 2, 8]) == 3 and nodes_needed([]) == 0
 
 
 def test_a_late_tick_steps_once_and_keeps_the_grid() -> None:
