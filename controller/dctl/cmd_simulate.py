@@ -45,15 +45,20 @@ if TYPE_CHECKING:
 # import; tests/sim/test_cmd_simulate.py checks they agree), and `bound`, the fluid lower bound on energy
 # (controller.sim.bound): computed, not simulated, in every --compare; `--policy bound` is refused.
 POLICIES = ("singlepool", "multipool", "scaleinst", "scaleshard", "scalefreq", "dynamollm", "oracle", "bound")
-TRACE_FORMS = "a trace CSV file, synthetic:conversation, synthetic:coding, azure-week:conv, azure-week:code"
+TRACE_FORMS = (
+    "a trace CSV file, synthetic:conversation, synthetic:coding, synthetic:long-context, azure-week:conv,"
+    " azure-week:code"
+)
 WEEK_PREFIX = "azure-week:"  # controller.sim.week.WEEK_SPEC_PREFIX, repeated to keep --help import-light
 DEFAULT_TRACE_DIR = Path("..") / "shared" / "data" / "traces"
 DEFAULT_MODEL = "llama2-70b"
 DEFAULT_GPU = "h100-sxm"
-# After the DynamoLLM paper's cost model (docs/evaluation.md): rental of one 8-GPU H100 server for an hour.
+# controller.policy.objective's names and defaults, repeated to keep --help import-light (the tests
+# check they agree). After the DynamoLLM paper's cost model (docs/evaluation.md): rental of one 8-GPU
+# H100 server for an hour; the mean of the hourly CAISO price over 2024, 40.67 USD/MWh (CAISO price
+# data via sustain-cluster).
+OBJECTIVES = ("energy", "cost", "carbon")
 DEFAULT_GPU_USD_PER_SERVER_HOUR = 88.5
-# Mean of the hourly CAISO price over 2024, 40.67 USD/MWh (../shared/data/carbon/
-# US-CAL-CISO_electricity_prices_2024.csv, HewlettPackard/sustain-cluster).
 DEFAULT_ENERGY_USD_PER_KWH = 0.0407
 # Mean direct carbon intensity of CAISO over 2023, 193.96 gCO2eq/kWh (../shared/data/carbon/
 # US-CAL-CISO_2023_hourly.csv, Electricity Maps via sustain-cluster): the year of the Azure 2023 traces.
@@ -144,6 +149,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"constant energy price (default {DEFAULT_ENERGY_USD_PER_KWH}: CAISO 2024 mean)",
     )
     p.add_argument(
+        "--objective",
+        default="energy",
+        metavar="NAME",
+        help="what dynamollm's pool MILP minimises: energy (default), cost (server rental + energy, at the"
+        " prices below) or carbon (decides as energy does: docs/control.md)",
+    )
+    p.add_argument(
         "--gpu-usd-per-server-hour",
         default=str(DEFAULT_GPU_USD_PER_SERVER_HOUR),
         metavar="X",
@@ -226,6 +238,7 @@ class _Options:
     prices: Path | None
     energy_usd_per_kwh: float | None
     gpu_usd_per_server_hour: float
+    objective: str
     max_drain_s: float
     instances: int | None
     slo_target: float
@@ -335,6 +348,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         gpu_usd_per_server_hour=_number(
             args.gpu_usd_per_server_hour, "--gpu-usd-per-server-hour", lambda x: x >= 0, "a number >= 0"
         ),
+        objective=_objective(args.objective),
         max_drain_s=_number(args.max_drain, "--max-drain", lambda x: x > 0, "seconds > 0"),
         instances=None
         if args.instances is None
@@ -353,6 +367,12 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         output=args.output,
         progress=not args.no_progress,
     )
+
+
+def _objective(value: str) -> str:
+    if value not in OBJECTIVES:
+        raise InvalidArgumentError("--objective", value, OBJECTIVES)
+    return value
 
 
 def _pricing(opts: _Options) -> Pricing:
@@ -473,8 +493,8 @@ def run(args: argparse.Namespace) -> int:
         predictor_accuracy=opts.predictor_accuracy,
     )
     check_profile_engine(profile, config.engine, profile_name)
-    settings = _policy_settings(opts)
     pricing = _pricing(opts)
+    settings = _policy_settings(opts, pricing)
     trace = _trace(opts)
     # Bins up to the latest possible end: the trace, the whole drain allowance, one last iteration.
     check_pricing_covers(
@@ -513,10 +533,15 @@ def _profile(opts: _Options) -> tuple[Profile, str]:
     return profile, profile_name
 
 
-def _policy_settings(opts: _Options) -> PolicySettings:
-    """--policy-config, then --periods and --fast-reshard over it, for the simulated hardware."""
+def _policy_settings(opts: _Options, pricing: Pricing) -> PolicySettings:
+    """--policy-config, then --periods, --fast-reshard and --objective with the report's prices over it,
+    for the simulated hardware. The cost objective prices energy at the mean of an hourly price file:
+    rental outweighs energy some 400-fold, so the hour's price never changes its choice."""
+    from dataclasses import replace
+
     from controller.model.state import Periods
     from controller.policy_files import load_policy_settings
+    from controller.sim.carbon import EnergyPrice
     from controller.sim.policies import sim_settings
 
     base = None
@@ -524,8 +549,18 @@ def _policy_settings(opts: _Options) -> PolicySettings:
         with named_by("--policy-config"):
             base = load_policy_settings(opts.policy_config)
     periods = None if opts.periods is None else Periods(*opts.periods)
-    return sim_settings(
+    settings = sim_settings(
         opts.model, opts.gpu, periods=periods, fast_reshard=opts.fast_reshard or None, base=base
+    )
+    price = pricing.energy_price
+    usd_per_mwh = (
+        float(price.series.values.mean()) if isinstance(price, EnergyPrice) else price.usd_per_mwh_at(0.0)
+    )
+    return replace(
+        settings,
+        objective=opts.objective,
+        gpu_usd_per_server_hour=opts.gpu_usd_per_server_hour,
+        energy_usd_per_kwh=usd_per_mwh / 1000.0,
     )
 
 

@@ -6,6 +6,8 @@ each desired plan into costed actions (`controller.orchestrator.plan_reconfigura
 
 - Cluster level: per-class rate forecasts (`forecast.forecast_next_rate_rps`: the Poisson noise the
   profile's capacities absorb is not added again) -> pools and GPU budgets (`cluster_manager.plan_pools`).
+- Objective (`objective`, `controller.policy.objective`): energy (default), cost (rental + energy: the
+  MILP prices each held GPU) or carbon (the same decisions as energy, see that module).
 - Pool level: per pool, the MILP (`pool.solve_pool`) over TP in {2, 4, 8} x every profiled clock, for the
   pool's forecast rate over the next pool period plus a start-up time (instances it adds are up before
   the load they are for), with the current instances and the reconfiguration costs (the same
@@ -51,6 +53,7 @@ from controller.policy.bursts import class_burst_rps
 from controller.policy.cluster_manager import (
     DEFAULT_LARGEST_HEADROOM,
     DEFAULT_MERGE_FILL,
+    DEFAULT_MERGE_TTFT_RATIO,
     PoolBudget,
     plan_pools,
     trim_budgets,
@@ -58,6 +61,11 @@ from controller.policy.cluster_manager import (
 from controller.policy.forecast import forecast_next_rate_rps
 from controller.policy.frequency import DEFAULT_CLOCK_HEADROOM
 from controller.policy.instance_model import CapacityCache, class_shares
+from controller.policy.objective import (
+    DEFAULT_ENERGY_USD_PER_KWH,
+    DEFAULT_GPU_USD_PER_SERVER_HOUR,
+    gpu_hold_j_per_gpu_s,
+)
 from controller.policy.observed import (
     choose_clocks,
     forecast_now_unix_s,
@@ -114,6 +122,10 @@ class DynamoLLM:
     mix_window_s: float = DEFAULT_MIX_WINDOW_S
     sustained_window_s: float = DEFAULT_SUSTAINED_WINDOW_S
     burst_miss_share: float = DEFAULT_BURST_MISS_SHARE
+    merge_ttft_ratio: float = DEFAULT_MERGE_TTFT_RATIO
+    objective: str = "energy"
+    gpu_usd_per_server_hour: float = DEFAULT_GPU_USD_PER_SERVER_HOUR
+    energy_usd_per_kwh: float = DEFAULT_ENERGY_USD_PER_KWH
     problems: ProblemCache = field(default_factory=ProblemCache, compare=False, repr=False)
     capacities: CapacityCache = field(default_factory=CapacityCache, compare=False, repr=False)
 
@@ -125,6 +137,11 @@ class DynamoLLM:
     def reconfiguration_free(self) -> bool:
         return False
 
+    @property
+    def gpu_hold_j_per_gpu_s(self) -> float:
+        """The objective's price of holding a GPU, in J per GPU-second (`controller.policy.objective`)."""
+        return gpu_hold_j_per_gpu_s(self.objective, self.gpu_usd_per_server_hour, self.energy_usd_per_kwh)
+
     # -- knobs the oracle changes
     forecast_kind = "rate"
 
@@ -132,7 +149,7 @@ class DynamoLLM:
         return tuple(tp for tp in profile.tps if tp in (2, 4, 8))
 
     def _reconfig_cost_j(self) -> dict[str, float]:
-        return reconfig_cost_j(self.costs)
+        return reconfig_cost_j(self.costs, self.gpu_hold_j_per_gpu_s)
 
     def _can_decide(self, obs: ClusterObs) -> bool:
         """Nothing observed yet: the initial plan stands."""
@@ -165,6 +182,7 @@ class DynamoLLM:
             None,
             merge_fill=self.merge_fill,
             largest_headroom=self.largest_headroom,
+            merge_ttft_ratio=self.merge_ttft_ratio,
         )
         loads = {b.name: b.forecast_rps for b in budgets}
         return self._solve(budgets, loads, arrivals.peak_rate_rps_by_class, {}, profile).plan
@@ -195,6 +213,7 @@ class DynamoLLM:
             obs.total_gpus,
             merge_fill=self.merge_fill,
             largest_headroom=self.largest_headroom,
+            merge_ttft_ratio=self.merge_ttft_ratio,
         )
 
     def _decide(self, obs: ClusterObs, profile: Profile) -> PlanStep:
@@ -276,6 +295,7 @@ class DynamoLLM:
                 time_limit_s=self.time_limit_s,
                 allowed_tps=self._allowed_tps(profile),
                 problems=self.problems,
+                gpu_hold_j_per_gpu_s=self.gpu_hold_j_per_gpu_s,
             )
             instances = solution.instances() or (idle_instance(caps),)
             pools.append(PoolPlan(name=b.name, class_names=b.class_names, instances=instances))

@@ -58,10 +58,12 @@ def history_len(obs: ClusterObs) -> int:
     return len(obs.class_rate_history_rps[0])
 
 
-def reconfig_cost_j(costs: ReconfigCosts) -> dict[str, float]:
-    """The pool MILP's reconfiguration prices (J per GPU) from the planner's durations."""
+def reconfig_cost_j(costs: ReconfigCosts, gpu_hold_j_per_gpu_s: float = 0.0) -> dict[str, float]:
+    """The pool MILP's reconfiguration prices (J per GPU) from the planner's durations: a GPU held
+    serving nothing costs its idle power plus, under the cost objective, its rental in J
+    (`gpu_hold_j_per_gpu_s`)."""
     return reconfig_cost_j_per_gpu(
-        costs.idle_power_w_per_gpu,
+        costs.idle_power_w_per_gpu + gpu_hold_j_per_gpu_s,
         start_s=costs.start_s,
         stop_s=0.0,
         retp_s=costs.reshard_s,

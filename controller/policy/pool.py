@@ -9,13 +9,16 @@ and the pool's current instances. The answer (instance counts per (TP, clock)) b
 The problem, per configuration k = (tp_k, clock_k) with capacity cap_k (x (1 - headroom)), fitted power
 idle_k + slope_k * load and current count m_k:
 
-    minimise   epoch_s * sum_k (idle_k n_k + slope_k x_k)                       (serving energy)
+    minimise   epoch_s * sum_k ((idle_k + hold tp_k) n_k + slope_k x_k)        (serving energy)
              + c_clock * sum_k tp_k u_k                                       (instances arriving at k)
              + c_start * sum_t A_t + c_stop * sum_t R_t
              + min(0, c_retp - c_start - c_stop) * Z                          (GPUs moved between TPs)
     s.t.       sum_k tp_k n_k <= gpu_budget;  sum_k x_k >= load;  0 <= x_k <= cap_k n_k
                u_k >= n_k - m_k;  A_t - R_t = t (N_t - M_t) per TP degree t;  Z <= sum A, Z <= sum R
                n_k integer in [0, gpu_budget // tp_k];  u, A, R, Z >= 0
+
+`hold` is what holding a GPU for a second costs beyond its power, in J (`objective.gpu_hold_j_per_gpu_s`:
+0 under the energy objective, the rental in energy terms under the cost objective).
 
 N_t / M_t are the new / current instance counts at TP degree t (current ones include configurations no
 longer allowed, which must go). A_t / R_t are GPUs entering / leaving TP degree t; Z of them move from
@@ -251,8 +254,10 @@ def solve_pool(
     allowed_clocks: Sequence[int] | None = None,
     headroom: float = DEFAULT_POOL_HEADROOM,
     problems: ProblemCache | None = None,
+    gpu_hold_j_per_gpu_s: float = 0.0,
 ) -> PoolDecision:
-    """The pool's instance counts per (tp, clock) minimising epoch energy plus reconfiguration cost.
+    """The pool's instance counts per (tp, clock) minimising epoch energy (plus the GPUs' holding cost
+    `gpu_hold_j_per_gpu_s`, in J per GPU-second) plus reconfiguration cost.
 
     `capacities`: the mix's configurations (`pool_capacities`); only those with tp in `allowed_tps` and
     clock in `allowed_clocks` (None: any) are used, which is how one-knob baselines restrict the search.
@@ -262,6 +267,8 @@ def solve_pool(
     _validate(
         load_rps, gpu_budget, reconfig_cost_j, epoch_s, mip_rel_gap, time_limit_s, headroom, current_counts
     )
+    if not (math.isfinite(gpu_hold_j_per_gpu_s) and gpu_hold_j_per_gpu_s >= 0.0):
+        raise InvalidArgumentError("gpu_hold_j_per_gpu_s", gpu_hold_j_per_gpu_s, "a finite cost >= 0 J")
     configs = _allowed(capacities, allowed_tps, allowed_clocks)
     if not configs:
         raise InvalidArgumentError(
@@ -308,6 +315,7 @@ def solve_pool(
         time_limit_s,
         headroom,
         problems if problems is not None else ProblemCache(size=1),
+        gpu_hold_j_per_gpu_s,
     )
 
 
@@ -494,6 +502,7 @@ def _solve_milp(
     time_limit_s: float,
     headroom: float,
     problems: ProblemCache,
+    gpu_hold_j_per_gpu_s: float,
 ) -> PoolDecision:
     import cvxpy as cp
 
@@ -511,7 +520,9 @@ def _solve_milp(
         p.load_rps.value = load_rps
         p.min_instances.value = 1.0 if load_rps > 0.0 else 0.0
         p.usable_rps.value = usable_k
-        p.idle_cost.value = scale * epoch_s * np.array([c.power_idle_w for c in configs])
+        p.idle_cost.value = (
+            scale * epoch_s * np.array([c.power_idle_w + gpu_hold_j_per_gpu_s * c.tp for c in configs])
+        )
         p.slope_cost.value = scale * epoch_s * np.array([c.power_slope_w_per_rps for c in configs])
         p.current_k.value = np.array([current_counts.get(c.spec, 0) for c in configs], dtype=np.float64)
         p.current_t.value = np.array(

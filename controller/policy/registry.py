@@ -17,7 +17,11 @@ from controller.model.state import Periods
 from controller.orchestrator.plan import ReconfigCosts
 from controller.policy.base import SimPolicy
 from controller.policy.baselines import MultiPool, ScaleFreq, ScaleInst, ScaleShard
-from controller.policy.cluster_manager import DEFAULT_LARGEST_HEADROOM, DEFAULT_MERGE_FILL
+from controller.policy.cluster_manager import (
+    DEFAULT_LARGEST_HEADROOM,
+    DEFAULT_MERGE_FILL,
+    DEFAULT_MERGE_TTFT_RATIO,
+)
 from controller.policy.dynamollm import (
     DEFAULT_BURST_MISS_SHARE,
     DEFAULT_COSTS,
@@ -27,6 +31,12 @@ from controller.policy.dynamollm import (
     DynamoLLM,
 )
 from controller.policy.frequency import DEFAULT_CLOCK_HEADROOM
+from controller.policy.objective import (
+    DEFAULT_ENERGY_USD_PER_KWH,
+    DEFAULT_GPU_USD_PER_SERVER_HOUR,
+    OBJECTIVES,
+    gpu_hold_j_per_gpu_s,
+)
 from controller.policy.pool import DEFAULT_MIP_REL_GAP, DEFAULT_TIME_LIMIT_S
 from controller.policy.singlepool import SinglePool
 
@@ -46,8 +56,17 @@ class PolicySettings:
     mix_window_s: float = DEFAULT_MIX_WINDOW_S
     sustained_window_s: float = DEFAULT_SUSTAINED_WINDOW_S
     burst_miss_share: float = DEFAULT_BURST_MISS_SHARE
+    merge_ttft_ratio: float = DEFAULT_MERGE_TTFT_RATIO
+    objective: str = "energy"
+    gpu_usd_per_server_hour: float = DEFAULT_GPU_USD_PER_SERVER_HOUR
+    energy_usd_per_kwh: float = DEFAULT_ENERGY_USD_PER_KWH
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InvalidArgumentError("policy.objective", self.objective, OBJECTIVES)
+        if not (math.isfinite(self.merge_ttft_ratio) and self.merge_ttft_ratio >= 1.0):
+            raise InvalidArgumentError("policy.merge_ttft_ratio", self.merge_ttft_ratio, "a ratio >= 1")
+        gpu_hold_j_per_gpu_s(self.objective, self.gpu_usd_per_server_hour, self.energy_usd_per_kwh)
         if not (math.isfinite(self.merge_fill) and self.merge_fill >= 0.0):
             raise InvalidArgumentError("policy.merge_fill", self.merge_fill, "instances >= 0")
         for name in ("largest_headroom", "clock_headroom", "mip_rel_gap", "burst_miss_share"):
@@ -76,6 +95,10 @@ def dynamollm_family(cls: type[D], s: PolicySettings) -> D:
         mix_window_s=s.mix_window_s,
         sustained_window_s=s.sustained_window_s,
         burst_miss_share=s.burst_miss_share,
+        merge_ttft_ratio=s.merge_ttft_ratio,
+        objective=s.objective,
+        gpu_usd_per_server_hour=s.gpu_usd_per_server_hour,
+        energy_usd_per_kwh=s.energy_usd_per_kwh,
     )
 
 
@@ -112,9 +135,9 @@ def make_policy(
 
 
 def _section(doc: Mapping[str, Any], cls: type[Any], where: str) -> dict[str, Any]:
-    """The keys of `doc` that are scalar fields of `cls` (bool or number, as the field is), checked;
+    """The keys of `doc` that are scalar fields of `cls` (bool, number or string, as the field is), checked;
     any other key is refused by name with the allowed ones."""
-    kinds = {f.name: f.type for f in fields(cls) if f.type in ("bool", "float", "int")}
+    kinds = {f.name: f.type for f in fields(cls) if f.type in ("bool", "float", "int", "str")}
     out: dict[str, Any] = {}
     for key, value in doc.items():
         kind = kinds.get(key)
@@ -122,9 +145,11 @@ def _section(doc: Mapping[str, Any], cls: type[Any], where: str) -> dict[str, An
             raise InvalidArgumentError(f"{where}.{key}", value, tuple(kinds))
         if kind == "bool" and not isinstance(value, bool):
             raise InvalidArgumentError(f"{where}.{key}", value, "true or false")
-        if kind != "bool" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if kind == "str" and not isinstance(value, str):
+            raise InvalidArgumentError(f"{where}.{key}", value, "a string")
+        if kind in ("float", "int") and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise InvalidArgumentError(f"{where}.{key}", value, "a number")
-        out[key] = value if kind == "bool" else float(value)
+        out[key] = float(value) if kind in ("float", "int") else value
     return out
 
 

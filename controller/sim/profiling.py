@@ -55,7 +55,7 @@ from controller.model.profile import (
     ProfilePoint,
     max_load_meeting_slo,
 )
-from controller.sim.synthetic import WORKLOADS, sample_lengths
+from controller.sim.synthetic import PROFILED_SERVICES, WORKLOADS, sample_lengths
 
 REFERENCE_TP = 8
 DEFAULT_TPS = (2, 4, 8)
@@ -140,7 +140,7 @@ def sample_class_lengths(
     context (input + output <= `max_context_tokens`). A longer request is refused at admission and never
     reaches an engine, so it has no place in what an engine's capacity is measured with."""
     index = class_by_name(class_name).index
-    services = list(WORKLOADS.values())
+    services = [WORKLOADS[name] for name in PROFILED_SERVICES]
     rates_rps = np.array([w.rate_rps for w in services])
     inputs: list[npt.NDArray[np.int32]] = []
     outputs: list[npt.NDArray[np.int32]] = []

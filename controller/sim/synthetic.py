@@ -1,5 +1,5 @@
-"""Built-in synthetic workloads `synthetic:conversation` and `synthetic:coding`, so the demo needs no
-download: the fitted workload models and the request generator.
+"""Built-in synthetic workloads `synthetic:conversation`, `synthetic:coding` and `synthetic:long-context`,
+so the demo needs no download: the fitted workload models and the request generator.
 
 Where it sits: a leaf under `controller.sim.traces`, which dispatches `--trace synthetic:KIND` to
 `traces.synthetic_trace`; that calls `synthetic_requests` here and wraps the arrays in a `Trace`, which
@@ -24,6 +24,13 @@ Token lengths: each service's empirical quantiles at QUANTILE_LEVELS, interpolat
 tokens (so the published p50/p99 are met exactly in expectation); input and output lengths are coupled
 by a Gaussian copula whose correlation gives the real Spearman rank correlation, 2 sin(pi rho_s / 6).
 
+`long-context` is not fitted to a trace: it is a workload of another shape for evaluating on what the
+policies were not tuned on, prompts close to the model's context (Llama-2-70B: 4,096 tokens; median
+prompt 2,900, a quarter above 3,600, 9% beyond the context with their answers and refused), answers
+like the conversation service's but shorter, at 2.5 requests/s with the conversation service's
+minute-scale burstiness. Profiles draw their lengths from the two fitted services only
+(`PROFILED_SERVICES`).
+
 Defaults: one hour (DEFAULT_DURATION_S), and t = 0 at the real trace's first request
 (`start_unix_s`), so carbon intensity and prices line up with the real hour.
 """
@@ -39,7 +46,9 @@ import numpy.typing as npt
 from agent.api.errors import InvalidArgumentError
 
 SYNTHETIC_PREFIX = "synthetic:"
-SYNTHETIC_KINDS = ("conversation", "coding")
+SYNTHETIC_KINDS = ("conversation", "coding", "long-context")
+# The services whose fitted length models profiles are measured with (controller.sim.profiling).
+PROFILED_SERVICES = ("conversation", "coding")
 DEFAULT_DURATION_S = 3600.0  # the Azure 2023 traces are one hour each
 GAP_THRESHOLD_S = 10.0  # longest gap of the conversation trace is 4.3 s; coding has 45 gaps above 10 s
 MODULATION_BIN_S = 60.0  # rate multiplier resolution: per minute, as the traces' published rate plots
@@ -175,6 +184,55 @@ WORKLOADS: dict[str, WorkloadParams] = {
         ),
         # GeneratedTokens quantiles of the code trace at QUANTILE_LEVELS (p50 13, p99 251.46 ~ published 252)
         output_quantiles_tokens=(6, 6, 6, 7, 8, 9, 9, 11, 13, 16, 20, 24, 29, 55, 90, 251.46, 825.274, 1899),
+    ),
+    "long-context": WorkloadParams(
+        # the conversation hour's start, so carbon and prices line up with the Azure hours
+        start_unix_s=1700158546.68059,
+        rate_rps=2.5,
+        on_mean_s=3600.0,
+        off_mean_s=0.0,
+        modulation_cv=0.2131,
+        copula_rho=0.0,
+        input_quantiles_tokens=(
+            200,
+            600,
+            1200,
+            1600,
+            2100,
+            2300,
+            2450,
+            2700,
+            2900,
+            3100,
+            3350,
+            3600,
+            3750,
+            3950,
+            4020,
+            4070,
+            4090,
+            4095,
+        ),
+        output_quantiles_tokens=(
+            2,
+            8,
+            20,
+            30,
+            45,
+            52,
+            60,
+            75,
+            95,
+            120,
+            170,
+            210,
+            260,
+            350,
+            420,
+            600,
+            900,
+            1000,
+        ),
     ),
 }
 

@@ -98,6 +98,7 @@ def test_json_on_stdout_and_pricing_flags(capsys: pytest.CaptureFixture[str]) ->
         (["--energy-usd-per-kwh", "inf"], "--energy-usd-per-kwh"),
         (["--gpu-usd-per-server-hour", "-3"], "--gpu-usd-per-server-hour"),
         (["--max-drain", "0"], "--max-drain"),
+        (["--objective", "speed"], "--objective: got 'speed'; allowed: energy, cost, carbon"),
         (["--output", "yaml"], "--output: got 'yaml'; allowed: table, json"),
         (["--instances", "0"], "--instances: got '0'; allowed: 1..512"),
         (["--instances", "2.5"], "--instances"),
@@ -386,6 +387,15 @@ def test_the_policy_names_of_help_are_the_simulators() -> None:
     from controller.sim.policies import SIM_POLICIES
 
     assert set(POLICIES) == {*SIM_POLICIES, "bound"}  # bound: computed in every --compare, not simulated
+
+
+def test_the_objective_names_and_prices_of_help_are_the_policys() -> None:
+    from controller.dctl import cmd_simulate
+    from controller.policy import objective
+
+    assert cmd_simulate.OBJECTIVES == objective.OBJECTIVES
+    assert cmd_simulate.DEFAULT_GPU_USD_PER_SERVER_HOUR == objective.DEFAULT_GPU_USD_PER_SERVER_HOUR
+    assert cmd_simulate.DEFAULT_ENERGY_USD_PER_KWH == objective.DEFAULT_ENERGY_USD_PER_KWH
 
 
 def test_a_request_beyond_the_context_is_refused_counted_and_warned_once(tmp_path: Path) -> None:

@@ -466,3 +466,21 @@ def test_policy_settings_from_a_document() -> None:
         policy_settings_from_doc({"periods": 5})
     with pytest.raises(InvalidArgumentError, match="clock_headroom"):
         PolicySettings(clock_headroom=1.0)
+
+
+def test_the_objective_is_a_setting_with_its_prices() -> None:
+    settings = policy_settings_from_doc({"objective": "cost", "merge_ttft_ratio": 3})
+    policy = make_policy("dynamollm", settings)
+    assert isinstance(policy, DynamoLLM)
+    assert policy.objective == "cost" and policy.merge_ttft_ratio == 3.0
+    # 88.5 USD per 8-GPU server-hour at 0.0407 USD/kWh: ~272 kJ of energy per GPU-second
+    assert policy.gpu_hold_j_per_gpu_s == pytest.approx(88.5 / 8 / 3600 / (0.0407 / 3.6e6))
+    assert make_policy("dynamollm", PolicySettings(objective="carbon")).gpu_hold_j_per_gpu_s == 0.0
+    with pytest.raises(InvalidArgumentError, match=r"policy\.objective"):
+        policy_settings_from_doc({"objective": "speed"})
+    with pytest.raises(InvalidArgumentError, match=r"policy\.objective"):
+        policy_settings_from_doc({"objective": 1.0})
+    with pytest.raises(InvalidArgumentError, match="energy_usd_per_kwh"):
+        PolicySettings(objective="cost", energy_usd_per_kwh=0.0)
+    with pytest.raises(InvalidArgumentError, match="merge_ttft_ratio"):
+        PolicySettings(merge_ttft_ratio=0.5)

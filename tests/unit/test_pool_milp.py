@@ -21,6 +21,7 @@ from controller.model.cluster import InstanceSpec
 from controller.model.profile import Profile
 from controller.policy import pool as pool_module
 from controller.policy.capacity import ConfigCapacity, pool_capacities
+from controller.policy.objective import gpu_hold_j_per_gpu_s
 from controller.policy.pool import (
     RECONFIG_KINDS,
     PoolDecision,
@@ -280,6 +281,35 @@ def test_greedy_takes_the_most_efficient_configuration_first() -> None:
     best = min(range(len(caps)), key=lambda i: caps[i].energy_per_request_j)
     assert short == 0.0 and counts[best] == math.ceil(5.0 / caps[best].max_load_rps)
     assert sum(shares) == pytest.approx(5.0)
+
+
+def test_the_cost_objective_holds_the_fewest_gpus_and_energy_breaks_ties() -> None:
+    """With each GPU-second priced at the rental (in J), the MILP serves the load on the fewest GPUs;
+    the energy objective may hold more GPUs at lower clocks, never fewer."""
+    caps = _caps(0)
+    hold_j = gpu_hold_j_per_gpu_s("cost", 88.5, 0.0407)
+    for load_rps in (2.0, 7.0, 15.0):
+        energy = solve_pool(load_rps, 64, caps, {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=300.0)
+        cost = solve_pool(
+            load_rps,
+            64,
+            caps,
+            {},
+            reconfig_cost_j=RESTART_COSTS_J,
+            epoch_s=300.0,
+            gpu_hold_j_per_gpu_s=hold_j,
+        )
+        fewest = min(
+            math.ceil(load_rps / c.max_load_rps * (1 - 1e-9)) * c.tp for c in caps if c.max_load_rps > 0
+        )
+        assert cost.status == "optimal" and cost.gpus == fewest <= energy.gpus, load_rps
+        assert cost.energy_j_estimate >= energy.energy_j_estimate * (1 - 0.02)
+    with pytest.raises(InvalidArgumentError, match="gpu_hold_j_per_gpu_s"):
+        solve_pool(
+            1.0, 8, caps, {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=300.0, gpu_hold_j_per_gpu_s=-1.0
+        )
+    with pytest.raises(InvalidArgumentError, match="objective"):
+        gpu_hold_j_per_gpu_s("speed", 88.5, 0.0407)
 
 
 def test_headroom_adds_instances() -> None:
