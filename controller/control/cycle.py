@@ -187,7 +187,10 @@ class ControlCycle:
             raise InvalidArgumentError("now_s", now_s, f">= the next tick time {self._next_tick_s}")
         self.history.add(arrivals)
         self.guard.observe(now_s, completions or Completions())
+        before = {name: g.factor for name, g in self.guard.state.items()}
         self._update_guard(now_s)
+        # The guard raised a pool's planned load: the pool step runs now, the pool grid stays.
+        raised = any(g.factor > before.get(name, 1.0) for name, g in self.guard.state.items())
         commands: list[Command] = []
         decisions: list[Decision] = []
         levels: list[Level] = []
@@ -195,6 +198,8 @@ class ControlCycle:
             levels.append("cluster")
         if now_s >= self.next_pool_s - _EPS_S:
             levels.append("pool")
+        elif raised and not self._fixed:
+            levels.append("guard")
         if levels:
             plan_commands, records = self._plan_steps(now_s, view, levels)
             commands += plan_commands
@@ -243,7 +248,8 @@ class ControlCycle:
     def _plan_steps(
         self, now_s: float, view: FleetView, levels: Sequence[Level]
     ) -> tuple[list[Command], list[Decision]]:
-        """The cluster and/or pool step, then the reconfiguration towards the new plan."""
+        """The cluster and/or pool step (or the guard's early pool step, which moves no boundary), then
+        the reconfiguration towards the new plan."""
         records: list[Decision] = []
         # Both boundaries move first: a cluster step at a pool boundary already sees the new pool period.
         if "cluster" in levels:

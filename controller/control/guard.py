@@ -12,14 +12,18 @@ Corrections, in order of cost, while a pool's attainment is below `target` (chec
 - instance level: the pool's clock floor is raised one profiled clock step above the lowest clock the
   pool runs at (or above the floor already set); the instance step never chooses a clock below it;
 - pool level: the pool's guard factor (the planned load is multiplied by it at the pool step) grows by
-  `factor_step`, up to `max_factor`, at most once per `factor_interval_s` (a pool period: it acts only
-  at pool steps).
+  `factor_step` times how many times the allowed miss share the pool misses by (`(target -
+  attainment) / (1 - target)`, at least 1, at most `max_step_multiple`), up to `max_factor`, at most once
+  per `factor_interval_s`. A raise makes the control cycle run a pool step at once (not at the next pool
+  boundary), so the correction is in place within a minute, not up to a pool period later.
 A raise restarts the evidence: later checks count only the completions reported after it, so a
 correction is judged on what followed it, not on the misses that caused it.
 Both relax only after `relax_checks` consecutive checks with attainment at or above `relax` (the
 hysteresis): the floor one clock step at a time, the factor by `factor_decay`. A check with fewer than
 `min_samples` completions in the window holds the state. The guard never lowers capacity (factor or
-floor) at a check where the attainment is below target.
+floor) at a check where the attainment is below target, and marks the pool `short` until a check finds
+it at target: the pool step then never plans less capacity for it than it runs (a forecast that fell
+meanwhile must not undo the correction).
 
 The guard's state reaches the policy through the observation (`ClusterObs.guard`); only policies that
 use it (DynamoLLM) act on it, the baselines ignore it.
@@ -48,10 +52,11 @@ class GuardConfig:
     relax: float = 0.997
     relax_checks: int = 6
     min_samples: int = 100
-    factor_interval_s: float = 300.0
+    factor_interval_s: float = 60.0
     factor_step: float = 0.1
+    max_step_multiple: float = 4.0
     factor_decay: float = 0.05
-    max_factor: float = 1.5
+    max_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if not (0.0 < self.target <= self.relax <= 1.0):
@@ -62,6 +67,8 @@ class GuardConfig:
                 raise InvalidArgumentError(name, value, "a positive finite number of seconds")
         if not (self.max_factor >= 1.0 and self.factor_step >= 0.0 and self.factor_decay >= 0.0):
             raise InvalidArgumentError("max_factor", self.max_factor, ">= 1 with steps >= 0")
+        if not self.max_step_multiple >= 1.0:
+            raise InvalidArgumentError("max_step_multiple", self.max_step_multiple, ">= 1")
 
 
 def check(
@@ -86,11 +93,10 @@ def check(
         floor = max(above[0] if above else base, state.clock_floor_mhz)
         factor, raised_s = state.factor, state.factor_raised_s
         if now_s - state.factor_raised_s >= config.factor_interval_s:
-            factor, raised_s = (
-                max(state.factor, min(config.max_factor, state.factor + config.factor_step)),
-                now_s,
-            )
-        return GuardState(factor, floor, attainment, total, 0, now_s, raised_s)
+            misses = (config.target - attainment) / (1.0 - config.target) if config.target < 1.0 else 1.0
+            step = config.factor_step * min(config.max_step_multiple, max(1.0, misses))
+            factor, raised_s = (max(state.factor, min(config.max_factor, state.factor + step)), now_s)
+        return GuardState(factor, floor, attainment, total, 0, now_s, raised_s, short=True)
     if attainment >= config.relax:
         calm = state.calm_checks + 1
         if calm >= config.relax_checks:
@@ -106,9 +112,10 @@ def check(
                 attainment=attainment,
                 samples=total,
                 calm_checks=0,
+                short=False,
             )
-        return replace(state, attainment=attainment, samples=total, calm_checks=calm)
-    return replace(state, attainment=attainment, samples=total, calm_checks=0)
+        return replace(state, attainment=attainment, samples=total, calm_checks=calm, short=False)
+    return replace(state, attainment=attainment, samples=total, calm_checks=0, short=False)
 
 
 class SloGuard:

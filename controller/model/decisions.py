@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from controller.model.cluster import ClusterPlan, InstanceSpec
 
-Level = Literal["initial", "cluster", "pool"]
+# "guard": a pool step the SLO guard ran between pool boundaries, after raising a pool's planned load.
+Level = Literal["initial", "cluster", "pool", "guard"]
 # How a pool's mix was obtained: the MILP's optimum or its time-limited incumbent, a fallback (greedy,
 # or maximum performance when even that falls short), or a fixed rule (the baselines).
 SolverStatus = Literal["optimal", "incumbent", "fallback-infeasible", "fallback-timeout", "rule"]

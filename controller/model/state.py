@@ -64,7 +64,8 @@ class GuardState:
     """The closed-loop SLO guard's state of one pool (`controller.control.guard`): the factor its planned
     load is multiplied by at the pool step, the clock below which its instances do not go (0: none), the
     windowed SLO attainment it was judged on, the completions in that window, how many checks in a row
-    found it well above target (the hysteresis before relaxing), and when it was last raised."""
+    found it well above target (the hysteresis before relaxing), when it was last raised, and whether
+    its last check found it below target (`short`: while so, a pool step never lowers its capacity)."""
 
     factor: float = 1.0
     clock_floor_mhz: int = 0
@@ -73,6 +74,7 @@ class GuardState:
     calm_checks: int = 0
     since_s: float = -math.inf  # the last raise: later checks judge only what followed it
     factor_raised_s: float = -math.inf  # the last raise of the factor
+    short: bool = False
 
 
 @dataclass(frozen=True, slots=True)

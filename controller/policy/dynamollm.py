@@ -81,9 +81,11 @@ from controller.policy.observed import (
 from controller.policy.pool import (
     DEFAULT_MIP_REL_GAP,
     DEFAULT_TIME_LIMIT_S,
+    PoolInput,
     ProblemCache,
+    allowed_configs,
     greedy_decision,
-    solve_pool,
+    solve_pools,
 )
 from controller.policy.pool import (
     PoolDecision as PoolSolution,
@@ -249,18 +251,17 @@ class DynamoLLM:
                 ),
                 obs.total_gpus,
             )
+        rates = {b.name: self._pool_load_rps(obs, b.class_names, horizon_s) for b in budgets}
         loads = {
             b.name: guards[b.name].factor
-            * (
-                self._pool_load_rps(obs, b.class_names, horizon_s)
-                + sum(bursts[CLASS_NAMES.index(c)] for c in b.class_names)
-            )
+            * (rates[b.name] + sum(bursts[CLASS_NAMES.index(c)] for c in b.class_names))
             for b in budgets
         }
         current = {b.name: live_counts(obs, b.name) for b in budgets}
-        solved = self._solve(
-            budgets, loads, recent_class_rates_rps(obs, self.mix_window_s), current, profile, guards
-        )
+        mix = recent_class_rates_rps(obs, self.mix_window_s)
+        budgets, loads = self._hold_short_pools(budgets, loads, current, guards, mix, profile, obs.total_gpus)
+        typical = {name: min(rate, loads[name]) for name, rate in rates.items()}
+        solved = self._solve(budgets, loads, mix, current, profile, guards, obs.total_gpus, typical)
         forecast = tuple(p + b for p, b in zip(peaks, bursts, strict=True))
         return replace(
             solved,
@@ -268,6 +269,30 @@ class DynamoLLM:
             class_forecast_rps=forecast,
             forecast_kind=self.forecast_kind,
         )
+
+    def _hold_short_pools(
+        self,
+        budgets: tuple[PoolBudget, ...],
+        loads: dict[str, float],
+        current: Mapping[str, Mapping[InstanceSpec, int]],
+        guards: Mapping[str, GuardState],
+        mix: Sequence[float],
+        profile: Profile,
+        total_gpus: int,
+    ) -> tuple[tuple[PoolBudget, ...], dict[str, float]]:
+        """A pool the guard finds below target plans at least the capacity it runs, within a budget of at
+        least its GPUs: a forecast that fell since must not undo a correction still under way."""
+        held = dict(loads)
+        out: list[PoolBudget] = []
+        for b in budgets:
+            running = current.get(b.name, {})
+            if guards[b.name].short and running:
+                caps = self.capacities.capacities(profile, class_shares(b.class_names, mix))
+                table = {c.spec: c.max_load_rps for c in caps}
+                held[b.name] = max(held[b.name], sum(table.get(s, 0.0) * n for s, n in running.items()))
+                b = replace(b, gpu_budget=max(b.gpu_budget, sum(s.tp * n for s, n in running.items())))
+            out.append(b)
+        return fit_total(tuple(out), total_gpus), held
 
     def _solve(
         self,
@@ -277,31 +302,49 @@ class DynamoLLM:
         current: Mapping[str, Mapping[InstanceSpec, int]],
         profile: Profile,
         guards: Mapping[str, GuardState] | None = None,
+        total_gpus: int | None = None,
+        typical_rps: Mapping[str, float] | None = None,
     ) -> PlanStep:
+        """Every pool's mix (`pool.solve_pools`): under the cost objective from one MILP with the servers
+        the pools fill (rental is paid per server); under energy and carbon pool by pool, the servers'
+        unused GPUs left to consolidation (docs/control.md, "Server packing": measured, packing made
+        the energy objective hold more GPUs and spend more). `total_gpus` None: the budgets' sum.
+        `typical_rps`: per pool, the load it typically carries (energy is priced at it, capacity at
+        `loads_rps`, `pool.solve_pool`); None: the loads."""
+        epoch_s = self.periods.pool_s
+        tps = self._allowed_tps(profile)
+        caps = [
+            self.capacities.capacities(profile, class_shares(b.class_names, class_rates_rps)) for b in budgets
+        ]
+        solutions = solve_pools(
+            [
+                PoolInput(
+                    loads_rps[b.name],
+                    b.gpu_budget,
+                    allowed_configs(c, tps),
+                    current.get(b.name, {}),
+                    None if typical_rps is None else typical_rps[b.name],
+                )
+                for b, c in zip(budgets, caps, strict=True)
+            ],
+            max_gpus=sum(b.gpu_budget for b in budgets) if total_gpus is None else total_gpus,
+            unused_gpu_w=self.costs.idle_power_w_per_gpu,
+            gpu_hold_j_per_gpu_s=self.gpu_hold_j_per_gpu_s,
+            reconfig_cost_j=self._reconfig_cost_j(),
+            epoch_s=epoch_s,
+            mip_rel_gap=self.mip_rel_gap,
+            time_limit_s=self.time_limit_s,
+            problems=self.problems,
+            pack_servers=self.objective == "cost",
+        )
         pools: list[PoolPlan] = []
         decisions: list[PoolDecision] = []
-        epoch_s = self.periods.pool_s
-        for b in budgets:
-            caps = self.capacities.capacities(profile, class_shares(b.class_names, class_rates_rps))
+        for b, pool_caps, solution in zip(budgets, caps, solutions, strict=True):
             load_rps = loads_rps[b.name]
-            solution = solve_pool(
-                load_rps,
-                b.gpu_budget,
-                caps,
-                current.get(b.name, {}),
-                reconfig_cost_j=self._reconfig_cost_j(),
-                epoch_s=epoch_s,
-                mip_rel_gap=self.mip_rel_gap,
-                time_limit_s=self.time_limit_s,
-                allowed_tps=self._allowed_tps(profile),
-                problems=self.problems,
-                gpu_hold_j_per_gpu_s=self.gpu_hold_j_per_gpu_s,
-            )
-            instances = solution.instances() or (idle_instance(caps),)
+            instances = solution.instances() or (idle_instance(pool_caps),)
             pools.append(PoolPlan(name=b.name, class_names=b.class_names, instances=instances))
-            runner_up = greedy_decision(
-                load_rps, b.gpu_budget, caps, epoch_s=epoch_s, allowed_tps=self._allowed_tps(profile)
-            )
+            runner_up = greedy_decision(load_rps, b.gpu_budget, pool_caps, epoch_s=epoch_s, allowed_tps=tps)
+            guard = (guards or {}).get(b.name, GuardState())
             decisions.append(
                 PoolDecision(
                     pool=b.name,
@@ -312,8 +355,8 @@ class DynamoLLM:
                     shortfall_rps=solution.shortfall_rps,
                     chosen=mix_choice(solution, epoch_s),
                     runner_up=mix_choice(runner_up, epoch_s),
-                    guard_factor=(guards or {}).get(b.name, GuardState()).factor,
-                    clock_floor_mhz=(guards or {}).get(b.name, GuardState()).clock_floor_mhz,
+                    guard_factor=guard.factor,
+                    clock_floor_mhz=guard.clock_floor_mhz,
                 )
             )
         return PlanStep(plan=ClusterPlan(pools=tuple(pools)), pools=tuple(decisions))

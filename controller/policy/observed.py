@@ -142,7 +142,11 @@ def guard_of(obs: ClusterObs, class_names: Sequence[str]) -> GuardState:
     ]
     if not states:
         return GuardState()
-    return GuardState(max(s.factor for s in states), max(s.clock_floor_mhz for s in states))
+    return GuardState(
+        max(s.factor for s in states),
+        max(s.clock_floor_mhz for s in states),
+        short=any(s.short for s in states),
+    )
 
 
 def max_clocks(obs: ClusterObs, profile: Profile) -> dict[int, int]:

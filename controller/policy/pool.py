@@ -13,9 +13,18 @@ idle_k + slope_k * load and current count m_k:
              + c_clock * sum_k tp_k u_k                                       (instances arriving at k)
              + c_start * sum_t A_t + c_stop * sum_t R_t
              + min(0, c_retp - c_start - c_stop) * Z                          (GPUs moved between TPs)
-    s.t.       sum_k tp_k n_k <= gpu_budget;  sum_k x_k >= load;  0 <= x_k <= cap_k n_k
+    s.t.       sum_k tp_k n_k <= gpu_budget;  sum_k x_k >= typical;  0 <= x_k <= cap_k n_k
+               sum_k top_k n_k >= load
                u_k >= n_k - m_k;  A_t - R_t = t (N_t - M_t) per TP degree t;  Z <= sum A, Z <= sum R
                n_k integer in [0, gpu_budget // tp_k];  u, A, R, Z >= 0
+
+`load` is the load the pool must be able to take (a forecast peak with its margins) and `typical` the
+load it typically carries (the forecast rate; `typical` = `load` when not given); top_k is the largest
+capacity of config k's TP degree at any allowed clock. Capacity is counted at that clock because the
+instance level raises an instance's clock within seconds when its load rises, and energy is priced at
+the typical load because that is what the instances carry most of the time, at the clocks the instance
+level then gives them: planned at the peak and at the clock chosen now, the MILP would buy many slow
+instances that spend the epoch nearly idle (docs/control.md, "Pool manager").
 
 `hold` is what holding a GPU for a second costs beyond its power, in J (`objective.gpu_hold_j_per_gpu_s`:
 0 under the energy objective, the rental in energy terms under the cost objective).
@@ -57,9 +66,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.api.errors import InvalidArgumentError
-from controller.model.cluster import InstanceSpec
+from controller.model.cluster import GPUS_PER_SERVER, InstanceSpec
 from controller.policy.capacity import ConfigCapacity
 
 PoolStatus = Literal["optimal", "incumbent", "fallback-infeasible", "fallback-timeout"]
@@ -255,6 +265,7 @@ def solve_pool(
     headroom: float = DEFAULT_POOL_HEADROOM,
     problems: ProblemCache | None = None,
     gpu_hold_j_per_gpu_s: float = 0.0,
+    typical_rps: float | None = None,
 ) -> PoolDecision:
     """The pool's instance counts per (tp, clock) minimising epoch energy (plus the GPUs' holding cost
     `gpu_hold_j_per_gpu_s`, in J per GPU-second) plus reconfiguration cost.
@@ -269,6 +280,8 @@ def solve_pool(
     )
     if not (math.isfinite(gpu_hold_j_per_gpu_s) and gpu_hold_j_per_gpu_s >= 0.0):
         raise InvalidArgumentError("gpu_hold_j_per_gpu_s", gpu_hold_j_per_gpu_s, "a finite cost >= 0 J")
+    if typical_rps is not None and not (math.isfinite(typical_rps) and 0.0 <= typical_rps <= load_rps):
+        raise InvalidArgumentError("typical_rps", typical_rps, f"a rate in [0, load_rps = {load_rps}]")
     configs = _allowed(capacities, allowed_tps, allowed_clocks)
     if not configs:
         raise InvalidArgumentError(
@@ -316,7 +329,152 @@ def solve_pool(
         headroom,
         problems if problems is not None else ProblemCache(size=1),
         gpu_hold_j_per_gpu_s,
+        typical_rps,
     )
+
+
+def allowed_configs(
+    capacities: Sequence[ConfigCapacity],
+    allowed_tps: Sequence[int],
+    allowed_clocks: Sequence[int] | None = None,
+) -> tuple[ConfigCapacity, ...]:
+    """The configurations a solve may use (TP in `allowed_tps`, clock in `allowed_clocks`; None: any),
+    ordered by TP then clock; InvalidArgumentError when none is left."""
+    configs = _allowed(capacities, allowed_tps, allowed_clocks)
+    if not configs:
+        raise InvalidArgumentError(
+            "capacities",
+            len(capacities),
+            f"at least one configuration with tp in {tuple(allowed_tps)}"
+            + ("" if allowed_clocks is None else f" and clock_mhz in {tuple(allowed_clocks)}"),
+        )
+    return configs
+
+
+def solve_pools(
+    pools: Sequence[PoolInput],
+    *,
+    max_gpus: int,
+    unused_gpu_w: float,
+    gpu_hold_j_per_gpu_s: float,
+    reconfig_cost_j: Mapping[str, float],
+    epoch_s: float,
+    mip_rel_gap: float = DEFAULT_MIP_REL_GAP,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    headroom: float = DEFAULT_POOL_HEADROOM,
+    problems: ProblemCache | None = None,
+    pack_servers: bool = True,
+) -> tuple[PoolDecision, ...]:
+    """Every pool's instance mix from ONE MILP that also counts the 8-GPU servers their GPUs fill
+    (server packing): the pools' objectives plus, per held server, its 8 GPUs' holding cost
+    (`gpu_hold_j_per_gpu_s`: the rental in J under the cost objective, 0 otherwise) and the idle draw
+    `unused_gpu_w` of each of its GPUs no instance uses, over the epoch. Solved apart, each pool would
+    round up on its own and the plan could spill onto a server mostly idle; solved together, a pool
+    may take a slower, larger mix on GPUs a held server has spare, or a faster, smaller one that frees
+    a server. At most `max_gpus` GPUs.
+
+    When the joint problem has no answer (infeasible: a pool's load does not fit its budget; a time-out
+    with no incumbent; a solver failure), or with `pack_servers` False, each pool is solved on its own
+    (`solve_pool`, with its own fallbacks)."""
+    for pool in pools:
+        _validate(
+            pool.load_rps,
+            pool.gpu_budget,
+            reconfig_cost_j,
+            epoch_s,
+            mip_rel_gap,
+            time_limit_s,
+            headroom,
+            pool.current_counts,
+        )
+    for name, value in (("unused_gpu_w", unused_gpu_w), ("gpu_hold_j_per_gpu_s", gpu_hold_j_per_gpu_s)):
+        if not (math.isfinite(value) and value >= 0.0):
+            raise InvalidArgumentError(name, value, "a finite number >= 0")
+    cache = problems if problems is not None else ProblemCache(size=1)
+    alone = [
+        not pool.configs or (pool.load_rps == 0.0 and not any(pool.current_counts.values())) for pool in pools
+    ]
+    joint = [pool for pool, skip in zip(pools, alone, strict=True) if not skip] if pack_servers else []
+    alone = alone if pack_servers else [True] * len(pools)
+    solved = (
+        _solve_joint(
+            joint,
+            max_gpus,
+            unused_gpu_w,
+            GPUS_PER_SERVER * gpu_hold_j_per_gpu_s,
+            reconfig_cost_j,
+            epoch_s,
+            mip_rel_gap,
+            time_limit_s * max(1, len(joint)),
+            headroom,
+            cache,
+        )
+        if joint
+        else []
+    )
+
+    def by_itself(pool: PoolInput) -> PoolDecision:
+        return solve_pool(
+            pool.load_rps,
+            pool.gpu_budget,
+            pool.configs,
+            pool.current_counts,
+            reconfig_cost_j=reconfig_cost_j,
+            epoch_s=epoch_s,
+            mip_rel_gap=mip_rel_gap,
+            time_limit_s=time_limit_s,
+            allowed_tps=sorted({c.tp for c in pool.configs}),
+            headroom=headroom,
+            problems=cache,
+            gpu_hold_j_per_gpu_s=gpu_hold_j_per_gpu_s,
+            typical_rps=pool.typical_rps,
+        )
+
+    if solved is None:
+        return tuple(by_itself(pool) for pool in pools)
+    answers = iter(solved)
+    return tuple(by_itself(pool) if skip else next(answers) for pool, skip in zip(pools, alone, strict=True))
+
+
+def _solve_joint(
+    pools: Sequence[PoolInput],
+    max_gpus: int,
+    unused_gpu_w: float,
+    server_hold_j_per_s: float,
+    reconfig_cost_j: Mapping[str, float],
+    epoch_s: float,
+    mip_rel_gap: float,
+    time_limit_s: float,
+    headroom: float,
+    problems: ProblemCache,
+) -> list[PoolDecision] | None:
+    with problems.lock:
+        p = problems.get(tuple(pool.structure() for pool in pools), with_servers=True)
+        usable = [
+            _set_pool(terms, pool, reconfig_cost_j, epoch_s, headroom, 0.0)
+            for terms, pool in zip(p.pools, pools, strict=True)
+        ]
+        p.unused_cost.value = _SCALE * epoch_s * unused_gpu_w
+        p.server_cost.value = _SCALE * epoch_s * server_hold_j_per_s
+        p.max_servers.value = float(math.ceil(max_gpus / GPUS_PER_SERVER))
+        outcome = _run(p.problem, mip_rel_gap, time_limit_s)
+        if outcome is None or outcome[0] == "timeout":
+            return None
+        counts = [_counts(terms) for terms in p.pools]
+    status, solve_s = outcome
+    return [
+        _decision(
+            pool.configs,
+            c,
+            _split_load(pool.typical, c, u),
+            epoch_s=epoch_s,
+            reconfig_j=_reconfig_j(pool.configs, c, pool.current_counts, reconfig_cost_j),
+            status="optimal" if status == "optimal" else "incumbent",
+            shortfall_rps=0.0,
+            solve_s=solve_s,
+        )
+        for pool, c, u in zip(pools, counts, usable, strict=True)
+    ]
 
 
 def greedy_decision(
@@ -358,19 +516,22 @@ def _fallback(
 
 
 @dataclass(frozen=True, slots=True)
-class _PoolProblem:
-    """The MILP of one structure, built once: CVXPY objects whose parameter values each call sets.
+class _PoolTerms:
+    """One pool's part of a MILP, built once per structure: CVXPY objects whose parameter values each
+    call sets. `n` is the integer count variable, `gpus` the GPUs it holds (an expression), `objective`
+    and `constraints` the pool's terms; every other field is a `cp.Parameter` (see `_pool_terms`)."""
 
-    `n` is the integer count variable; every other field is a `cp.Parameter` (see `_build_problem`).
-    """
-
-    problem: Any
     n: Any
+    gpus: Any
+    objective: Any
+    constraints: tuple[Any, ...]
     count_max: Any
     gpu_budget: Any
     load_rps: Any
+    typical_rps: Any
     min_instances: Any
     usable_rps: Any
+    top_rps: Any
     idle_cost: Any
     slope_cost: Any
     current_k: Any
@@ -381,10 +542,25 @@ class _PoolProblem:
     retp_saving: Any
 
 
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    """A built MILP: one pool's (`servers` None) or several pools' with the servers they fill
+    (`solve_pools`): `servers` the integer server count, `unused_cost` / `server_cost` / `max_servers`
+    its parameters."""
+
+    problem: Any
+    pools: tuple[_PoolTerms, ...]
+    servers: Any = None
+    unused_cost: Any = None
+    server_cost: Any = None
+    max_servers: Any = None
+
+
 # Structures seen in a run: the mixes' configuration sets (a handful per policy) times the TP degrees
 # present, so a few dozen at most; the bound only keeps a long-lived process from growing without limit.
 _PROBLEM_CACHE_SIZE = 64
-_ProblemKey = tuple[tuple[int, ...], tuple[int, ...]]
+_Structure = tuple[tuple[int, ...], tuple[int, ...]]  # (the configurations' TP degrees, TP degrees present)
+_ProblemKey = tuple[bool, tuple[_Structure, ...]]  # (with servers, one structure per pool)
 
 
 class ProblemCache:
@@ -394,15 +570,15 @@ class ProblemCache:
 
     def __init__(self, size: int = _PROBLEM_CACHE_SIZE) -> None:
         self._size = size
-        self._problems: OrderedDict[_ProblemKey, _PoolProblem] = OrderedDict()
+        self._problems: OrderedDict[_ProblemKey, _Problem] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolProblem:
-        """The problem of this structure, built on first use. Call with `lock` held."""
-        key = (config_tps, tps)
+    def get(self, structures: tuple[_Structure, ...], with_servers: bool) -> _Problem:
+        """The problem of these pool structures, built on first use. Call with `lock` held."""
+        key = (with_servers, structures)
         p = self._problems.get(key)
         if p is None:
-            p = _build_problem(config_tps, tps)
+            p = _build_problem(structures, with_servers)
             self._problems[key] = p
             if len(self._problems) > self._size:
                 self._problems.popitem(last=False)
@@ -411,9 +587,10 @@ class ProblemCache:
         return p
 
 
-def _build_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolProblem:
-    """The MILP for configurations with TP degrees `config_tps` and TP degrees `tps` (those of the
-    configurations and of the current instances), every number that varies between calls a parameter.
+def _pool_terms(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolTerms:
+    """The terms of one pool with configurations of TP degrees `config_tps` and TP degrees `tps` (those
+    of the configurations and of the current instances), every number that varies between calls a
+    parameter.
 
     DPP (CVXPY's disciplined parametrised programming): a parameter only ever multiplies a
     parameter-free expression, so products of inputs (epoch x power, cost x TP degree, the kJ scale)
@@ -440,8 +617,10 @@ def _build_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolPr
     count_max = cp.Parameter(k)
     gpu_budget = cp.Parameter()
     load_rps = cp.Parameter()
+    typical_rps = cp.Parameter()
     min_instances = cp.Parameter()
     usable_rps = cp.Parameter(k)
+    top_rps = cp.Parameter(k)
     idle_cost = cp.Parameter(k)
     slope_cost = cp.Parameter(k)
     current_k = cp.Parameter(k)
@@ -459,10 +638,11 @@ def _build_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolPr
         + stop_cost * (ones_t @ gpus_out)
         + retp_saving * moved
     )
-    constraints = [
+    constraints = (
         tp_k @ n <= gpu_budget,
-        np.ones(k) @ x >= load_rps,
+        np.ones(k) @ x >= typical_rps,
         x <= cp.multiply(usable_rps, n),  # type: ignore[attr-defined]
+        top_rps @ n >= load_rps,
         u >= n - current_k,
         gpus_in - gpus_out == np.diag(tps_arr) @ (member @ n - current_t),
         moved <= ones_t @ gpus_in,
@@ -471,15 +651,19 @@ def _build_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolPr
         # being "covered" by a count within HiGHS's integrality tolerance of zero.
         np.ones(k) @ n >= min_instances,
         n <= count_max,
-    ]
-    return _PoolProblem(
-        problem=cp.Problem(cp.Minimize(objective), constraints),
+    )
+    return _PoolTerms(
         n=n,
+        gpus=tp_k @ n,
+        objective=objective,
+        constraints=constraints,
         count_max=count_max,
         gpu_budget=gpu_budget,
         load_rps=load_rps,
+        typical_rps=typical_rps,
         min_instances=min_instances,
         usable_rps=usable_rps,
+        top_rps=top_rps,
         idle_cost=idle_cost,
         slope_cost=slope_cost,
         current_k=current_k,
@@ -489,6 +673,131 @@ def _build_problem(config_tps: tuple[int, ...], tps: tuple[int, ...]) -> _PoolPr
         stop_cost=stop_cost,
         retp_saving=retp_saving,
     )
+
+
+def _build_problem(structures: tuple[_Structure, ...], with_servers: bool) -> _Problem:
+    """One pool's MILP, or several pools' coupled by the servers their GPUs fill (`solve_pools`)."""
+    import cvxpy as cp
+
+    pools = tuple(_pool_terms(config_tps, tps) for config_tps, tps in structures)
+    objective = sum((t.objective for t in pools), start=cp.Constant(0.0))
+    constraints = [c for t in pools for c in t.constraints]
+    if not with_servers:
+        return _Problem(problem=cp.Problem(cp.Minimize(objective), constraints), pools=pools)
+    servers = cp.Variable(integer=True, nonneg=True)
+    unused_cost = cp.Parameter(nonneg=True)
+    server_cost = cp.Parameter(nonneg=True)
+    max_servers = cp.Parameter()
+    gpus = sum((t.gpus for t in pools), start=cp.Constant(0.0))
+    objective = objective + unused_cost * (GPUS_PER_SERVER * servers - gpus) + server_cost * servers
+    constraints += [gpus <= GPUS_PER_SERVER * servers, servers <= max_servers]
+    return _Problem(
+        problem=cp.Problem(cp.Minimize(objective), constraints),
+        pools=pools,
+        servers=servers,
+        unused_cost=unused_cost,
+        server_cost=server_cost,
+        max_servers=max_servers,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInput:
+    """One pool of a solve: the load it must take and the one it typically carries, its GPU budget,
+    configurations (the allowed ones) and current instances."""
+
+    load_rps: float
+    gpu_budget: int
+    configs: tuple[ConfigCapacity, ...]
+    current_counts: Mapping[InstanceSpec, int]
+    typical_rps: float | None = None  # None: load_rps (module docstring: load and typical)
+
+    @property
+    def typical(self) -> float:
+        return self.load_rps if self.typical_rps is None else self.typical_rps
+
+    def structure(self) -> _Structure:
+        config_tps = tuple(c.tp for c in self.configs)
+        present = {s.tp for s, n in self.current_counts.items() if n > 0}
+        return config_tps, tuple(sorted(set(config_tps) | present))
+
+
+# Objective in kJ so HiGHS sees coefficients of moderate size.
+_SCALE = 1e-3
+
+
+def _set_pool(
+    terms: _PoolTerms,
+    pool: PoolInput,
+    reconfig_cost_j: Mapping[str, float],
+    epoch_s: float,
+    headroom: float,
+    gpu_hold_j_per_gpu_s: float,
+) -> npt.NDArray[np.float64]:
+    """Every parameter of one pool's terms; returns the usable capacity per configuration."""
+    configs = pool.configs
+    _, tps = pool.structure()
+    tp_k = np.array([c.tp for c in configs], dtype=np.float64)
+    usable_k = np.array([c.max_load_rps * (1.0 - headroom) for c in configs])
+    retp_saving_j = min(0.0, reconfig_cost_j["retp"] - reconfig_cost_j["start"] - reconfig_cost_j["stop"])
+    terms.count_max.value = np.floor(pool.gpu_budget / tp_k)
+    terms.gpu_budget.value = float(pool.gpu_budget)
+    # Without a typical load the top-clock row is implied by the others; 0 keeps it out of HiGHS's way.
+    terms.load_rps.value = 0.0 if pool.typical_rps is None else pool.load_rps
+    terms.typical_rps.value = pool.typical
+    terms.min_instances.value = 1.0 if pool.load_rps > 0.0 else 0.0
+    terms.usable_rps.value = usable_k
+    # each TP degree at its most capable allowed clock (capacity is not always monotone in the clock)
+    top = {tp: max(c.max_load_rps for c in configs if c.tp == tp) for tp in {c.tp for c in configs}}
+    terms.top_rps.value = np.array([top[c.tp] * (1.0 - headroom) for c in configs])
+    terms.idle_cost.value = (
+        _SCALE * epoch_s * (np.array([c.power_idle_w for c in configs]) + gpu_hold_j_per_gpu_s * tp_k)
+    )
+    terms.slope_cost.value = _SCALE * epoch_s * np.array([c.power_slope_w_per_rps for c in configs])
+    current = pool.current_counts
+    terms.current_k.value = np.array([current.get(c.spec, 0) for c in configs], dtype=np.float64)
+    terms.current_t.value = np.array(
+        [sum(n for s, n in current.items() if s.tp == t) for t in tps], dtype=np.float64
+    )
+    terms.clock_cost.value = _SCALE * reconfig_cost_j["clock"] * tp_k
+    terms.start_cost.value = _SCALE * reconfig_cost_j["start"]
+    terms.stop_cost.value = _SCALE * reconfig_cost_j["stop"]
+    terms.retp_saving.value = _SCALE * retp_saving_j
+    return usable_k
+
+
+def _run(problem: Any, mip_rel_gap: float, time_limit_s: float) -> tuple[str, float] | None:
+    """Solve in place; (status, solve time), "timeout" for a time-limited run with no incumbent, None
+    when the solver failed or the problem is infeasible."""
+    import cvxpy as cp
+
+    try:
+        with warnings.catch_warnings():
+            # A time-limited run warns "may be inaccurate"; the status handling below says what happened.
+            warnings.simplefilter("ignore", UserWarning)
+            # warm_start=False: HiGHS would otherwise start from the previous call's solution (of
+            # another pool, or another epoch), and the answer would depend on the call history.
+            problem.solve(
+                solver=cp.HIGHS,
+                warm_start=False,
+                mip_rel_gap=mip_rel_gap,
+                time_limit=time_limit_s,
+                random_seed=0,
+                threads=1,
+            )
+    except cp.error.SolverError:
+        return None
+    stats = problem.solver_stats
+    solve_s = float(stats.solve_time) if stats is not None and stats.solve_time is not None else 0.0
+    if problem.status == cp.OPTIMAL:
+        return "optimal", solve_s
+    if problem.status == cp.USER_LIMIT:
+        return ("incumbent" if _has_incumbent(stats) else "timeout"), solve_s
+    return None
+
+
+def _counts(terms: _PoolTerms) -> list[int]:
+    return [int(v) for v in np.rint(np.asarray(terms.n.value)).ravel()]
 
 
 def _solve_milp(
@@ -503,74 +812,26 @@ def _solve_milp(
     headroom: float,
     problems: ProblemCache,
     gpu_hold_j_per_gpu_s: float,
+    typical_rps: float | None,
 ) -> PoolDecision:
-    import cvxpy as cp
-
-    config_tps = tuple(c.tp for c in configs)
-    tps = tuple(sorted(set(config_tps) | {s.tp for s, n in current_counts.items() if n > 0}))
-    tp_k = np.array(config_tps, dtype=np.float64)
-    usable_k = np.array([c.max_load_rps * (1.0 - headroom) for c in configs])
-    retp_saving_j = min(0.0, reconfig_cost_j["retp"] - reconfig_cost_j["start"] - reconfig_cost_j["stop"])
-    # Objective in kJ so HiGHS sees coefficients of moderate size.
-    scale = 1e-3
+    pool = PoolInput(load_rps, gpu_budget, tuple(configs), current_counts, typical_rps)
     with problems.lock:
-        p = problems.get(config_tps, tps)
-        p.count_max.value = np.floor(gpu_budget / tp_k)
-        p.gpu_budget.value = float(gpu_budget)
-        p.load_rps.value = load_rps
-        p.min_instances.value = 1.0 if load_rps > 0.0 else 0.0
-        p.usable_rps.value = usable_k
-        p.idle_cost.value = (
-            scale * epoch_s * np.array([c.power_idle_w + gpu_hold_j_per_gpu_s * c.tp for c in configs])
-        )
-        p.slope_cost.value = scale * epoch_s * np.array([c.power_slope_w_per_rps for c in configs])
-        p.current_k.value = np.array([current_counts.get(c.spec, 0) for c in configs], dtype=np.float64)
-        p.current_t.value = np.array(
-            [sum(n for s, n in current_counts.items() if s.tp == t) for t in tps], dtype=np.float64
-        )
-        p.clock_cost.value = scale * reconfig_cost_j["clock"] * tp_k
-        p.start_cost.value = scale * reconfig_cost_j["start"]
-        p.stop_cost.value = scale * reconfig_cost_j["stop"]
-        p.retp_saving.value = scale * retp_saving_j
-        problem = p.problem
-        try:
-            with warnings.catch_warnings():
-                # A time-limited run warns "may be inaccurate"; the status handling below says what happened.
-                warnings.simplefilter("ignore", UserWarning)
-                # warm_start=False: HiGHS would otherwise start from the previous call's solution (of
-                # another pool, or another epoch), and the answer would depend on the call history.
-                problem.solve(
-                    solver=cp.HIGHS,
-                    warm_start=False,
-                    mip_rel_gap=mip_rel_gap,
-                    time_limit=time_limit_s,
-                    random_seed=0,
-                    threads=1,
-                )
-        except cp.error.SolverError:
-            return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", 0.0)
-        stats = problem.solver_stats
-        problem_status = problem.status
-        n_value = None if p.n.value is None else np.asarray(p.n.value).copy()
-    solve_s = float(stats.solve_time) if stats is not None and stats.solve_time is not None else 0.0
-    status: PoolStatus
-    if problem_status == cp.OPTIMAL:
-        status = "optimal"
-    elif problem_status == cp.USER_LIMIT and _has_incumbent(stats):
-        status = "incumbent"
-    elif problem_status == cp.USER_LIMIT:
+        p = problems.get((pool.structure(),), with_servers=False)
+        usable_k = _set_pool(p.pools[0], pool, reconfig_cost_j, epoch_s, headroom, gpu_hold_j_per_gpu_s)
+        outcome = _run(p.problem, mip_rel_gap, time_limit_s)
+        counts = None if outcome is None or outcome[0] == "timeout" else _counts(p.pools[0])
+    if outcome is None:
+        return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", 0.0)
+    status, solve_s = outcome
+    if counts is None:
         return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-timeout", solve_s)
-    else:
-        return _fallback(configs, load_rps, gpu_budget, epoch_s, headroom, "fallback-infeasible", solve_s)
-    counts = [int(v) for v in np.rint(np.asarray(n_value)).ravel()]
-    shares = _split_load(load_rps, counts, usable_k)
     return _decision(
         configs,
         counts,
-        shares,
+        _split_load(pool.typical, counts, usable_k),
         epoch_s=epoch_s,
         reconfig_j=_reconfig_j(configs, counts, current_counts, reconfig_cost_j),
-        status=status,
+        status="optimal" if status == "optimal" else "incumbent",
         shortfall_rps=0.0,
         solve_s=solve_s,
     )

@@ -189,8 +189,10 @@ def test_dynamollm_runs_on_the_real_profile_and_physics() -> None:
     assert {f.kind for f in r.forecast} == {"rate"}
     steps = [d for d in r.decisions if isinstance(d, StepRecord)]
     assert steps[0].level == "initial" and steps[0].t_s == 0.0
-    # Ten minutes of trace: the cluster epoch (30 min) in force throughout, a pool step every 5 min.
-    assert [(d.t_s, d.level) for d in steps[1:]] == [(300.0, "pool"), (600.0, "pool")]
+    # Ten minutes of trace: the cluster epoch (30 min) in force throughout, a pool step every 5 min,
+    # and in between only the SLO guard's early pool steps, each after it raised a pool's load.
+    assert [(d.t_s, d.level) for d in steps[1:] if d.level != "guard"] == [(300.0, "pool"), (600.0, "pool")]
+    assert all(any(p.guard_factor > 1.0 for p in d.step.pools) for d in steps if d.level == "guard")
     for d in steps:
         if d.level != "initial":
             assert d.step.forecast_kind == "rate" and len(d.step.class_forecast_rps) == len(CLASS_NAMES)

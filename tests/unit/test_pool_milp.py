@@ -25,11 +25,14 @@ from controller.policy.objective import gpu_hold_j_per_gpu_s
 from controller.policy.pool import (
     RECONFIG_KINDS,
     PoolDecision,
+    PoolInput,
     ProblemCache,
+    allowed_configs,
     greedy_decision,
     greedy_pool,
     reconfig_cost_j_per_gpu,
     solve_pool,
+    solve_pools,
 )
 from controller.profiles import default_profile
 
@@ -312,6 +315,65 @@ def test_the_cost_objective_holds_the_fewest_gpus_and_energy_breaks_ties() -> No
         gpu_hold_j_per_gpu_s("speed", 88.5, 0.0407)
 
 
+def test_capacity_at_the_top_clock_and_energy_at_the_typical_load() -> None:
+    """With a typical load below the planned one, the MILP covers the planned load at each TP's most
+    capable clock and prices energy at the typical load: never more GPUs than planning for the peak at
+    the chosen clocks, and the plan's capacity at the top clock still covers the peak."""
+    caps = _caps(2)
+    top = {tp: max(c.max_load_rps for c in caps if c.tp == tp) for tp in (2, 4, 8)}
+    for load_rps in (2.0, 5.0, 9.0):
+        peak = solve_pool(load_rps, 96, caps, {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=300.0)
+        typical = solve_pool(
+            load_rps, 96, caps, {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=300.0, typical_rps=load_rps / 2
+        )
+        assert typical.status == "optimal" and typical.gpus <= peak.gpus
+        assert sum(top[s.tp] * n for s, n in typical.counts.items()) >= load_rps * (1 - 1e-6)
+        assert sum(typical.load_shares_rps.values()) == pytest.approx(load_rps / 2)
+    with pytest.raises(InvalidArgumentError, match="typical_rps"):
+        solve_pool(1.0, 8, caps, {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=300.0, typical_rps=2.0)
+
+
+def test_pools_solved_together_fill_the_servers_they_hold() -> None:
+    """Packing under the cost objective: solved apart, the pools hold the fewest GPUs (10: two servers,
+    six GPUs of them unused); solved together, the same two servers and their spare GPUs serve the
+    load on more instances for less energy. Every pool still covers its load within its budget."""
+    hold_j = gpu_hold_j_per_gpu_s("cost", 88.5, 0.0407)
+    inputs = [
+        PoolInput(load, 64, allowed_configs(_caps(m), (2, 4, 8)), {})
+        for m, load in ((0, 6.0), (2, 2.0), (1, 3.0))
+    ]
+
+    def servers(decisions: tuple[PoolDecision, ...]) -> int:
+        return math.ceil(sum(d.gpus for d in decisions) / 8)
+
+    kwargs = dict(
+        max_gpus=192,
+        unused_gpu_w=75.0,
+        gpu_hold_j_per_gpu_s=hold_j,
+        reconfig_cost_j=RESTART_COSTS_J,
+        epoch_s=300.0,
+    )
+    together = solve_pools(inputs, **kwargs)  # type: ignore[arg-type]
+    apart = solve_pools(inputs, pack_servers=False, **kwargs)  # type: ignore[arg-type]
+    assert servers(together) == servers(apart) == 2
+    assert sum(d.gpus for d in together) > sum(d.gpus for d in apart)
+    # energy of the instances plus the idle draw of the held servers' unused GPUs over the epoch
+    energy_j = [
+        sum(d.energy_j_estimate for d in ds) + 75.0 * 300.0 * (8 * servers(ds) - sum(d.gpus for d in ds))
+        for ds in (together, apart)
+    ]
+    assert energy_j[0] < energy_j[1]
+    for d, pool in zip(together, inputs, strict=True):
+        _check_decision(d, pool.load_rps, pool.gpu_budget, pool.configs, (2, 4, 8), None)
+        assert d.status in ("optimal", "incumbent")
+    # A pool that cannot fit its budget makes the joint problem infeasible: each is solved alone.
+    squeezed = [*inputs[:2], PoolInput(500.0, 8, inputs[2].configs, {})]
+    fallback = solve_pools(squeezed, **kwargs)  # type: ignore[arg-type]
+    assert fallback[2].status == "fallback-infeasible" and fallback[2].shortfall_rps > 0
+    with pytest.raises(InvalidArgumentError, match="unused_gpu_w"):
+        solve_pools(inputs, **{**kwargs, "unused_gpu_w": -1.0})  # type: ignore[arg-type]
+
+
 def test_headroom_adds_instances() -> None:
     caps = _caps(0)
     kw = {
@@ -504,14 +566,17 @@ def test_cached_problem_is_dpp_and_the_cache_is_bounded() -> None:
     # No module-level cache: each policy object owns a ProblemCache.
     assert not hasattr(pool_module, "_problems")
     cache = ProblemCache(size=4)
-    problem = cache.get((2, 4, 8, 8), (2, 4, 8))
+    one = (((2, 4, 8, 8), (2, 4, 8)),)
+    problem = cache.get(one, with_servers=False)
     assert problem.problem.is_dpp()
-    assert cache.get((2, 4, 8, 8), (2, 4, 8)) is problem
-    assert ProblemCache().get((2, 4, 8, 8), (2, 4, 8)) is not problem  # caches share nothing
+    assert cache.get(one, with_servers=False) is problem
+    assert ProblemCache().get(one, with_servers=False) is not problem  # caches share nothing
+    joint = cache.get((*one, ((8,), (8,))), with_servers=True)
+    assert joint.problem.is_dpp() and joint is not problem
     for k in range(1, 4 + 2):
-        cache.get((8,) * k, (8,))
+        cache.get((((8,) * k, (8,)),), with_servers=False)
     assert len(cache._problems) == 4
-    assert cache.get((2, 4, 8, 8), (2, 4, 8)) is not problem  # evicted, rebuilt
+    assert cache.get(one, with_servers=False) is not problem  # evicted, rebuilt
     # solve_pool builds into the cache it is given, and reuses what is there.
     solving = ProblemCache()
     solve_pool(10.0, 64, _caps(0), {}, reconfig_cost_j=RESTART_COSTS_J, epoch_s=EPOCH_S, problems=solving)

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 from controller.control.cycle import ControlCycle, CycleConfig
 from controller.control.guard import GuardConfig, SloGuard, check
 from controller.model.classes import CLASS_NAMES
+from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.fleet import Arrivals, Completions, FleetView, InstanceView
 from controller.model.state import GuardState
+from controller.policy.capacity import pool_capacities
 from controller.policy.dynamollm import DynamoLLM
 from controller.policy.singlepool import singlepool_plan
 from tests.unit.test_control_cycle import COSTS, LOW, MAX, PERIODS, PROFILE, Scripted
@@ -113,3 +115,60 @@ def test_dynamollm_keeps_its_clocks_above_the_guard_floor() -> None:
 
     assert run(1000) < MAX  # idle and meeting its SLO: the instance level lowers the clock
     assert run(500) == MAX  # missing it: the guard's floor holds the clock
+
+
+def test_the_raise_grows_with_the_miss_and_is_capped() -> None:
+    config = GuardConfig()
+    small = check(GuardState(), 985, 1000, 0.0, CLOCKS, 0, config)  # ~1x the allowed misses
+    large = check(GuardState(), 900, 1000, 0.0, CLOCKS, 0, config)  # ~14x: capped at max_step_multiple
+    assert small.factor == 1.0 + config.factor_step * ((config.target - 0.985) / (1 - config.target))
+    assert large.factor == 1.0 + config.factor_step * config.max_step_multiple
+    assert small.short and large.short
+    # Within factor_interval_s of the raise, another miss raises the floor, not the factor.
+    again = check(large, 0, 1000, config.factor_interval_s / 2, CLOCKS, 0, config)
+    assert again.factor == large.factor and again.clock_floor_mhz > large.clock_floor_mhz
+    # A check at target clears `short`.
+    assert not check(large, 995, 1000, 100.0, CLOCKS, 0, config).short
+
+
+def test_a_raise_runs_the_pool_step_at_once_and_keeps_the_pool_grid() -> None:
+    policy = Scripted([])
+    cycle = ControlCycle(policy, PROFILE, singlepool_plan(1, 8, LOW), CycleConfig(escalation=False))
+    cycle.start(0.0)
+    view = FleetView({0: InstanceView(0, 0, 0, math.inf, 0)})
+    result = cycle.tick(5.0, view, Arrivals.none(), one_class(900, 1000))
+    assert [d.level for d in result.decisions if hasattr(d, "level")] == ["guard"]
+    assert cycle.next_pool_s == PERIODS.pool_s  # the regular boundary stays
+    calm = cycle.tick(10.0, view, Arrivals.none(), one_class(1000, 1000))
+    assert not [d for d in calm.decisions if hasattr(d, "level")]
+
+
+def test_dynamollm_never_plans_less_than_it_runs_for_a_pool_below_target() -> None:
+    """A pool the guard found short keeps at least its running capacity at the next pool step, even when
+    the forecast (here: no arrivals at all) would shrink it."""
+
+    tp8 = InstanceSpec(8, MAX)
+    # The pools DynamoLLM itself plans with no load (one per TTFT tier, named after its heaviest class).
+    tiers = (("SL", ("SS", "SM", "SL")), ("ML", ("MS", "MM", "ML")), ("LL", ("LS", "LM", "LL")))
+    plan = ClusterPlan(pools=tuple(PoolPlan(name, classes, (tp8, tp8)) for name, classes in tiers))
+
+    # No arrivals at all: the classes are weighted evenly (`capacity.pool_capacities`).
+    table = {c.spec: c for c in pool_capacities(PROFILE, dict.fromkeys(("SS", "SM", "SL"), 0.0))}
+
+    def capacity_after(met: int) -> float:
+        """The SS pool's capacity after two minutes, each TP at its most capable clock (what the pool
+        step counts: the instance level raises clocks within seconds)."""
+        policy = DynamoLLM(periods=PERIODS, costs=COSTS)
+        cycle = ControlCycle(policy, PROFILE, plan, CycleConfig(escalation=False))
+        cycle.start(0.0)
+        view = FleetView({i: InstanceView(i, 0, 0, math.inf, 0) for i in range(6)})
+        arrivals = Arrivals.none()
+        for k in range(1, 25):  # two minutes: history to decide on, and several pool steps
+            cycle.tick(5.0 * k, view, arrivals, one_class(met, 1000))
+        (pool,) = [p for p in cycle.plan.pools if "SS" in p.class_names]
+        return sum(max(c.max_load_rps for c in table.values() if c.tp == s.tp) for s in pool.instances)
+
+    running = 2 * table[tp8].max_load_rps
+    # Completions of class SS only: its pool is judged, the others have no samples.
+    assert capacity_after(1000) < running  # meeting its SLO with no load: the pool steps shrink it
+    assert capacity_after(500) >= running * (1 - 1e-9)  # short: never less than it runs
