@@ -1,5 +1,6 @@
 # Two entry points, both doing their own set-up on a fresh machine:
-#   make demo   dynamollm against singlepool on the embedded synthetic conversation workload
+#   make demo   dynamollm against singlepool on the embedded synthetic conversation workload, minimising
+#               energy (the default), then cost
 #   make test   lint, type checks, import layering, wire-contract freshness, tests
 PYTHON ?= python3
 VENV   := .venv
@@ -16,6 +17,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/dctl simulate --trace synthetic:conversation --compare dynamollm --out demo-out
+	$(BIN)/dctl simulate --trace synthetic:conversation --compare dynamollm --objective cost --out demo-out/cost
 
 test: lint typecheck layering proto-check pytest
 

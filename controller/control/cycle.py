@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from agent.api.errors import InvalidArgumentError
 from controller.control.guard import GuardConfig, SloGuard
 from controller.control.history import ArrivalHistory
+from controller.control.served import ServedMix
 from controller.model.classes import REQUEST_CLASSES
 from controller.model.cluster import ClusterPlan, InstanceSpec
 from controller.model.decisions import ClockDecision, ClockReason, Decision, Level, PlanStep, StepRecord
@@ -149,6 +150,10 @@ class ControlCycle:
         self._routes_version = 0
         self._routes_dirty = True
         self.guard = SloGuard(clocks, cfg.guard)
+        # What each routed class really served, as of the last plan step (fixed in between, so the
+        # instance level reuses the pool step's capacity tables).
+        self.served = ServedMix()
+        self._served_mix: tuple[tuple[float, ...], ...] = ()
 
     # ------------------------------------------------------------------ driver API
     def next_tick_s(self) -> float:
@@ -187,6 +192,7 @@ class ControlCycle:
             raise InvalidArgumentError("now_s", now_s, f">= the next tick time {self._next_tick_s}")
         self.history.add(arrivals)
         self.guard.observe(now_s, completions or Completions())
+        self.served.observe(now_s, (completions or Completions()).served)
         before = {name: g.factor for name, g in self.guard.state.items()}
         self._update_guard(now_s)
         # The guard raised a pool's planned load: the pool step runs now, the pool grid stays.
@@ -243,6 +249,7 @@ class ControlCycle:
             epoch_start_s=self.epoch_start_s,
             pool_period_start_s=self.pool_period_start_s,
             guard=dict(self.guard.state),
+            served_mix=self._served_mix,
         )
 
     def _plan_steps(
@@ -260,6 +267,7 @@ class ControlCycle:
             self.next_pool_s = _next_boundary(self.next_pool_s, self.periods.pool_s, now_s)
         if self._fixed:
             return [], records
+        self._served_mix = self.served.shares()
         for level in levels:
             step = self._step(level, self._observe(now_s, view, None))
             self.plan = step.plan

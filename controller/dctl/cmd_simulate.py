@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 # (controller.sim.bound): computed, not simulated, in every --compare; `--policy bound` is refused.
 POLICIES = ("singlepool", "multipool", "scaleinst", "scaleshard", "scalefreq", "dynamollm", "oracle", "bound")
 TRACE_FORMS = (
-    "a trace CSV file, synthetic:conversation, synthetic:coding, synthetic:long-context, azure-week:conv,"
-    " azure-week:code"
+    "a trace CSV file, synthetic:conversation, synthetic:coding, synthetic:long-context,"
+    " synthetic:conversation-2day, azure-week:conv, azure-week:code"
 )
 WEEK_PREFIX = "azure-week:"  # controller.sim.week.WEEK_SPEC_PREFIX, repeated to keep --help import-light
 DEFAULT_TRACE_DIR = Path("..") / "shared" / "data" / "traces"

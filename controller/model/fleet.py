@@ -85,16 +85,28 @@ class Completions:
     """Requests finished since the previous tick, per routed class (index order of
     `controller.model.classes.REQUEST_CLASSES`): how many met their SLO (TTFT and mean TBT within the
     targets of their class) and how many finished in all (a request rejected past its deadline, or that
-    no instance could take, counts as finished and missed). Empty tuples: nothing finished."""
+    no instance could take, counts as finished and missed). Empty tuples: nothing finished.
+
+    `served[r][t]`: of the requests routed as class r, how many turned out to be of class t (their true
+    output length is known once they finish): what a pool planned for class r really served. Empty:
+    not reported (the routed class is then taken as the true one)."""
 
     met: tuple[int, ...] = ()
     total: tuple[int, ...] = ()
+    served: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.met) != len(self.total) or any(
             not 0 <= m <= t for m, t in zip(self.met, self.total, strict=True)
         ):
             raise InvalidArgumentError("met", (self.met, self.total), "0 <= met <= total, per class")
+        if self.served and (
+            len(self.served) != len(self.total)
+            or any(len(row) != len(self.total) or min(row) < 0 for row in self.served)
+        ):
+            raise InvalidArgumentError(
+                "served", len(self.served), "a square table of counts >= 0, one row per class"
+            )
 
     def any(self) -> bool:
         return sum(self.total) > 0

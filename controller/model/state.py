@@ -96,6 +96,9 @@ class ClusterObs:
 
     `guard`: per pool of the plan, the closed-loop SLO guard's state (`GuardState`; empty: no guard).
     Policies that use it (DynamoLLM) scale the pool's planned load and floor its clocks; others ignore it.
+
+    `served_mix[r][t]`: of the recent completions routed as class r, the share that were of class t
+    (`controller.control.served`; empty: as routed). DynamoLLM sizes a pool for what it really serves.
     """
 
     now_s: float
@@ -110,6 +113,7 @@ class ClusterObs:
     epoch_start_s: float = 0.0
     pool_period_start_s: float = 0.0
     guard: Mapping[str, GuardState] = field(default_factory=dict)
+    served_mix: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.class_rate_history_rps) != len(CLASS_NAMES):

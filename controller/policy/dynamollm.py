@@ -60,7 +60,7 @@ from controller.policy.cluster_manager import (
 )
 from controller.policy.forecast import forecast_next_rate_rps
 from controller.policy.frequency import DEFAULT_CLOCK_HEADROOM
-from controller.policy.instance_model import CapacityCache, class_shares
+from controller.policy.instance_model import CapacityCache, served_shares
 from controller.policy.objective import (
     DEFAULT_ENERGY_USD_PER_KWH,
     DEFAULT_GPU_USD_PER_SERVER_HOUR,
@@ -259,9 +259,11 @@ class DynamoLLM:
         }
         current = {b.name: live_counts(obs, b.name) for b in budgets}
         mix = recent_class_rates_rps(obs, self.mix_window_s)
-        budgets, loads = self._hold_short_pools(budgets, loads, current, guards, mix, profile, obs.total_gpus)
+        budgets, loads = self._hold_short_pools(budgets, loads, current, guards, mix, profile, obs)
         typical = {name: min(rate, loads[name]) for name, rate in rates.items()}
-        solved = self._solve(budgets, loads, mix, current, profile, guards, obs.total_gpus, typical)
+        solved = self._solve(
+            budgets, loads, mix, current, profile, guards, obs.total_gpus, typical, obs.served_mix
+        )
         forecast = tuple(p + b for p, b in zip(peaks, bursts, strict=True))
         return replace(
             solved,
@@ -278,7 +280,7 @@ class DynamoLLM:
         guards: Mapping[str, GuardState],
         mix: Sequence[float],
         profile: Profile,
-        total_gpus: int,
+        obs: ClusterObs,
     ) -> tuple[tuple[PoolBudget, ...], dict[str, float]]:
         """A pool the guard finds below target plans at least the capacity it runs, within a budget of at
         least its GPUs: a forecast that fell since must not undo a correction still under way."""
@@ -287,12 +289,12 @@ class DynamoLLM:
         for b in budgets:
             running = current.get(b.name, {})
             if guards[b.name].short and running:
-                caps = self.capacities.capacities(profile, class_shares(b.class_names, mix))
+                caps = self.capacities.capacities(profile, served_shares(b.class_names, mix, obs.served_mix))
                 table = {c.spec: c.max_load_rps for c in caps}
                 held[b.name] = max(held[b.name], sum(table.get(s, 0.0) * n for s, n in running.items()))
                 b = replace(b, gpu_budget=max(b.gpu_budget, sum(s.tp * n for s, n in running.items())))
             out.append(b)
-        return fit_total(tuple(out), total_gpus), held
+        return fit_total(tuple(out), obs.total_gpus), held
 
     def _solve(
         self,
@@ -304,6 +306,7 @@ class DynamoLLM:
         guards: Mapping[str, GuardState] | None = None,
         total_gpus: int | None = None,
         typical_rps: Mapping[str, float] | None = None,
+        served_mix: Sequence[Sequence[float]] = (),
     ) -> PlanStep:
         """Every pool's mix (`pool.solve_pools`): under the cost objective from one MILP with the servers
         the pools fill (rental is paid per server); under energy and carbon pool by pool, the servers'
@@ -314,7 +317,8 @@ class DynamoLLM:
         epoch_s = self.periods.pool_s
         tps = self._allowed_tps(profile)
         caps = [
-            self.capacities.capacities(profile, class_shares(b.class_names, class_rates_rps)) for b in budgets
+            self.capacities.capacities(profile, served_shares(b.class_names, class_rates_rps, served_mix))
+            for b in budgets
         ]
         solutions = solve_pools(
             [

@@ -55,6 +55,23 @@ def class_shares(class_names: Sequence[str], rates_rps: Sequence[float]) -> dict
     return {c: rates_rps[CLASS_NAMES.index(c)] for c in class_names}
 
 
+def served_shares(
+    class_names: Sequence[str], rates_rps: Sequence[float], served_mix: Sequence[Sequence[float]]
+) -> dict[str, float]:
+    """The rates of the TRUE classes a pool routed `class_names` carries: each routed class's rate
+    spread over the classes its requests turned out to be (`served_mix`, `ClusterObs.served_mix`;
+    empty: as routed)."""
+    if not served_mix:
+        return class_shares(class_names, rates_rps)
+    out: dict[str, float] = {}
+    for c in class_names:
+        r = CLASS_NAMES.index(c)
+        for t, share in enumerate(served_mix[r]):
+            if share > 0.0:
+                out[CLASS_NAMES[t]] = out.get(CLASS_NAMES[t], 0.0) + rates_rps[r] * share
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class PoolInstanceModel:
     """`controller.orchestrator.InstanceModel`: capacity and power of each spec in each pool (module

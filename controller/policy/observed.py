@@ -17,7 +17,7 @@ from controller.orchestrator.plan import ReconfigCosts
 from controller.policy.capacity import ConfigCapacity, capacities_by_clock
 from controller.policy.forecast import forecast_next_peak_rps
 from controller.policy.frequency import next_clock
-from controller.policy.instance_model import CapacityCache, class_shares
+from controller.policy.instance_model import CapacityCache, class_shares, served_shares
 from controller.policy.pool import reconfig_cost_j_per_gpu
 
 Forecaster = Callable[..., float]
@@ -101,7 +101,9 @@ def choose_clocks(
     def table(inst: InstanceObs) -> dict[int, ConfigCapacity]:
         key = (inst.pool, inst.spec.tp)
         if key not in tables:
-            caps = cache.capacities(profile, class_shares(pools[inst.pool].class_names, rates))
+            caps = cache.capacities(
+                profile, served_shares(pools[inst.pool].class_names, rates, obs.served_mix)
+            )
             tables[key] = capacities_by_clock(caps, inst.spec.tp)
         return tables[key]
 

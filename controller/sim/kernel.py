@@ -214,7 +214,8 @@ class _Kernel:
     def completions(self) -> Completions:
         """The requests finished since the last tick, per routed class, judged as the report judges them
         (`within_targets`, by the targets of their true class, known once their lengths are), and those
-        dropped after admission (misses); then forgotten."""
+        dropped after admission (misses), with the true classes each routed class served; then
+        forgotten."""
         out = self.fleet.outcomes
         n = len(REQUEST_CLASSES)
         done = np.asarray(out.finished, dtype=np.int64)
@@ -232,7 +233,13 @@ class _Kernel:
         routed_done = self.router.routed[done]
         met = np.bincount(routed_done[ok], minlength=n)
         total = np.bincount(routed_done, minlength=n) + np.bincount(self.router.routed[dropped], minlength=n)
-        return Completions(tuple(met.tolist()), tuple(total.tolist()))
+        pairs = np.concatenate((done, dropped))
+        served = np.bincount(self.router.routed[pairs] * n + self.router.true_class[pairs], minlength=n * n)
+        return Completions(
+            tuple(met.tolist()),
+            tuple(total.tolist()),
+            tuple(tuple(row) for row in served.reshape(n, n).tolist()),
+        )
 
     def apply(self, result: TickResult) -> None:
         self.out.decisions.extend(result.decisions)

@@ -24,21 +24,23 @@ Token lengths: each service's empirical quantiles at QUANTILE_LEVELS, interpolat
 tokens (so the published p50/p99 are met exactly in expectation); input and output lengths are coupled
 by a Gaussian copula whose correlation gives the real Spearman rank correlation, 2 sin(pi rho_s / 6).
 
-`long-context` is not fitted to a trace: it is a workload of another shape for evaluating on what the
-policies were not tuned on, prompts close to the model's context (Llama-2-70B: 4,096 tokens; median
-prompt 2,900, a quarter above 3,600, 9% beyond the context with their answers and refused), answers
-like the conversation service's but shorter, at 2.5 requests/s with the conversation service's
-minute-scale burstiness. Profiles draw their lengths from the two fitted services only
-(`PROFILED_SERVICES`).
+`conversation-2day` is two days of the conversation service (lengths and minute-scale burstiness) on a
+daily rate curve the Azure hours do not have: 4x from trough to peak, peaking at 20:00 UTC (mean rate
+unchanged over a day). `long-context` is not fitted to a trace: it is a workload of another shape for
+evaluating on what the policies were not tuned on, prompts close to the model's context (Llama-2-70B:
+4,096 tokens; median prompt 2,900, a quarter above 3,600, 9% beyond the context with their answers and
+refused), answers like the conversation service's but shorter, at 2.5 requests/s with the
+conversation service's minute-scale burstiness. Profiles draw their lengths from the two fitted
+services only (`PROFILED_SERVICES`).
 
-Defaults: one hour (DEFAULT_DURATION_S), and t = 0 at the real trace's first request
-(`start_unix_s`), so carbon intensity and prices line up with the real hour.
+Defaults: one hour (DEFAULT_DURATION_S; two days for `conversation-2day`), and t = 0 at the real
+trace's first request (`start_unix_s`), so carbon intensity and prices line up with the real hour.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +48,7 @@ import numpy.typing as npt
 from agent.api.errors import InvalidArgumentError
 
 SYNTHETIC_PREFIX = "synthetic:"
-SYNTHETIC_KINDS = ("conversation", "coding", "long-context")
+SYNTHETIC_KINDS = ("conversation", "coding", "long-context", "conversation-2day")
 # The services whose fitted length models profiles are measured with (controller.sim.profiling).
 PROFILED_SERVICES = ("conversation", "coding")
 DEFAULT_DURATION_S = 3600.0  # the Azure 2023 traces are one hour each
@@ -86,6 +88,17 @@ class WorkloadParams:
     copula_rho: float
     input_quantiles_tokens: tuple[float, ...]
     output_quantiles_tokens: tuple[float, ...]
+    # A daily rate curve (1: none): the rate is multiplied by 1 + a cos(2 pi (hour - peak) / 24) with a
+    # set so that its peak is this many times its trough (mean 1 over a day).
+    daily_peak_to_trough: float = 1.0
+    daily_peak_utc_hour: float = 0.0
+    default_duration_s: float = DEFAULT_DURATION_S
+
+    def daily_factor(self, unix_s: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        r = self.daily_peak_to_trough
+        a = (r - 1.0) / (r + 1.0)
+        hour = (unix_s / 3600.0) % 24.0
+        return np.asarray(1.0 + a * np.cos(2.0 * np.pi * (hour - self.daily_peak_utc_hour) / 24.0))
 
     @property
     def on_rate_rps(self) -> float:
@@ -235,6 +248,15 @@ WORKLOADS: dict[str, WorkloadParams] = {
         ),
     ),
 }
+# Two days of the conversation service (its lengths and minute-scale burstiness) on a daily curve the
+# Azure hours do not have: 4x from trough to peak, peaking at 20:00 UTC (US afternoon).
+WORKLOADS["conversation-2day"] = replace(
+    WORKLOADS["conversation"],
+    on_mean_s=2 * 86400.0,
+    daily_peak_to_trough=4.0,
+    daily_peak_utc_hour=20.0,
+    default_duration_s=2 * 86400.0,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +326,8 @@ def _arrivals(
     middle_s = piece_start_s + piece_len_s / 2
     is_on = np.searchsorted(switch_s, middle_s) % 2 == 0
     bin_index = np.minimum((middle_s // MODULATION_BIN_S).astype(np.int64), n_bins - 1)
-    rate_rps = np.where(is_on, on_rate_rps * multiplier[bin_index], 0.0)
+    daily = params.daily_factor(params.start_unix_s + middle_s)
+    rate_rps = np.where(is_on, on_rate_rps * multiplier[bin_index] * daily, 0.0)
     counts = rng.poisson(rate_rps * piece_len_s)
     arrivals = np.repeat(piece_start_s, counts) + rng.random(int(counts.sum())) * np.repeat(
         piece_len_s, counts

@@ -44,6 +44,7 @@ from controller.sim.synthetic import (
     DEFAULT_DURATION_S,
     SYNTHETIC_KINDS,
     SYNTHETIC_PREFIX,
+    WORKLOADS,
     synthetic_requests,
 )
 from controller.textfiles import open_error
@@ -53,8 +54,7 @@ GENERIC_COLUMNS = ("arrival_s", "input_tokens", "output_tokens")
 TRACE_SPEC_FORMS = (
     "a trace file (Azure CSV 'TIMESTAMP,ContextTokens,GeneratedTokens' or generic CSV "
     "'arrival_s,input_tokens,output_tokens')",
-    "synthetic:conversation",
-    "synthetic:coding",
+    *(f"{SYNTHETIC_PREFIX}{kind}" for kind in SYNTHETIC_KINDS),
 )
 
 MAX_TOKENS = 999_999_999  # nine digits: parses without overflow and fits int32
@@ -200,10 +200,11 @@ def load_trace(
     duration_s: float | None = None,
     seed: int = 0,
 ) -> Trace:
-    """The trace named by `spec` (a file path, `synthetic:conversation` or `synthetic:coding`), cut to the
-    window [start_s, start_s + duration_s) and then rate-scaled by `rate_scale`.
+    """The trace named by `spec` (a file path or `synthetic:KIND`), cut to the window [start_s, start_s +
+    duration_s) and then rate-scaled by `rate_scale`.
 
-    Synthetic traces are generated for exactly the window (default one hour). `seed` drives the
+    Synthetic traces are generated for exactly the window (default: the kind's, one hour but two days
+    for `conversation-2day`). `seed` drives the
     synthetic generator and, through an independent stream, the rate scaling.
     """
     if not (math.isfinite(rate_scale) and rate_scale > 0.0):
@@ -217,7 +218,7 @@ def load_trace(
         kind = text.removeprefix(SYNTHETIC_PREFIX)
         if kind not in SYNTHETIC_KINDS:
             raise InvalidArgumentError("--trace", text, TRACE_SPEC_FORMS)
-        span_s = DEFAULT_DURATION_S if duration_s is None else duration_s
+        span_s = WORKLOADS[kind].default_duration_s if duration_s is None else duration_s
         trace = synthetic_trace(kind, start_s + span_s, seed).window(start_s, span_s)
     else:
         trace = read_trace_file(text)

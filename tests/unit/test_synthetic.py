@@ -59,6 +59,21 @@ def test_load_trace_synthetic_defaults_to_one_hour() -> None:
     assert later.start_unix_s == pytest.approx(WORKLOADS["conversation"].start_unix_s + 600.0)
 
 
+def test_the_evaluation_workloads_have_their_stated_shapes() -> None:
+    """Workloads of other shapes than the fitted hours, for evaluating on what nothing was tuned on."""
+    days = load_trace("synthetic:conversation-2day", seed=0)
+    assert days.duration_s == 2 * 86400.0
+    hourly = np.bincount((days.arrival_s // 3600).astype(np.int64), minlength=48)
+    assert 3.0 < hourly.max() / hourly.min() < 5.0  # 4x from trough to peak, with Poisson noise
+    assert len(days) / days.duration_s == pytest.approx(WORKLOADS["conversation"].rate_rps, rel=0.05)
+    peak_hour_utc = (days.start_unix_s / 3600 + np.argmax(hourly[:24])) % 24
+    assert abs(peak_hour_utc - 20.0) <= 2.0
+    long = load_trace("synthetic:long-context", seed=0)
+    assert np.percentile(long.input_tokens, 50) == pytest.approx(2900, rel=0.05)
+    beyond = np.mean(long.input_tokens + long.output_tokens > 4096)
+    assert 0.05 < beyond < 0.12  # close to the context: some prompts with their answers exceed it
+
+
 def test_rejects_bad_arguments() -> None:
     with pytest.raises(InvalidArgumentError, match="synthetic:conversation"):
         synthetic_trace("chat", 60.0, 0)
