@@ -282,14 +282,7 @@ def solve_pool(
         raise InvalidArgumentError("gpu_hold_j_per_gpu_s", gpu_hold_j_per_gpu_s, "a finite cost >= 0 J")
     if typical_rps is not None and not (math.isfinite(typical_rps) and 0.0 <= typical_rps <= load_rps):
         raise InvalidArgumentError("typical_rps", typical_rps, f"a rate in [0, load_rps = {load_rps}]")
-    configs = _allowed(capacities, allowed_tps, allowed_clocks)
-    if not configs:
-        raise InvalidArgumentError(
-            "capacities",
-            len(capacities),
-            f"at least one configuration with tp in {tuple(allowed_tps)}"
-            + ("" if allowed_clocks is None else f" and clock_mhz in {tuple(allowed_clocks)}"),
-        )
+    configs = allowed_configs(capacities, allowed_tps, allowed_clocks)
     fits = [c for c in configs if c.tp <= gpu_budget]
     if load_rps == 0.0 and not any(current_counts.values()):
         return _decision(
