@@ -8,18 +8,22 @@ each desired plan into costed actions (`controller.orchestrator.plan_reconfigura
   profile's capacities absorb is not added again) -> pools and GPU budgets (`cluster_manager.plan_pools`).
 - Objective (`objective`, `controller.policy.objective`): energy (default), cost (rental + energy: the
   MILP prices each held GPU) or carbon (the same decisions as energy, see that module).
-- Pool level: per pool, the MILP (`pool.solve_pool`) over TP in {2, 4, 8} x every profiled clock, for the
-  pool's forecast rate over the next pool period plus a start-up time (instances it adds are up before
-  the load they are for), with the current instances and the reconfiguration costs (the same
-  `ReconfigCosts` the executor times changes with). Each pool's decision is returned as data: budget,
-  forecast, solver status, shortfall, the chosen mix and the greedy runner-up with their power.
+- Pool level: per pool, the MILP (`pool.solve_pools`; one joint MILP with the servers the pools fill
+  under the cost objective) over TP in {2, 4, 8} x every profiled clock: capacity for the pool's
+  planned load (forecast rate over the next pool period plus a start-up time, plus bursts, times the
+  guard factor) at each TP's most capable clock, energy priced at the typical load (the forecast rate),
+  with the current instances and the reconfiguration costs (the same `ReconfigCosts` the executor
+  times changes with). Capacity is that of the classes the pool really serves (`served_shares` over
+  `ClusterObs.served_mix`). Each pool's decision is returned as data: budget, forecast, solver status,
+  shortfall, the chosen mix and the greedy runner-up with their power.
 - Instance level: each active instance's clock from its measured and sustained load with a dead-band
   (`frequency.next_clock`); pool steps keep the clocks of the instances they keep
   (`observed.keep_current_clocks`).
 - SLO guard (closed loop, `controller.control.guard`): a pool whose realised SLO attainment falls
   below target gets a guard factor on its planned load (and GPU budget) at the pool step and a clock
-  floor at the instance level, both from the observation (`ClusterObs.guard`); they relax slowly once
-  it is well above target.
+  floor at the instance level, both from the observation (`ClusterObs.guard`); while it is below
+  target its pool step never plans less capacity than it runs; they relax slowly once it is well
+  above target.
 - Bursts: each class's forecast is raised by the service rate that drains its largest recent
   sub-minute burst beyond Poisson within its TTFT target (`bursts.class_burst_rps`), in the budgets and
   in the pool loads, except bursts small enough to fit a miss budget of 0.5% of the arrivals.
