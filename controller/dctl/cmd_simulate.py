@@ -150,10 +150,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--objective",
-        default="energy",
+        default=None,
         metavar="NAME",
-        help="what dynamollm's pool MILP minimises: energy (default), cost (server rental + energy, at the"
-        " prices below) or carbon (decides as energy does: docs/control.md)",
+        help="what dynamollm's pool MILP minimises: energy (default, or the --policy-config's), cost"
+        " (server rental + energy, at the prices below) or carbon (decides as energy does: docs/control.md)",
     )
     p.add_argument(
         "--gpu-usd-per-server-hour",
@@ -238,7 +238,7 @@ class _Options:
     prices: Path | None
     energy_usd_per_kwh: float | None
     gpu_usd_per_server_hour: float
-    objective: str
+    objective: str | None
     max_drain_s: float
     instances: int | None
     slo_target: float
@@ -348,7 +348,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         gpu_usd_per_server_hour=_number(
             args.gpu_usd_per_server_hour, "--gpu-usd-per-server-hour", lambda x: x >= 0, "a number >= 0"
         ),
-        objective=_objective(args.objective),
+        objective=None if args.objective is None else _objective(args.objective),
         max_drain_s=_number(args.max_drain, "--max-drain", lambda x: x > 0, "seconds > 0"),
         instances=None
         if args.instances is None
@@ -556,9 +556,15 @@ def _policy_settings(opts: _Options, pricing: Pricing) -> PolicySettings:
     usd_per_mwh = (
         float(price.series.values.mean()) if isinstance(price, EnergyPrice) else price.usd_per_mwh_at(0.0)
     )
+    objective = settings.objective if opts.objective is None else opts.objective
+    if objective == "cost" and not usd_per_mwh > 0.0:
+        flag = "--prices" if isinstance(price, EnergyPrice) else "--energy-usd-per-kwh"
+        raise InvalidArgumentError(
+            flag, usd_per_mwh / 1000.0, "a mean energy price > 0 USD/kWh with --objective cost"
+        )
     return replace(
         settings,
-        objective=opts.objective,
+        objective=objective,
         gpu_usd_per_server_hour=opts.gpu_usd_per_server_hour,
         energy_usd_per_kwh=usd_per_mwh / 1000.0,
     )

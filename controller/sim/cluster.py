@@ -547,6 +547,8 @@ def _result(
         ),
         forecast=forecast_scores(kernel.decisions, cycle.history.counts, trace.duration_s),
         periods=policy.periods,
+        # Only the DynamoLLM family has an objective; other policies report none.
+        objective=getattr(policy, "objective", None),
         series=_mix_series(
             kernel.samples, cfg.series_bin_s, np.diff(s_gpu) / lengths_s, np.diff(s_server) / lengths_s
         ),

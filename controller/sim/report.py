@@ -134,6 +134,7 @@ class SimResult:
     predictor: PredictorScore | None = None
     forecast: tuple[ForecastScore, ...] = ()
     periods: Periods | None = None
+    objective: str | None = None  # what the policy's pool MILP minimised (DynamoLLM family), else None
     series: RunSeries | None = None
     # Requests refused at admission, by reason; `admitted` per request (None: all admitted).
     refused: Mapping[str, int] = field(default_factory=dict)
@@ -380,6 +381,7 @@ def _dynamic_json(result: SimResult) -> dict[str, Any]:
         "periods": None
         if periods is None
         else {"cluster_s": periods.cluster_s, "pool_s": periods.pool_s, "instance_s": periods.instance_s},
+        "objective": result.objective,
         "predictor": None
         if pred is None
         else {

@@ -99,6 +99,7 @@ def test_json_on_stdout_and_pricing_flags(capsys: pytest.CaptureFixture[str]) ->
         (["--gpu-usd-per-server-hour", "-3"], "--gpu-usd-per-server-hour"),
         (["--max-drain", "0"], "--max-drain"),
         (["--objective", "speed"], "--objective: got 'speed'; allowed: energy, cost, carbon"),
+        (["--objective", "cost", "--energy-usd-per-kwh", "0"], "--energy-usd-per-kwh"),
         (["--output", "yaml"], "--output: got 'yaml'; allowed: table, json"),
         (["--instances", "0"], "--instances: got '0'; allowed: 1..512"),
         (["--instances", "2.5"], "--instances"),
@@ -436,6 +437,16 @@ def test_policy_settings_come_from_a_toml_file(tmp_path: Path, capsys: pytest.Ca
     report = json.loads(out)
     assert report["periods"] == {"cluster_s": 600.0, "pool_s": 120.0, "instance_s": 10.0}
     assert [d["t_s"] for d in report["decisions"] if d.get("level") == "pool"] == [120.0, 240.0]
+    assert report["objective"] == "energy"
+    # The file's objective holds unless --objective is given.
+    config.write_text('objective = "cost"\n[periods]\npool_s = 120\n')
+    args = (*SHORT[:4], "dynamollm", "--duration", "300", "--output", "json", "--policy-config", str(config))
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    assert json.loads(out)["objective"] == "cost"
+    code, out, err = _run(capsys, *args, "--objective", "carbon")
+    assert code == 0, err
+    assert json.loads(out)["objective"] == "carbon"
 
 
 @pytest.mark.parametrize(
