@@ -154,6 +154,7 @@ class ControlCycle:
         # instance level reuses the pool step's capacity tables).
         self.served = ServedMix()
         self._served_mix: tuple[tuple[float, ...], ...] = ()
+        self._input_tokens_mean: tuple[float, ...] = ()  # likewise, the classes' prompt lengths
 
     # ------------------------------------------------------------------ driver API
     def next_tick_s(self) -> float:
@@ -250,6 +251,7 @@ class ControlCycle:
             pool_period_start_s=self.pool_period_start_s,
             guard=dict(self.guard.state),
             served_mix=self._served_mix,
+            class_input_tokens_mean=self._input_tokens_mean,
         )
 
     def _plan_steps(
@@ -268,6 +270,7 @@ class ControlCycle:
         if self._fixed:
             return [], records
         self._served_mix = self.served.shares()
+        self._input_tokens_mean = self.history.input_tokens_mean(now_s, _LENGTH_BINS)
         for level in levels:
             step = self._step(level, self._observe(now_s, view, None))
             self.plan = step.plan
@@ -376,6 +379,9 @@ def _next_boundary(boundary_s: float, period_s: float, now_s: float) -> float:
     return boundary_s + (math.floor((now_s - boundary_s) / period_s + _EPS_S) + 1) * period_s
 
 
+# Prompt lengths are averaged over the last 15 history bins (15 min at the default 60-s bins): the
+# policy's class-mix window.
+_LENGTH_BINS = 60
 DEFAULT_PERIODS = Periods()
 DEFAULT_COSTS = ReconfigCosts()
 # Capacity of a spec that cannot serve its pool's mix within the SLO: routed to only as a last resort.

@@ -38,6 +38,9 @@ class ArrivalHistory:
         self.burst_windows_s = burst_windows_s
         self._windows = np.asarray(burst_windows_s, dtype=np.float64)
         self._counts = np.zeros((_N_CLASSES, _GROW_BINS), dtype=np.int64)
+        # prompt tokens per class and bin, and how many arrivals reported them
+        self._tokens = np.zeros((_N_CLASSES, _GROW_BINS), dtype=np.float64)
+        self._token_counts = np.zeros((_N_CLASSES, _GROW_BINS), dtype=np.int64)
         self._bursts = np.zeros((len(burst_windows_s), _N_CLASSES, _GROW_BINS), dtype=np.int64)
         self._tail = [np.empty(0, dtype=np.float64) for _ in range(_N_CLASSES)]
 
@@ -47,6 +50,8 @@ class ArrivalHistory:
             return
         grow = max(n_bins - have, have)
         self._counts = np.pad(self._counts, ((0, 0), (0, grow)))
+        self._tokens = np.pad(self._tokens, ((0, 0), (0, grow)))
+        self._token_counts = np.pad(self._token_counts, ((0, 0), (0, grow)))
         self._bursts = np.pad(self._bursts, ((0, 0), (0, 0), (0, grow)))
 
     def add(self, arrivals: Arrivals) -> None:
@@ -61,6 +66,9 @@ class ArrivalHistory:
             )
         self._ensure(int(b[-1]) + 1)
         np.add.at(self._counts, (classes, b), 1)
+        if arrivals.input_tokens is not None:
+            np.add.at(self._tokens, (classes, b), arrivals.input_tokens.astype(np.float64))
+            np.add.at(self._token_counts, (classes, b), 1)
         for c in np.unique(classes).tolist():
             mine = classes == c
             new_s = times[mine]
@@ -82,6 +90,21 @@ class ArrivalHistory:
         more than the history keeps)."""
         lo, hi = self._span(now_s, max_bins)
         return tuple(tuple(row) for row in (self._counts[:, lo:hi] / self.bin_s).tolist())
+
+    def input_tokens_mean(self, now_s: float, max_bins: int) -> tuple[float, ...]:
+        """Per class, the mean prompt length of the arrivals of its INPUT BIN in the last `max_bins`
+        finished bins (0 where there were none, or nothing was reported). By input bin, not by routed
+        class: the input bin is known at arrival, while the routed class carries the output-length
+        predictor's choice, which sorts prompts of one bin by length (its buckets)."""
+        lo, hi = self._span(now_s, max_bins)
+        tokens = self._tokens[:, lo:hi].sum(axis=1)
+        counts = self._token_counts[:, lo:hi].sum(axis=1)
+        out: list[float] = []
+        for cls in REQUEST_CLASSES:
+            same_bin = [k for k, other in enumerate(REQUEST_CLASSES) if other.input_bin == cls.input_bin]
+            n = int(counts[same_bin].sum())
+            out.append(float(tokens[same_bin].sum() / n) if n else 0.0)
+        return tuple(out)
 
     def bursts_rps(self, now_s: float) -> tuple[tuple[tuple[float, ...], ...], ...]:
         """Per burst window, per class, the short-term peak (rps) of the same bins as `rates_rps`."""

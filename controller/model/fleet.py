@@ -63,16 +63,22 @@ FleetEvent = InstanceReady | InstanceIdle
 
 @dataclass(frozen=True, slots=True)
 class Arrivals:
-    """Requests admitted since the previous tick: arrival times (s, sorted) and the class index
-    (`controller.model.classes.REQUEST_CLASSES` order) the router classified each into."""
+    """Requests admitted since the previous tick: arrival times (s, sorted), the class index
+    (`controller.model.classes.REQUEST_CLASSES` order) the router classified each into, and their prompt
+    lengths in tokens (None: not reported)."""
 
     arrival_s: npt.NDArray[np.float64]
     class_index: npt.NDArray[np.int64]
+    input_tokens: npt.NDArray[np.int64] | None = None
 
     def __post_init__(self) -> None:
         if self.arrival_s.shape != self.class_index.shape:
             raise InvalidArgumentError(
                 "class_index", self.class_index.shape, f"the shape of arrival_s {self.arrival_s.shape}"
+            )
+        if self.input_tokens is not None and self.input_tokens.shape != self.arrival_s.shape:
+            raise InvalidArgumentError(
+                "input_tokens", self.input_tokens.shape, f"the shape of arrival_s {self.arrival_s.shape}"
             )
 
     @staticmethod

@@ -140,6 +140,9 @@ class ClassProfile:
     output_tokens: int
     slo: ClassSlo
     configs: Mapping[tuple[int, int], ConfigProfile]
+    # Mean prompt length of the requests the load levels were measured with (None: not recorded). A
+    # workload whose prompts of this class are longer needs more work per request than measured.
+    load_input_tokens_mean: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +214,11 @@ class Profile:
                     "name": cls.name,
                     "input_tokens": cls.input_tokens,
                     "output_tokens": cls.output_tokens,
+                    **(
+                        {}
+                        if cls.load_input_tokens_mean is None
+                        else {"load_input_tokens_mean": cls.load_input_tokens_mean}
+                    ),
                     "slo": {"ttft_s": cls.slo.ttft_s, "tbt_s": cls.slo.tbt_s},
                     "configs": [
                         {
@@ -326,6 +334,11 @@ class _Parser:
             raise self.fail(f"{field}.name", f"must be one of {', '.join(CLASS_NAMES)}, got {name!r}")
         input_tokens = self.pos_int(self.get(d, "input_tokens", field), f"{field}.input_tokens")
         output_tokens = self.pos_int(self.get(d, "output_tokens", field), f"{field}.output_tokens")
+        load_input_tokens_mean = (
+            self.number(d["load_input_tokens_mean"], f"{field}.load_input_tokens_mean", positive=True)
+            if "load_input_tokens_mean" in d
+            else None
+        )
         slo_d = self.obj(self.get(d, "slo", field), f"{field}.slo")
         slo = ClassSlo(
             ttft_s=self.number(
@@ -347,7 +360,12 @@ class _Parser:
             listed = ", ".join(f"TP{tp}/{c} MHz" for tp, c in missing)
             raise self.fail(f"{field}.configs", f"missing configurations: {listed}")
         return ClassProfile(
-            name=name, input_tokens=input_tokens, output_tokens=output_tokens, slo=slo, configs=configs
+            name=name,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            slo=slo,
+            configs=configs,
+            load_input_tokens_mean=load_input_tokens_mean,
         )
 
     def config(self, raw: object, field: str, tps: tuple[int, ...], clocks: tuple[int, ...]) -> ConfigProfile:

@@ -99,6 +99,10 @@ class ClusterObs:
 
     `served_mix[r][t]`: of the recent completions routed as class r, the share that were of class t
     (`controller.control.served`; empty: as routed). DynamoLLM sizes a pool for what it really serves.
+
+    `class_input_tokens_mean[c]`: the mean prompt length of class c's recent arrivals (0: none seen;
+    empty: not reported). DynamoLLM scales a class's profiled capacity by how much longer its prompts
+    are than those it was profiled with (`controller.policy.capacity.length_scales`).
     """
 
     now_s: float
@@ -114,6 +118,7 @@ class ClusterObs:
     pool_period_start_s: float = 0.0
     guard: Mapping[str, GuardState] = field(default_factory=dict)
     served_mix: tuple[tuple[float, ...], ...] = ()
+    class_input_tokens_mean: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.class_rate_history_rps) != len(CLASS_NAMES):

@@ -32,8 +32,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.api.errors import InvalidArgumentError
+from controller.model.classes import CLASS_NAMES, class_by_name
 from controller.model.cluster import InstanceSpec
 from controller.model.profile import Profile
+
+# A class's capacity is never scaled below this share of its profiled value for long prompts: the
+# longest prompts of a bin are at most about 2.2x its profiled mean (4,096 / 1,845 tokens for LS).
+MIN_LENGTH_SCALE = 0.25
+# Prompts up to this factor longer than profiled are left to the profile's margin and the SLO guard;
+# beyond it, the capacity is scaled down by the excess (`length_scales`).
+LENGTH_TOLERANCE = 1.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +112,13 @@ def _class_fit(profile: Profile, class_name: str, tp: int, clock_mhz: int) -> _C
     return _ClassFit(cap, idle_w, slope)
 
 
+def _scaled(fit: _ClassFit, scale: float) -> _ClassFit:
+    """A class's fit for requests `1 / scale` times the work: less capacity, as much power at it."""
+    if scale == 1.0:
+        return fit
+    return _ClassFit(fit.max_load_rps * scale, fit.idle_w, fit.slope_w_per_rps / scale)
+
+
 def _normalised_shares(profile: Profile, class_shares: Mapping[str, float]) -> dict[str, float]:
     if not class_shares:
         raise InvalidArgumentError("class_shares", dict(class_shares), "at least one request class")
@@ -119,14 +134,49 @@ def _normalised_shares(profile: Profile, class_shares: Mapping[str, float]) -> d
     return {name: share / total for name, share in class_shares.items() if share > 0.0}
 
 
+def length_scales(profile: Profile, input_tokens_mean: Sequence[float]) -> dict[str, float]:
+    """Per class, the factor its profiled capacity is scaled by for the prompts its input bin sees
+    (`input_tokens_mean`, CLASS_NAMES order, the bin's observed mean; 0: none seen) against the bin's
+    profiled mean (the mean of its classes' `load_input_tokens_mean`). Up to LENGTH_TOLERANCE times
+    longer is left to the profile's margin and the SLO guard; beyond, the capacity is scaled down by
+    the excess, to at least MIN_LENGTH_SCALE; shorter prompts are not credited. Classes of a bin without
+    a recorded or observed length: 1."""
+    out: dict[str, float] = {}
+    if not input_tokens_mean:
+        return out
+    for name, observed in zip(CLASS_NAMES, input_tokens_mean, strict=True):
+        reference = _bin_reference_tokens(profile, class_by_name(name).input_bin)
+        if reference is not None and observed > LENGTH_TOLERANCE * reference:
+            out[name] = round(max(MIN_LENGTH_SCALE, LENGTH_TOLERANCE * reference / observed), 2)
+    return out
+
+
+def _bin_reference_tokens(profile: Profile, input_bin: int) -> float | None:
+    means = [
+        c.load_input_tokens_mean
+        for c in profile.classes.values()
+        if class_by_name(c.name).input_bin == input_bin and c.load_input_tokens_mean is not None
+    ]
+    return sum(means) / len(means) if means else None
+
+
 def mix_capacity(
-    profile: Profile, shares: Mapping[str, float], tp: int, clock_mhz: int
+    profile: Profile,
+    shares: Mapping[str, float],
+    tp: int,
+    clock_mhz: int,
+    scales: Mapping[str, float] | None = None,
 ) -> ConfigCapacity | None:
     """The mix's capacity and power line at (tp, clock); None if some class of the mix cannot be served.
 
     `shares` must already be normalised (positive, summing to 1); `pool_capacities` does that.
+    `scales`: per class, a factor on its capacity (`length_scales`; each of its requests then costs
+    1/factor times the energy), 1 where absent.
     """
-    fits = {name: _class_fit(profile, name, tp, clock_mhz) for name in shares}
+    fits = {
+        name: _scaled(_class_fit(profile, name, tp, clock_mhz), (scales or {}).get(name, 1.0))
+        for name in shares
+    }
     if any(f.max_load_rps <= 0.0 for f in fits.values()):
         return None
     cap = 1.0 / sum(s / fits[name].max_load_rps for name, s in shares.items())
@@ -142,17 +192,20 @@ def mix_capacity(
     )
 
 
-def pool_capacities(profile: Profile, class_shares: Mapping[str, float]) -> tuple[ConfigCapacity, ...]:
+def pool_capacities(
+    profile: Profile, class_shares: Mapping[str, float], scales: Mapping[str, float] | None = None
+) -> tuple[ConfigCapacity, ...]:
     """Every profiled (tp, clock) able to serve the mix, ordered by tp then clock.
 
     `class_shares`: class name -> share of the pool's requests (any non-negative scale; normalised
-    here). All zero means "no load observed yet": the classes named are weighted evenly.
+    here). All zero means "no load observed yet": the classes named are weighted evenly. `scales`: as
+    in `mix_capacity`.
     """
     shares = _normalised_shares(profile, class_shares)
     out: list[ConfigCapacity] = []
     for tp in profile.tps:
         for clock in profile.clocks_mhz:
-            cap = mix_capacity(profile, shares, tp, clock)
+            cap = mix_capacity(profile, shares, tp, clock, scales)
             if cap is not None:
                 out.append(cap)
     return tuple(out)

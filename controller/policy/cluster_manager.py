@@ -49,7 +49,7 @@ this epoch's and the next epoch's forecast, so the new instances are up when the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.api.errors import InvalidArgumentError
@@ -109,11 +109,13 @@ def plan_pools(
     merge_fill: float = DEFAULT_MERGE_FILL,
     largest_headroom: float = DEFAULT_LARGEST_HEADROOM,
     merge_ttft_ratio: float = DEFAULT_MERGE_TTFT_RATIO,
+    capacity_scales: Mapping[str, float] | None = None,
 ) -> tuple[PoolBudget, ...]:
     """Pools and GPU budgets for forecast peaks given in CLASS_NAMES order (module docstring).
 
     `total_gpus`: the cluster's GPUs (None: no limit). Pools are named after the heaviest class they
     serve and listed tier by tier (tightest TTFT first), each tier from its lightest pool to its heaviest.
+    `capacity_scales`: per class, a factor on its profiled capacity (`capacity.length_scales`).
     """
     if len(forecast_peak_rps_by_class) != len(CLASS_NAMES):
         raise InvalidArgumentError(
@@ -133,7 +135,7 @@ def plan_pools(
     load = dict(zip(CLASS_NAMES, forecast_peak_rps_by_class, strict=True))
     pools: list[tuple[tuple[str, ...], float, float]] = []  # (classes, work in instances, load rps)
     for tier in ttft_tiers(profile, merge_ttft_ratio, class_order(profile)):
-        pools.extend(_tier_pools(tier, load, profile, merge_fill, largest_headroom))
+        pools.extend(_tier_pools(tier, load, profile, merge_fill, largest_headroom, capacity_scales or {}))
     budgets = [GPUS_PER_SERVER * max(1, math.ceil(work * (1.0 - 1e-9))) for _, work, _ in pools]
     if total_gpus is not None:
         budgets = trim_budgets(budgets, total_gpus)
@@ -144,7 +146,12 @@ def plan_pools(
 
 
 def _tier_pools(
-    order: Sequence[str], load: dict[str, float], profile: Profile, merge_fill: float, headroom: float
+    order: Sequence[str],
+    load: dict[str, float],
+    profile: Profile,
+    merge_fill: float,
+    headroom: float,
+    scales: Mapping[str, float],
 ) -> list[tuple[tuple[str, ...], float, float]]:
     """The pools of one tier (classes lightest first): (classes, work in TP8 instances, load rps); the
     tier's last pool (its catch-all) with its work raised by `headroom`. A rounding error above a whole
@@ -155,7 +162,7 @@ def _tier_pools(
     carried_work = 0.0
     carried_rps = 0.0
     for i, c in enumerate(order):
-        cap = profile.max_load_rps(c, GPUS_PER_SERVER, clock)
+        cap = profile.max_load_rps(c, GPUS_PER_SERVER, clock) * scales.get(c, 1.0)
         if cap <= 0.0:
             raise InvalidArgumentError(
                 "profile",
@@ -165,7 +172,7 @@ def _tier_pools(
         classes = (*carried_classes, c)
         work = carried_work + load[c] / cap
         rps = carried_rps + load[c]
-        if i < len(order) - 1 and rps < merge_fill * best_instance_rps(profile, classes, load):
+        if i < len(order) - 1 and rps < merge_fill * best_instance_rps(profile, classes, load, scales):
             carried_classes, carried_work, carried_rps = classes, work, rps
             continue
         pools.append((classes, work, rps))
@@ -175,10 +182,15 @@ def _tier_pools(
     return pools
 
 
-def best_instance_rps(profile: Profile, class_names: Sequence[str], load_rps: dict[str, float]) -> float:
+def best_instance_rps(
+    profile: Profile,
+    class_names: Sequence[str],
+    load_rps: dict[str, float],
+    scales: Mapping[str, float] | None = None,
+) -> float:
     """SLO-meeting load of one instance at the best configuration (least energy per request at full
     load) for the mix of `class_names` weighted by their loads (evenly when all are 0)."""
-    caps = pool_capacities(profile, {c: load_rps[c] for c in class_names})
+    caps = pool_capacities(profile, {c: load_rps[c] for c in class_names}, scales)
     return min(caps, key=lambda c: (c.energy_per_request_j, -c.max_load_rps)).max_load_rps
 
 

@@ -54,6 +54,7 @@ from controller.model.state import ClusterObs, GuardState, Periods
 from controller.orchestrator.plan import ReconfigCosts
 from controller.policy.base import ArrivalStats
 from controller.policy.bursts import class_burst_rps
+from controller.policy.capacity import length_scales
 from controller.policy.cluster_manager import (
     DEFAULT_LARGEST_HEADROOM,
     DEFAULT_MERGE_FILL,
@@ -220,6 +221,7 @@ class DynamoLLM:
             merge_fill=self.merge_fill,
             largest_headroom=self.largest_headroom,
             merge_ttft_ratio=self.merge_ttft_ratio,
+            capacity_scales=length_scales(profile, obs.class_input_tokens_mean),
         )
 
     def _decide(self, obs: ClusterObs, profile: Profile) -> PlanStep:
@@ -227,6 +229,7 @@ class DynamoLLM:
             return PlanStep(plan=obs.plan, pools=())
         n = history_len(obs)
         p = self.periods
+        scales = length_scales(profile, obs.class_input_tokens_mean)
         since_bins = round((obs.now_s - obs.epoch_start_s) / obs.history_bin_s)
         # The epoch's pools come from the history the cluster step had; before any history existed at a
         # boundary (the first epoch), from all history so far.
@@ -266,7 +269,7 @@ class DynamoLLM:
         budgets, loads = self._hold_short_pools(budgets, loads, current, guards, mix, profile, obs)
         typical = {name: min(rate, loads[name]) for name, rate in rates.items()}
         solved = self._solve(
-            budgets, loads, mix, current, profile, guards, obs.total_gpus, typical, obs.served_mix
+            budgets, loads, mix, current, profile, guards, obs.total_gpus, typical, obs.served_mix, scales
         )
         forecast = tuple(p + b for p, b in zip(peaks, bursts, strict=True))
         return replace(
@@ -293,7 +296,11 @@ class DynamoLLM:
         for b in budgets:
             running = current.get(b.name, {})
             if guards[b.name].short and running:
-                caps = self.capacities.capacities(profile, served_shares(b.class_names, mix, obs.served_mix))
+                caps = self.capacities.capacities(
+                    profile,
+                    served_shares(b.class_names, mix, obs.served_mix),
+                    length_scales(profile, obs.class_input_tokens_mean),
+                )
                 table = {c.spec: c.max_load_rps for c in caps}
                 held[b.name] = max(held[b.name], sum(table.get(s, 0.0) * n for s, n in running.items()))
                 b = replace(b, gpu_budget=max(b.gpu_budget, sum(s.tp * n for s, n in running.items())))
@@ -311,6 +318,7 @@ class DynamoLLM:
         total_gpus: int | None = None,
         typical_rps: Mapping[str, float] | None = None,
         served_mix: Sequence[Sequence[float]] = (),
+        scales: Mapping[str, float] | None = None,
     ) -> PlanStep:
         """Every pool's mix (`pool.solve_pools`): under the cost objective from one MILP with the servers
         the pools fill (rental is paid per server); under energy and carbon pool by pool, the servers'
@@ -321,7 +329,9 @@ class DynamoLLM:
         epoch_s = self.periods.pool_s
         tps = self._allowed_tps(profile)
         caps = [
-            self.capacities.capacities(profile, served_shares(b.class_names, class_rates_rps, served_mix))
+            self.capacities.capacities(
+                profile, served_shares(b.class_names, class_rates_rps, served_mix), scales
+            )
             for b in budgets
         ]
         solutions = solve_pools(

@@ -27,23 +27,27 @@ _CAPACITY_CACHE_SIZE = 256
 
 
 class CapacityCache:
-    """Memo of `pool_capacities` per (profile, class shares), least recently used dropped. Owned by one
-    policy object (or cycle); the answer never depends on what is cached."""
+    """Memo of `pool_capacities` per (profile, class shares, capacity scales), least recently used
+    dropped. Owned by one policy object (or cycle); the answer never depends on what is cached."""
 
     def __init__(self, size: int = _CAPACITY_CACHE_SIZE) -> None:
         self._size = size
         self._tables: OrderedDict[
-            tuple[int, tuple[tuple[str, float], ...]], tuple[Profile, tuple[ConfigCapacity, ...]]
+            tuple[int, tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]],
+            tuple[Profile, tuple[ConfigCapacity, ...]],
         ]
         self._tables = OrderedDict()
 
-    def capacities(self, profile: Profile, class_shares: Mapping[str, float]) -> tuple[ConfigCapacity, ...]:
-        key = (id(profile), tuple(sorted(class_shares.items())))
+    def capacities(
+        self, profile: Profile, class_shares: Mapping[str, float], scales: Mapping[str, float] | None = None
+    ) -> tuple[ConfigCapacity, ...]:
+        """`pool_capacities(profile, class_shares, scales)`, memoised."""
+        key = (id(profile), tuple(sorted(class_shares.items())), tuple(sorted((scales or {}).items())))
         hit = self._tables.get(key)
         if hit is not None and hit[0] is profile:
             self._tables.move_to_end(key)
             return hit[1]
-        caps = pool_capacities(profile, class_shares)
+        caps = pool_capacities(profile, class_shares, scales)
         self._tables[key] = (profile, caps)
         if len(self._tables) > self._size:
             self._tables.popitem(last=False)

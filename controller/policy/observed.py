@@ -14,7 +14,7 @@ from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.profile import Profile
 from controller.model.state import ClusterObs, GuardState, InstanceObs, Phase
 from controller.orchestrator.plan import ReconfigCosts
-from controller.policy.capacity import ConfigCapacity, capacities_by_clock
+from controller.policy.capacity import ConfigCapacity, capacities_by_clock, length_scales
 from controller.policy.forecast import forecast_next_peak_rps
 from controller.policy.frequency import next_clock
 from controller.policy.instance_model import CapacityCache, class_shares, served_shares
@@ -102,7 +102,9 @@ def choose_clocks(
         key = (inst.pool, inst.spec.tp)
         if key not in tables:
             caps = cache.capacities(
-                profile, served_shares(pools[inst.pool].class_names, rates, obs.served_mix)
+                profile,
+                served_shares(pools[inst.pool].class_names, rates, obs.served_mix),
+                length_scales(profile, obs.class_input_tokens_mean),
             )
             tables[key] = capacities_by_clock(caps, inst.spec.tp)
         return tables[key]

@@ -204,7 +204,9 @@ class _Kernel:
         self.router.learn(self.fleet.outcomes.done_lengths)
         mask = self.out.admitted[self.counted : upto]
         arrivals = Arrivals(
-            self.trace.arrival_s[self.counted : upto][mask], self.router.routed[self.counted : upto][mask]
+            self.trace.arrival_s[self.counted : upto][mask],
+            self.router.routed[self.counted : upto][mask],
+            self.trace.input_tokens[self.counted : upto][mask].astype(np.int64),
         )
         self.counted = upto
         self.sample(t_s)

@@ -270,6 +270,25 @@ class _ConfigTask:
     settings: ProfilingSettings
 
 
+def _level_lengths(
+    model: str, class_name: str, seed: int, s: ProfilingSettings
+) -> tuple[list[int], list[int]]:
+    """The (input, output) lengths every configuration of the class is measured with: one sequence per
+    (seed, class), the first `warmup_requests + requests_per_level` of them at each load level."""
+    n_lengths = max(s.warmup_requests + s.requests_per_level, 2 * s.engine.max_num_seqs)
+    lengths_rng = _rng(seed, class_name, _ANY_TP, _ANY_CLOCK_MHZ, _LENGTHS_RUN, 0)
+    context_tokens = arch_for(model).max_context_tokens
+    n_in, n_out = sample_class_lengths(class_name, n_lengths, lengths_rng, context_tokens)
+    return n_in.tolist(), n_out.tolist()
+
+
+def load_input_mean(model: str, class_name: str, seed: int, s: ProfilingSettings) -> float:
+    """Mean prompt length of the requests a load level of the class measures (warm-up excluded)."""
+    n_in, _ = _level_lengths(model, class_name, seed, s)
+    measured = n_in[s.warmup_requests : s.warmup_requests + s.requests_per_level]
+    return float(np.mean(measured))
+
+
 def measure_config(task: _ConfigTask) -> ConfigProfile:
     """All load levels of one (class, TP, clock): the fixed fractions of saturation, extended upwards while
     the top level meets the SLO, plus `refine_steps` bisection levels around the first SLO miss.
@@ -286,12 +305,7 @@ def measure_config(task: _ConfigTask) -> ConfigProfile:
     def rng(run: int, index: int) -> np.random.Generator:
         return _rng(task.seed, task.class_name, task.tp, task.clock_mhz, run, index)
 
-    n_lengths = max(s.warmup_requests + s.requests_per_level, 2 * s.engine.max_num_seqs)
-    lengths_rng = _rng(task.seed, task.class_name, _ANY_TP, _ANY_CLOCK_MHZ, _LENGTHS_RUN, 0)
-    context_tokens = arch_for(task.model).max_context_tokens
-    n_in, n_out = (
-        a.tolist() for a in sample_class_lengths(task.class_name, n_lengths, lengths_rng, context_tokens)
-    )
+    n_in, n_out = _level_lengths(task.model, task.class_name, task.seed, s)
     level_in = n_in[: s.warmup_requests + s.requests_per_level]
     level_out = n_out[: s.warmup_requests + s.requests_per_level]
     saturation_rps = estimate_saturation_rps(
@@ -428,6 +442,7 @@ def generate_profile(
             output_tokens=rc.representative_output_tokens,
             slo=slos[c],
             configs=configs,
+            load_input_tokens_mean=_round(load_input_mean(model, c, seed, settings), _SLO_DIGITS),
         )
     e = settings.engine
     provenance: dict[str, str | int | float | bool] = {
@@ -446,7 +461,7 @@ def generate_profile(
         "lengths": (
             "SLO reference at the class's representative (p90) lengths; load levels with lengths drawn "
             "from the Azure 2023 conversation + coding length models (pooled by request rate) within "
-            "the class's bins"
+            "the class's bins and the model's context (their mean prompt: load_input_tokens_mean)"
         ),
         "max_load_rule": (
             f"largest load with SLO attainment >= {SLO_ATTAINMENT_TARGET:g} "
