@@ -23,6 +23,10 @@ For a mix with shares s_c (requests of class c / all requests):
 - energy per request at full load: P(cap) / cap.
 
 A configuration that cannot serve some class of the mix within its SLO (cap_c = 0) is left out.
+
+Prompt lengths (`length_scales`): where a workload's prompts of an input bin are much longer than the
+profile's were, each class of the bin is treated as cap_c x s_c (s_c < 1) with each request costing
+1 / s_c times the dynamic energy (`mix_capacity(..., scales)`).
 """
 
 from __future__ import annotations
