@@ -192,8 +192,9 @@ class ControlCycle:
         if now_s + _EPS_S < self._next_tick_s:
             raise InvalidArgumentError("now_s", now_s, f">= the next tick time {self._next_tick_s}")
         self.history.add(arrivals)
-        self.guard.observe(now_s, completions or Completions())
-        self.served.observe(now_s, (completions or Completions()).served)
+        done = completions or Completions()
+        self.guard.observe(now_s, done)
+        self.served.observe(now_s, done.served)
         before = {name: g.factor for name, g in self.guard.state.items()}
         self._update_guard(now_s)
         # The guard raised a pool's planned load: the pool step runs now, the pool grid stays.

@@ -211,7 +211,9 @@ class DynamoLLM:
             floors_mhz={p.name: guard_of(obs, p.class_names).clock_floor_mhz for p in obs.plan.pools},
         )
 
-    def _epoch_budgets(self, obs: ClusterObs, profile: Profile, bins: int) -> tuple[PoolBudget, ...]:
+    def _epoch_budgets(
+        self, obs: ClusterObs, profile: Profile, bins: int, scales: Mapping[str, float]
+    ) -> tuple[PoolBudget, ...]:
         peaks = self._class_peaks(obs, self.periods.cluster_s, bins)
         bursts = self._class_bursts(obs, profile, bins, peaks)
         return plan_pools(
@@ -221,7 +223,7 @@ class DynamoLLM:
             merge_fill=self.merge_fill,
             largest_headroom=self.largest_headroom,
             merge_ttft_ratio=self.merge_ttft_ratio,
-            capacity_scales=length_scales(profile, obs.class_input_tokens_mean),
+            capacity_scales=scales,
         )
 
     def _decide(self, obs: ClusterObs, profile: Profile) -> PlanStep:
@@ -234,13 +236,13 @@ class DynamoLLM:
         # The epoch's pools come from the history the cluster step had; before any history existed at a
         # boundary (the first epoch), from all history so far.
         bins = n - since_bins if n - since_bins > 0 else n
-        budgets = self._epoch_budgets(obs, profile, bins)
+        budgets = self._epoch_budgets(obs, profile, bins, scales)
         horizon_s = p.pool_s + self.costs.start_s
         next_boundary_s = obs.epoch_start_s + p.cluster_s
         if obs.now_s + horizon_s > next_boundary_s and obs.now_s > obs.epoch_start_s:
             # Start-ahead: size for the next epoch's first pool period too, within the larger budget.
             horizon_s = next_boundary_s - obs.now_s + p.pool_s + self.costs.start_s
-            following = {b.name: b.gpu_budget for b in self._epoch_budgets(obs, profile, n)}
+            following = {b.name: b.gpu_budget for b in self._epoch_budgets(obs, profile, n, scales)}
             budgets = tuple(
                 replace(b, gpu_budget=max(b.gpu_budget, following.get(b.name, 0))) for b in budgets
             )
@@ -266,7 +268,7 @@ class DynamoLLM:
         }
         current = {b.name: live_counts(obs, b.name) for b in budgets}
         mix = recent_class_rates_rps(obs, self.mix_window_s)
-        budgets, loads = self._hold_short_pools(budgets, loads, current, guards, mix, profile, obs)
+        budgets, loads = self._hold_short_pools(budgets, loads, current, guards, mix, profile, obs, scales)
         typical = {name: min(rate, loads[name]) for name, rate in rates.items()}
         solved = self._solve(
             budgets, loads, mix, current, profile, guards, obs.total_gpus, typical, obs.served_mix, scales
@@ -288,6 +290,7 @@ class DynamoLLM:
         mix: Sequence[float],
         profile: Profile,
         obs: ClusterObs,
+        scales: Mapping[str, float],
     ) -> tuple[tuple[PoolBudget, ...], dict[str, float]]:
         """A pool the guard finds below target plans at least the capacity it runs, within a budget of at
         least its GPUs: a forecast that fell since must not undo a correction still under way."""
@@ -297,9 +300,7 @@ class DynamoLLM:
             running = current.get(b.name, {})
             if guards[b.name].short and running:
                 caps = self.capacities.capacities(
-                    profile,
-                    served_shares(b.class_names, mix, obs.served_mix),
-                    length_scales(profile, obs.class_input_tokens_mean),
+                    profile, served_shares(b.class_names, mix, obs.served_mix), scales
                 )
                 table = {c.spec: c.max_load_rps for c in caps}
                 held[b.name] = max(held[b.name], sum(table.get(s, 0.0) * n for s, n in running.items()))

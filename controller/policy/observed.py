@@ -95,6 +95,7 @@ def choose_clocks(
     rates = mix_rates_rps(obs, mix_window_s)
     recent = recent_class_rates_rps(obs, sustained_s) if history_len(obs) else None
     pools = {p.name: p for p in obs.plan.pools}
+    scales = length_scales(profile, obs.class_input_tokens_mean)
     tables: dict[tuple[str, int], dict[int, ConfigCapacity]] = {}
     active = [i for i in obs.instances if i.phase is Phase.ACTIVE and i.pool in pools]
 
@@ -104,7 +105,7 @@ def choose_clocks(
             caps = cache.capacities(
                 profile,
                 served_shares(pools[inst.pool].class_names, rates, obs.served_mix),
-                length_scales(profile, obs.class_input_tokens_mean),
+                scales,
             )
             tables[key] = capacities_by_clock(caps, inst.spec.tp)
         return tables[key]
