@@ -197,7 +197,8 @@ class ControlCycle:
         self.served.observe(now_s, done.served)
         before = {name: g.factor for name, g in self.guard.state.items()}
         self._update_guard(now_s)
-        # The guard raised a pool's planned load: the pool step runs now, the pool grid stays.
+        # The guard raised a pool's planned load: for a policy that acts on it, the pool step runs now
+        # (the pool grid stays); the others keep their own periods, as on equal terms they must.
         raised = any(g.factor > before.get(name, 1.0) for name, g in self.guard.state.items())
         commands: list[Command] = []
         decisions: list[Decision] = []
@@ -206,7 +207,7 @@ class ControlCycle:
             levels.append("cluster")
         if now_s >= self.next_pool_s - _EPS_S:
             levels.append("pool")
-        elif raised and not self._fixed:
+        elif raised and not self._fixed and self.policy.uses_slo_guard:
             levels.append("guard")
         if levels:
             plan_commands, records = self._plan_steps(now_s, view, levels)
@@ -413,6 +414,10 @@ class FixedPlan:
 
     @property
     def reconfiguration_free(self) -> bool:
+        return False
+
+    @property
+    def uses_slo_guard(self) -> bool:
         return False
 
     def initial_plan(self, arrivals: object, profile: Profile) -> ClusterPlan:

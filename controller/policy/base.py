@@ -132,6 +132,12 @@ class DynamicPolicy(SimPolicy, Protocol):
         """True only for `oracle`: its changes take effect instantly and cost nothing."""
         ...
 
+    @property
+    def uses_slo_guard(self) -> bool:
+        """True for the policies that act on the SLO guard's state (DynamoLLM, the oracle): only they
+        get the guard's early pool steps; the others step at their own periods alone."""
+        ...
+
     def cluster_step(self, obs: ClusterObs, profile: Profile) -> PlanStep:
         """Every cluster period: pools (which classes each serves) and their instances."""
         ...

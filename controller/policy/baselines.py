@@ -94,6 +94,10 @@ class ScaleInst:
     def reconfiguration_free(self) -> bool:
         return False
 
+    @property
+    def uses_slo_guard(self) -> bool:
+        return False
+
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
         return size_singlepool(arrivals, profile).plan
 
@@ -150,6 +154,10 @@ class ScaleShard:
     def reconfiguration_free(self) -> bool:
         return False
 
+    @property
+    def uses_slo_guard(self) -> bool:
+        return False
+
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
         return size_singlepool(arrivals, profile).plan
 
@@ -204,6 +212,10 @@ class ScaleFreq:
 
     @property
     def reconfiguration_free(self) -> bool:
+        return False
+
+    @property
+    def uses_slo_guard(self) -> bool:
         return False
 
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:

@@ -145,6 +145,10 @@ class DynamoLLM:
         return False
 
     @property
+    def uses_slo_guard(self) -> bool:
+        return True
+
+    @property
     def gpu_hold_j_per_gpu_s(self) -> float:
         """The objective's price of holding a GPU, in J per GPU-second (`controller.policy.objective`)."""
         return gpu_hold_j_per_gpu_s(self.objective, self.gpu_usd_per_server_hour, self.energy_usd_per_kwh)

@@ -60,6 +60,10 @@ class Scripted:
     def reconfiguration_free(self) -> bool:
         return self.free
 
+    @property
+    def uses_slo_guard(self) -> bool:
+        return False
+
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
         return _plan(self.first)
 

@@ -52,6 +52,10 @@ class Recording:
     def reconfiguration_free(self) -> bool:
         return False
 
+    @property
+    def uses_slo_guard(self) -> bool:
+        return False
+
     def initial_plan(self, arrivals: ArrivalStats, profile: Profile) -> ClusterPlan:
         return self.inner.initial_plan(arrivals, profile)
 

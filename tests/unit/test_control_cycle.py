@@ -57,6 +57,10 @@ class Scripted:
     def reconfiguration_free(self) -> bool:
         return False
 
+    @property
+    def uses_slo_guard(self) -> bool:
+        return True
+
     def initial_plan(self, arrivals: object, profile: Profile) -> ClusterPlan:
         return self.plans[0]
 

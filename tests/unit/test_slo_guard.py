@@ -14,6 +14,7 @@ from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.fleet import Arrivals, Completions, FleetView, InstanceView
 from controller.model.state import GuardState
+from controller.policy.baselines import ScaleFreq
 from controller.policy.capacity import pool_capacities
 from controller.policy.dynamollm import DynamoLLM
 from controller.policy.singlepool import singlepool_plan
@@ -172,3 +173,15 @@ def test_dynamollm_never_plans_less_than_it_runs_for_a_pool_below_target() -> No
     # Completions of class SS only: its pool is judged, the others have no samples.
     assert capacity_after(1000) < running  # meeting its SLO with no load: the pool steps shrink it
     assert capacity_after(500) >= running * (1 - 1e-9)  # short: never less than it runs
+
+
+def test_a_policy_that_ignores_the_guard_gets_no_early_pool_step() -> None:
+    """Equal terms: a baseline steps at its own periods only, whatever the guard sees."""
+    policy = ScaleFreq(periods=PERIODS, costs=COSTS)
+    assert not policy.uses_slo_guard and DynamoLLM().uses_slo_guard
+    cycle = ControlCycle(policy, PROFILE, singlepool_plan(1, 8, LOW), CycleConfig(escalation=False))
+    cycle.start(0.0)
+    view = FleetView({0: InstanceView(0, 0, 0, math.inf, 0)})
+    result = cycle.tick(5.0, view, Arrivals.none(), one_class(900, 1000))
+    assert cycle.guard.state[singlepool_plan(1, 8, LOW).pools[0].name].factor > 1.0  # the guard saw it
+    assert not [d for d in result.decisions if hasattr(d, "level")]
