@@ -1,7 +1,9 @@
 """Entry point of `dynamollm-agent` (and `python -m agent.app`): settings, GPU backend, crash recovery,
 the grpc.aio server with NodeTelemetry, NodeControl, health and reflection, background tasks (telemetry
 sampler, lease watcher, systemd watchdog), and graceful stop. Security set-up lives here too: TLS / mTLS
-credentials, the Unix socket's file mode, the authorizer and the audit log (docs/agent.md, *Access*).
+credentials, the Unix socket's file mode, the authorizer and the audit log (docs/agent.md, *Access*); the
+daemon plumbing a second daemon reuses (binding with TLS and the socket mode, authorization, systemd
+notices) comes from `agent.api.serving`, `agent.api.auth` and `agent.api.systemd`.
 
     dynamollm-agent [--config F] [--simulated --gpus N] [--listen HOST:PORT] [--runtime-dir D]
     dynamollm-agent restore-defaults [--config F] [...]     # systemd ExecStopPost: no server
@@ -17,10 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import socket
-import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,12 +31,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from agent.api.auth import Authorizer
 from agent.api.clock import Clock, SystemClock
 from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError
 from agent.api.log import configure_logging
+from agent.api.serving import bind, unix_path
+from agent.api.systemd import sd_notify, watchdog_loop, watchdog_period_s
 from agent.api.v1 import control_pb2, telemetry_pb2
 from agent.audit import AuditLog
-from agent.auth import Authorizer
 from agent.engine.driver import EngineDriver
 from agent.engine.ownership import gpu_process_lister
 from agent.gpu.base import GpuBackend
@@ -173,7 +174,7 @@ async def start_agent(
             (*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
         )
     try:
-        port = bind(server, settings)
+        port = bind(server, settings.listen, settings.tls, settings.unix_socket_mode)
     except InvalidArgumentError:
         await driver.close()
         await asyncio.to_thread(workers.close)
@@ -195,71 +196,6 @@ async def _no_persist() -> None:
     """Start-up reset before the state is known: there is nothing to save yet."""
 
 
-def server_credentials(settings: AgentSettings) -> grpc.ServerCredentials | None:
-    """TLS credentials from `[tls]`; client certificates are required and verified when a client CA is
-    configured (mTLS). None: plaintext."""
-    tls = settings.tls
-    if tls is None:
-        return None
-    return grpc.ssl_server_credentials(
-        [(tls.private_key, tls.cert_chain)],
-        root_certificates=tls.client_ca,
-        require_client_auth=tls.client_ca is not None,
-    )
-
-
-def _unix_path(listen: str) -> Path | None:
-    if not listen.startswith("unix:"):
-        return None
-    return Path(listen[len("unix:") :].removeprefix("//"))
-
-
-def _check_socket_free(path: Path) -> None:
-    """gRPC replaces a socket file at the path: refuse one another process still listens on."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise InvalidArgumentError("listen", f"unix:{path}", "a path that is free or a stale socket file")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return  # stale: nobody answers
-    raise InvalidArgumentError("listen", f"unix:{path}", "a socket path no other process listens on")
-
-
-def bind(server: grpc.aio.Server, settings: AgentSettings) -> int:
-    """Add the listening port (TLS when configured); a Unix socket is created owner-only and then given
-    `unix_socket_mode`, so it is never more open than configured. Returns the bound TCP port (0: Unix)."""
-    credentials = server_credentials(settings)
-    unix = _unix_path(settings.listen)
-    if unix is not None:
-        _check_socket_free(unix)
-    old_umask = os.umask(0o177) if unix is not None else None
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(settings.listen)
-        else:
-            port = server.add_secure_port(settings.listen, credentials)
-    except RuntimeError as exc:
-        raise InvalidArgumentError(
-            "listen", settings.listen, f"an address this host can bind ({exc})"
-        ) from None
-    finally:
-        if old_umask is not None:
-            os.umask(old_umask)
-    if unix is not None:
-        try:
-            os.chmod(unix, settings.unix_socket_mode)
-        except OSError as exc:
-            raise InvalidArgumentError(
-                "unix_socket_mode", f"{settings.unix_socket_mode:04o}", f"a mode the agent can set ({exc})"
-            ) from None
-    return port
-
-
 def _warn_about_access(settings: AgentSettings) -> None:
     """One warning per way the configuration leaves a node more open than secure by default."""
     if settings.allow_unauthenticated_loopback:
@@ -278,50 +214,13 @@ def _warn_about_access(settings: AgentSettings) -> None:
             "(auth.allow_unauthenticated_loopback): every control call will be refused",
         )
     host = settings.listen.rsplit(":", 1)[0].strip("[]")
-    local = _unix_path(settings.listen) is not None or host in ("localhost", "::1") or host.startswith("127.")
+    local = unix_path(settings.listen) is not None or host in ("localhost", "::1") or host.startswith("127.")
     if settings.tokens and settings.tls is None and not local:
         log.warning(
             "bearer_tokens_over_plaintext",
             listen=settings.listen,
             hint="tokens travel in clear text: set tls.cert and tls.key, or listen on a Unix socket",
         )
-
-
-# ---------------------------------------------------------------------------------------- systemd
-
-
-def sd_notify(message: str) -> bool:
-    """Send a datagram to systemd's NOTIFY_SOCKET (Type=notify); False when not under systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return False
-    address = "\0" + path[1:] if path.startswith("@") else path
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify_failed", error=str(exc))
-        return False
-    return True
-
-
-def watchdog_period_s() -> float | None:
-    """Half of systemd's WatchdogSec when the watchdog is on for this process."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return int(usec) / 2e6
-    except ValueError:
-        return None
-
-
-async def _watchdog(period_s: float) -> None:
-    while True:
-        sd_notify("WATCHDOG=1")
-        await asyncio.sleep(period_s)
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -377,7 +276,7 @@ async def _serve(settings: AgentSettings) -> int:
     sd_notify("READY=1")
     period_s = watchdog_period_s()
     if period_s is not None:
-        running.tasks.append(asyncio.create_task(_watchdog(period_s), name="sd-watchdog"))
+        running.tasks.append(asyncio.create_task(watchdog_loop(period_s), name="sd-watchdog"))
     await stop.wait()
     log.info("agent_stopping")
     sd_notify("STOPPING=1")

@@ -1,6 +1,6 @@
 """The node agent's state and actions: one `NodeAgent` per agent process, behind the gRPC servicers.
 
-Flow of a control call: servicer (`agent.service`, after `agent.auth`) -> `NodeAgent` method ->
+Flow of a control call: servicer (`agent.service`, after `agent.api.auth`) -> `NodeAgent` method ->
 `agent.scopes.run_scoped`: generation check (`agent.api.generations`), validation into a plan
 (`agent.control`), then an OPERATION the scope owns, shielded from the caller: the action (`agent.safety`
 for GPUs, `agent.engine.driver` for engines), its outcome recorded under the generation and persisted

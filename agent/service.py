@@ -2,7 +2,7 @@
 
 Flow of a call: the request bytes are decoded leniently (`decode_as`: a payload that does not parse is
 answered INVALID_ARGUMENT, not gRPC's UNKNOWN); the servicer identifies the caller and checks the scope
-the call needs (`agent.auth`; `control_scope` decides control or admin from the request and the lease),
+the call needs (`agent.api.auth`; `control_scope` decides control or admin from the request and the lease),
 checks the generation's static range (`agent.api.generations.check_generation_value`), hands the
 request to the node's `agent.node.NodeAgent` (generation rule, validation, action, recorded outcome,
 reply), writes the audit line of a control call (`agent.audit`: accepted, refused, failed or cancelled;
@@ -25,21 +25,21 @@ Scopes (docs/agent.md, *Access*, has the table and the reasons):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, NoReturn, TypeVar
 
 import grpc
 import structlog
 from google.protobuf.message import Message
 
+from agent.api.auth import Authorizer, Caller, peer_host
 from agent.api.clock import Clock
-from agent.api.errors import DynamoError, InvalidArgumentError, clip
+from agent.api.errors import clip
 from agent.api.generations import check_generation_value
+from agent.api.serving import MAX_STATUS_CHARS, Context, Undecodable, abort_with, decode_as, decoded, identify
 from agent.api.status import status_for
 from agent.api.v1 import control_pb2, telemetry_pb2
 from agent.audit import AuditEntry, AuditLog, request_summary
-from agent.auth import Authorizer, Caller, peer_host
 from agent.control import validate_stream
 from agent.lease import LeaseView
 from agent.node import NodeAgent
@@ -48,79 +48,19 @@ from agent.scopes import FinishedOperation, RecordedStatus
 log = structlog.get_logger("agent.service")
 
 M = TypeVar("M", bound=Message)
-Context = grpc.aio.ServicerContext[Any, Any]
-
 TELEMETRY_SERVICE: Final = telemetry_pb2.DESCRIPTOR.services_by_name["NodeTelemetry"].full_name
 CONTROL_SERVICE: Final = control_pb2.DESCRIPTOR.services_by_name["NodeControl"].full_name
-# A status message is at most this long (client metadata limits are 8-16 kB); values in it are already
-# cut to 200 characters each (agent.api.errors.echo), this bounds the rest.
-MAX_STATUS_CHARS: Final = 2000
-
-
-# ------------------------------------------------------------------------------------------ decoding
-
-
-@dataclass(frozen=True, slots=True)
-class Undecodable:
-    """A request payload that did not parse as its message type; the servicer answers INVALID_ARGUMENT."""
-
-    size_bytes: int
-    message_type: str
-    reason: str
-
-    def error(self) -> InvalidArgumentError:
-        return InvalidArgumentError(
-            "request",
-            f"{self.size_bytes} bytes that do not parse",
-            f"a serialized {self.message_type} ({self.reason})",
-        )
-
-
-def decode_as(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
-    """A request deserializer that never raises: gRPC answers UNKNOWN when a deserializer raises."""
-    name = message_type.DESCRIPTOR.full_name
-
-    def decode(data: bytes) -> M | Undecodable:
-        try:
-            return message_type.FromString(data)
-        except Exception as exc:  # DecodeError, and whatever else the parser may raise on garbage
-            reason = str(exc).rsplit("': ", 1)[-1] or type(exc).__name__  # without "... with type 'X'"
-            return Undecodable(len(data), name, clip(reason, 120))
-
-    return decode
-
-
-def _decoded(request: M | Undecodable) -> M:
-    if isinstance(request, Undecodable):
-        raise request.error()
-    return request
-
-
-# ------------------------------------------------------------------------------------ status, caller
 
 
 async def _abort(context: Context, exc: BaseException) -> NoReturn:
+    """A replayed failure keeps the status it was recorded with; the rest go through the shared table."""
     if isinstance(exc, RecordedStatus):
         await context.abort(exc.code, clip(str(exc), MAX_STATUS_CHARS))
-    if isinstance(exc, DynamoError):
-        await context.abort(status_for(exc), clip(str(exc), MAX_STATUS_CHARS))
-    log.exception("rpc_internal_error", error=clip(repr(exc), MAX_STATUS_CHARS))
-    await context.abort(
-        grpc.StatusCode.INTERNAL, clip(f"internal error: {type(exc).__name__}: {exc}", MAX_STATUS_CHARS)
-    )
-
-
-def _auth_context(context: Context) -> Mapping[str, Iterable[bytes]]:
-    try:
-        return context.auth_context() or {}
-    except Exception:  # an insecure channel may have none to give
-        return {}
+    await abort_with(context, exc)
 
 
 def _caller(auth: Authorizer, context: Context) -> Caller:
-    return auth.identify(
-        tuple(context.invocation_metadata() or ()), context.peer() or "", _auth_context(context)
-    )
+    return identify(auth, context)
 
 
 def control_scope(
@@ -159,7 +99,7 @@ class TelemetryServicer:
     ) -> telemetry_pb2.GetInventoryResponse:
         try:
             self._auth.require(_caller(self._auth, context), "read")
-            _decoded(request)
+            decoded(request)
             return await self._agent.inventory()
         except Exception as exc:
             await _abort(context, exc)
@@ -173,7 +113,7 @@ class TelemetryServicer:
         try:
             self._auth.require(_caller(self._auth, context), "read")
             plan = validate_stream(
-                _decoded(request),
+                decoded(request),
                 gpu_count=agent.workers.count,
                 sampler_period_s=agent.sampler.period_s,
                 min_period_s=tel.min_period_s,

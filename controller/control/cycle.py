@@ -42,7 +42,7 @@ from controller.control.guard import GuardConfig, SloGuard
 from controller.control.history import ArrivalHistory
 from controller.control.served import ServedMix
 from controller.model.classes import REQUEST_CLASSES
-from controller.model.cluster import ClusterPlan, InstanceSpec
+from controller.model.cluster import GPUS_PER_SERVER, ClusterPlan, InstanceSpec
 from controller.model.decisions import ClockDecision, ClockReason, Decision, Level, PlanStep, StepRecord
 from controller.model.fleet import (
     Arrivals,
@@ -155,6 +155,7 @@ class ControlCycle:
         self.served = ServedMix()
         self._served_mix: tuple[tuple[float, ...], ...] = ()
         self._input_tokens_mean: tuple[float, ...] = ()  # likewise, the classes' prompt lengths
+        self._cordoned: frozenset[int] = frozenset()  # live fleet: nodes out of the budget (set_nodes)
 
     # ------------------------------------------------------------------ driver API
     def next_tick_s(self) -> float:
@@ -176,6 +177,17 @@ class ControlCycle:
 
     def due(self, now_s: float) -> TickResult:
         return self._result(self.executor.due(now_s), [])
+
+    def set_nodes(self, cordoned: frozenset[int], lost: frozenset[int], now_s: float) -> TickResult:
+        """The live fleet's nodes that take no new instance (drained by the operator, or `lost`: not
+        answering); their GPUs leave the budget the policy plans with (`Executor.set_cordoned`)."""
+        if not lost <= cordoned:
+            raise InvalidArgumentError(
+                "lost", sorted(lost), f"a subset of the cordoned nodes {sorted(cordoned)}"
+            )
+        self._cordoned = cordoned
+        self._routes_dirty = True
+        return self._result(self.executor.set_cordoned(cordoned, lost, now_s), [])
 
     def on_events(self, events: Iterable[FleetEvent]) -> TickResult:
         commands: list[Command] = []
@@ -230,6 +242,9 @@ class ControlCycle:
                 lowest[r.pool] = min(lowest.get(r.pool, r.spec.clock_mhz), r.spec.clock_mhz)
         self.guard.update(now_s, {p.name: p.class_names for p in self.plan.pools}, lowest)
 
+    def _gpu_budget(self) -> int:
+        return max(0, self.config.total_gpus - GPUS_PER_SERVER * len(self._cordoned))
+
     def _observe(self, now_s: float, view: FleetView, history_s: float | None) -> ClusterObs:
         """The observation at `now_s`; `history_s` None: the whole history with burst peaks (cluster and
         pool steps), else only its last `history_s` without them (the instance level)."""
@@ -246,7 +261,7 @@ class ControlCycle:
             instances=self.executor.observed(load, queues),
             history_bin_s=self.config.history_bin_s,
             class_rate_history_rps=rates,
-            total_gpus=self.config.total_gpus,
+            total_gpus=self._gpu_budget(),
             burst_windows_s=self.history.burst_windows_s if history_s is None else (),
             class_burst_history_rps=bursts,
             epoch_start_s=self.epoch_start_s,
@@ -291,7 +306,7 @@ class ControlCycle:
             now_s=now_s,
             hysteresis=self.hysteresis,
             changed_at_s=self.executor.changed_at_s(),
-            gpu_budget=self.config.total_gpus,
+            gpu_budget=self._gpu_budget(),
         )
         self._routes_dirty = True
         return self.executor.apply(list(actions), now_s), records
@@ -371,6 +386,15 @@ class ControlCycle:
         return TickResult(tuple(commands), tuple(decisions), routes)
 
     # ------------------------------------------------------------------ reporting
+    def capacities(self) -> Mapping[str, Mapping[InstanceSpec, tuple[float, float]]]:
+        """Per pool of the plan in force, each configuration's SLO-meeting capacity (rps) for the pool's
+        mix and its power at that load (W), as the planner last modelled them (empty without a profile)."""
+        tables = getattr(self._model, "capacities", {})
+        return {
+            pool: {spec: (cap.max_load_rps, cap.power_w(cap.max_load_rps)) for spec, cap in table.items()}
+            for pool, table in tables.items()
+        }
+
     def reconfigurations_by_kind(self) -> Mapping[str, int]:
         return {str(kind): n for kind, n in self.executor.executed.items()}
 

@@ -186,16 +186,54 @@ class Executor:
                 continue
             commands: list[Command] = []
             for old in movers:
-                gpus = self.placement.allocate(old.spec.tp, avoid_node=node, held_only=True)
-                assert gpus is not None  # the trial placed them all
-                twin = self._new(old.pool, old.spec, Phase.STARTING, now_s)
-                twin.gpus, twin.replaces = gpus, old.instance_id
-                self.executed["start"] += 1
-                commands.append(
-                    StartInstance(twin.instance_id, old.pool, old.spec, gpus, now_s, self.costs.start_s)
-                )
+                commands += self._twin(old, now_s, avoid_node=node, held_only=True)
             return commands
         return []
+
+    def set_cordoned(self, cordoned: frozenset[int], lost: frozenset[int], now_s: float) -> list[Command]:
+        """Nodes that take no new instance (`cordoned`), of which `lost` stopped answering. A lost node's
+        instances are gone at once (the agent's lease returns its GPUs to their defaults; the fleet
+        stops its engines if it comes back) and start again elsewhere where there is room; a drained
+        node's ACTIVE instances each get a twin elsewhere and drain once it is ready (as consolidation
+        moves them), its STARTING ones start again elsewhere."""
+        self.placement.cordoned = cordoned
+        commands: list[Command] = []
+        for record in sorted(self.instances.values(), key=lambda r: r.instance_id):
+            if (
+                record.gpus is None
+                or record.gpus.node not in cordoned
+                or record.instance_id not in self.instances
+            ):
+                continue
+            if record.gpus.node in lost:
+                commands += self._gone(record, now_s)
+                if record.phase is not Phase.DRAINING:
+                    self.executed["start"] += 1
+                    commands += self._start_or_wait(record.pool, record.spec, now_s, self.costs.start_s)
+            elif record.phase is Phase.STARTING:
+                commands += self._stop(record, now_s)
+                self.executed["start"] += 1
+                commands += self._start_or_wait(record.pool, record.spec, now_s, self.costs.start_s)
+            elif record.phase is Phase.ACTIVE and not self._has_twin(record.instance_id):
+                commands += self._twin(record, now_s)
+        return commands
+
+    def _has_twin(self, instance_id: int) -> bool:
+        return any(r.replaces == instance_id for r in self.instances.values())
+
+    def _twin(
+        self, old: InstanceRecord, now_s: float, *, avoid_node: int | None = None, held_only: bool = False
+    ) -> list[Command]:
+        """A twin of `old` on another node (`old` drains once it is ready); nothing without room."""
+        if self.placement.gpus_held + old.spec.tp > self.gpu_budget:
+            return []
+        gpus = self.placement.allocate(old.spec.tp, avoid_node, held_only)
+        if gpus is None:
+            return []
+        twin = self._new(old.pool, old.spec, Phase.STARTING, now_s)
+        twin.gpus, twin.replaces = gpus, old.instance_id
+        self.executed["start"] += 1
+        return [StartInstance(twin.instance_id, old.pool, old.spec, gpus, now_s, self.costs.start_s)]
 
     # ------------------------------------------------------------------ actions
     def _execute(self, action: Action, t_s: float) -> list[Command]:

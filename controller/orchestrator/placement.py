@@ -30,6 +30,8 @@ class Placement:
         self._max_nodes = max_nodes
         self._free: list[int] = [] if max_nodes is None else [_FULL] * max_nodes
         self.gpus_held = 0
+        # Nodes that take no new instance: drained by the operator, or unreachable (the live fleet).
+        self.cordoned: frozenset[int] = frozenset()
 
     @property
     def nodes_held(self) -> int:
@@ -42,6 +44,7 @@ class Placement:
         twin = Placement(self._max_nodes)
         twin._free = list(self._free)
         twin.gpus_held = self.gpus_held
+        twin.cordoned = self.cordoned
         return twin
 
     def allocate(self, tp: int, avoid_node: int | None = None, held_only: bool = False) -> GpuSet | None:
@@ -53,7 +56,7 @@ class Placement:
         block = (1 << tp) - 1
         best: tuple[int, int, int] | None = None  # (free GPUs, node, offset)
         for k, free in enumerate(self._free):
-            if free == _FULL or k == avoid_node:
+            if free == _FULL or k == avoid_node or k in self.cordoned:
                 continue
             for offset in range(0, GPUS_PER_SERVER, tp):
                 if (free >> offset) & block == block:
@@ -64,7 +67,14 @@ class Placement:
         if best is None and held_only:
             return None
         if best is None:
-            empty = next((k for k, free in enumerate(self._free) if free == _FULL and k != avoid_node), None)
+            empty = next(
+                (
+                    k
+                    for k, free in enumerate(self._free)
+                    if free == _FULL and k != avoid_node and k not in self.cordoned
+                ),
+                None,
+            )
             if empty is None:
                 if self._max_nodes is not None:
                     return None

@@ -566,6 +566,14 @@ class ProblemCache:
         self._problems: OrderedDict[_ProblemKey, _Problem] = OrderedDict()
         self.lock = threading.Lock()
 
+    # The live controller persists its control cycle (policy included) by pickling it; a cache travels
+    # empty (solver objects cannot be pickled, and a rebuilt problem solves the same).
+    def __getstate__(self) -> int:
+        return self._size
+
+    def __setstate__(self, size: int) -> None:
+        self.__init__(size)  # type: ignore[misc]
+
     def get(self, structures: tuple[_Structure, ...], with_servers: bool) -> _Problem:
         """The problem of these pool structures, built on first use. Call with `lock` held."""
         key = (with_servers, structures)

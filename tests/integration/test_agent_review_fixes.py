@@ -13,11 +13,12 @@ from typing import Any
 import grpc
 import pytest
 
+from agent.api.config import load_tokens
 from agent.api.errors import InvalidArgumentError, UnavailableError
 from agent.api.v1 import control_pb2, control_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
 from agent.app import start_agent
 from agent.safety import STATE_FORMAT, read_boot_id
-from agent.settings import AgentSettings, load_tokens, merge_settings
+from agent.settings import AgentSettings, merge_settings
 from tests.integration.test_agent_service import gpu
 from tests.integration.tls_pki import make_pki, openssl_available
 from tests.unit.test_safety import FakeBackend

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.api.auth import ALL_SCOPES, Caller
 from agent.api.errors import ECHO_LIMIT_CHARS, InvalidArgumentError, clip, echo
 from agent.api.v1 import control_pb2
 from agent.audit import MAX_ITEMS, AuditEntry, AuditLog, request_summary
-from agent.auth import ALL_SCOPES, Caller
 from agent.lease import LeaseView
 from agent.service import control_scope
 

@@ -27,6 +27,7 @@ from agent.api.v1 import (
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
+from controller.api.v1 import admin_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "proto"
@@ -37,12 +38,28 @@ gen_proto = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = gen_proto  # dataclasses look their module up there
 _spec.loader.exec_module(gen_proto)
 
-FILES: tuple[FileDescriptor, ...] = (common_pb2.DESCRIPTOR, telemetry_pb2.DESCRIPTOR, control_pb2.DESCRIPTOR)
+FILES: tuple[FileDescriptor, ...] = (
+    common_pb2.DESCRIPTOR,
+    telemetry_pb2.DESCRIPTOR,
+    control_pb2.DESCRIPTOR,
+    admin_pb2.DESCRIPTOR,
+)
 
 # A numeric field is a physical quantity unless its name says it is an identifier, position or tally.
 UNIT_SUFFIXES = ("_w", "_j", "_mhz", "_s", "_ns", "_bytes", "_ratio", "_pct", "_c", "_tokens", "_rps")
-DIMENSIONLESS_SUFFIXES = ("_index", "_indices", "_count", "_port", "_mask", "_degree")
-DIMENSIONLESS_NAMES = frozenset({"generation"})
+DIMENSIONLESS_SUFFIXES = (
+    "_index",
+    "_indices",
+    "_count",
+    "_port",
+    "_mask",
+    "_degree",
+    "_id",
+    "_generation",
+    "_version",
+    "_factor",
+)
+DIMENSIONLESS_NAMES = frozenset({"generation", "id", "version", "seq", "page_size"})
 NUMERIC_TYPES = frozenset(
     {
         FieldDescriptor.TYPE_DOUBLE,
@@ -295,6 +312,7 @@ def test_gen_proto_check_passes_on_the_tree() -> None:
 def repo_copy(tmp_path: Path) -> Path:
     shutil.copytree(PROTO_ROOT, tmp_path / "proto")
     shutil.copytree(ROOT / "agent" / "api" / "v1", tmp_path / "agent" / "api" / "v1")
+    shutil.copytree(ROOT / "controller" / "api" / "v1", tmp_path / "controller" / "api" / "v1")
     return tmp_path
 
 

@@ -1,10 +1,12 @@
-"""Authentication and authorization of the agent's gRPC calls: who is calling, and may they do this.
+"""Authentication and authorization of a daemon's gRPC calls: who is calling, and may they do this.
+Shared by both daemons: the agent's servicers (NodeTelemetry, NodeControl) and the controller's admin
+servicers check callers with the same rules, tokens and scopes.
 
-Where it sits: every servicer method (`agent.service`) first turns the call's metadata, peer and TLS
-auth context into a `Caller` (`Authorizer.identify`), then checks the scope the call needs
-(`Authorizer.require`) before anything else runs; the scope of a control call depends on the request
-and the lease (`agent.service.control_scope`). The caller's name is the lease holder and the identity
-in the audit log.
+Where it sits, the agent's flow as an example: every servicer method (`agent.service`) first turns the
+call's metadata, peer and TLS auth context into a `Caller` (`Authorizer.identify`), then checks the scope
+the call needs (`Authorizer.require`) before anything else runs; the scope of a control call depends on
+the request and the lease (`agent.service.control_scope`). The caller's name is the lease holder and the
+identity in the audit log.
 
 How a caller is established, first match wins (docs/agent.md, *Access*):
 
@@ -28,10 +30,22 @@ from dataclasses import dataclass
 from typing import Final
 
 from agent.api.errors import PermissionDeniedError, UnauthenticatedError, clip
-from agent.settings import TOKEN_SCOPES, BearerToken
 
+# Scopes of bearer tokens and client certificates (docs/agent.md, *Access*): read = NodeTelemetry;
+# control = GPU clocks and power under the caller's own lease; admin = what preempts others or starts and
+# stops processes: engine lifecycle, RestoreDefaults of every GPU, taking over another holder's lease.
+TOKEN_SCOPES = ("read", "control", "admin")
 ALL_SCOPES: Final = frozenset(TOKEN_SCOPES)
 MAX_NAME_CHARS: Final = 128
+
+
+@dataclass(frozen=True, slots=True)
+class BearerToken:
+    """One accepted bearer token: who presents it (`name`: lease holder, audit identity) and its scopes."""
+
+    name: str
+    token: str
+    scopes: frozenset[str]
 
 
 def is_loopback_peer(peer: str) -> bool:
