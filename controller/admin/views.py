@@ -112,6 +112,8 @@ class ControllerCore:
             last_decision_unix_ns=self.loop.last_decision_unix_ns,
             controller_version=self.loop.settings.code_version,
             routes_version=self.loop.routes.version if self.loop.routes is not None else 0,
+            origin_unix_ns=round(self.loop.origin_unix_s * 1e9),
+            time_scale_factor=self.loop.settings.time_scale,
         )
 
     def list_nodes(self) -> admin_pb2.ListNodesResponse:
@@ -279,7 +281,7 @@ class ControllerCore:
             self._time(f"arrivals[{i}].arrival_unix_ns", a.arrival_unix_ns),
             self._class(f"arrivals[{i}].class_name", a.class_name),
             a.input_tokens,
-            a.instance_id,
+            a.instance_id if a.HasField("instance_id") else -1,
         )
 
     def _completion(self, i: int, c: admin_pb2.TrafficCompletion) -> Completion:

@@ -313,6 +313,11 @@ class NodeLink:
         if want.running:
             if engine is not None and engine.state == _READY and engine.generation == want.generation:
                 self._report(want, True)
+            elif engine is not None and engine.state in _GONE and engine.generation >= want.generation:
+                # The agent acted on this generation and the engine has stopped or failed since (the
+                # agent restarted, the engine crashed): the same generation would only be answered as a
+                # replay of that earlier outcome, starting nothing. A new one starts it again.
+                self._launch(want.engine_id, lambda: self._start_again(want))
             else:
                 self._launch(want.engine_id, lambda: self._start(want))
             return
@@ -403,6 +408,13 @@ class NodeLink:
             replayed=reply.replayed,
             start_s=round(reply.start_s, 3),
         )
+
+    async def _start_again(self, want: EngineTarget) -> None:
+        desired = self._desired()
+        desired.regenerate(self.index, want.engine_id, self._generation())
+        target = desired.nodes[self.index].engines.get(want.engine_id)
+        if target is not None:
+            await self._start(target)
 
     async def _stop(self, want: EngineTarget) -> None:
         desired = self._desired()

@@ -7,8 +7,9 @@ action, or when the fleet reports something, and per step:
 1. folds in what the fleet reported: instances ready or idle (apply mode: from the agents; observe mode:
    from the cycle's own model of start and drain times, since nothing is started), nodes lost or back,
    nodes drained by the operator;
-2. runs the due actions, and the tick when its time has come: the tick runs at the grid time (the
-   cycle's `next_tick_s`, or the latest grid point when late), with the traffic reported up to it, in a
+2. runs the due actions, and the tick when its time has come: the tick runs at its grid time (the
+   cycle's `next_tick_s`; ticks missed behind a long solve are caught up one by one, a controller more
+   than a minute behind steps once at the latest grid point), with the traffic reported up to it, in a
    worker thread (the pool MILP must not stall the event loop);
 3. hands every command a generation from the store, folds it into the desired state, and commits the
    decisions, the commands and the snapshot of (cycle, desired state) in ONE transaction before anything
@@ -66,6 +67,7 @@ log = structlog.get_logger("controller.loops")
 
 MODES = ("observe", "apply", "paused")
 SNAPSHOT_FORMAT = 1
+MAX_CATCH_UP_TICKS = 12  # one minute of 5-s ticks
 COMMAND_KINDS: dict[type, str] = {
     StartInstance: "start",
     DrainInstance: "drain",
@@ -251,8 +253,9 @@ class ControlLoop:
         if self.mode != "paused":
             if self.cycle.next_action_s() <= now:
                 self._handle(self.cycle.due(now), now)
-            if self.cycle.next_tick_s() <= now:
+            while self.cycle.next_tick_s() <= now:
                 await self._tick(now)
+                self._fold_fleet(self.now_s())
         if self.clock.wall_ns() / 1e9 >= self._ledger_start_unix_s + self.settings.ledger_interval_s:
             self.flush_ledger()
         if self.clock.monotonic_s() - self._last_snapshot_s >= self.settings.snapshot_interval_s:
@@ -272,12 +275,31 @@ class ControlLoop:
         if (cordoned, lost) != self._nodes_applied:
             self._nodes_applied = (cordoned, lost)
             log.info("nodes_cordoned", cordoned=sorted(cordoned), lost=sorted(lost))
-            self._handle(self.cycle.set_nodes(cordoned, lost, now), now)
+            result = self.cycle.set_nodes(cordoned, lost, now)
+            self._drop_gone_targets(lost)
+            self._handle(result, now)
+
+    def _drop_gone_targets(self, lost: frozenset[int]) -> None:
+        """A lost node's instances are gone from the cycle (they start again elsewhere): their targets
+        go too, so that the fleet stops their engines, as engines it does not know, if the node comes
+        back rather than start them again beside their replacements; their pending commands fail."""
+        live = self.cycle.executor.instances
+        for node in lost:
+            for eid, target in list(self.desired.nodes[node].engines.items()):
+                if target.instance_id in live:
+                    continue
+                self.desired.forget(node, eid)
+                if target.command_id:
+                    self.command_result(target.command_id, "failed", "node lost")
 
     async def _tick(self, now: float) -> None:
         grid_s = self.cycle.next_tick_s()
         period_s = self.cycle.periods.instance_s
-        tick_s = grid_s + math.floor((now - grid_s) / period_s + 1e-9) * period_s
+        behind = math.floor((now - grid_s) / period_s + 1e-9)
+        # A tick that ran late (a long solve) is caught up tick by tick, each with the traffic up to its
+        # own time, as the simulator runs them; one far behind (a paused or stalled controller) steps
+        # once at the latest grid point instead of replaying what nobody can act on any more.
+        tick_s = grid_s if behind <= MAX_CATCH_UP_TICKS else grid_s + behind * period_s
         traffic = self.traffic.take(tick_s)
         for (pool, cls), n in traffic.finished.items():
             self._ledger_traffic[(pool, cls, "requests")] += n

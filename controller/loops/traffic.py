@@ -28,7 +28,7 @@ class Arrival:
     t_s: float
     class_index: int
     input_tokens: int
-    instance_id: int  # 0: not known
+    instance_id: int  # -1: not known
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -75,7 +75,7 @@ class TrafficBuffer:
         arrivals, self._arrivals = self._arrivals[:k], self._arrivals[k:]
         j = bisect.bisect_right(self._completions, until_s, key=lambda c: c.t_s)
         done, self._completions = self._completions[:j], self._completions[j:]
-        routed = Counter(a.instance_id for a in arrivals if a.instance_id)
+        routed = Counter(a.instance_id for a in arrivals if a.instance_id >= 0)
         met = [0] * N_CLASSES
         total = [0] * N_CLASSES
         served = [[0] * N_CLASSES for _ in range(N_CLASSES)]

@@ -126,6 +126,8 @@ class ClusterStatusResponse(_message.Message):
     LAST_DECISION_UNIX_NS_FIELD_NUMBER: _builtins.int
     CONTROLLER_VERSION_FIELD_NUMBER: _builtins.int
     ROUTES_VERSION_FIELD_NUMBER: _builtins.int
+    ORIGIN_UNIX_NS_FIELD_NUMBER: _builtins.int
+    TIME_SCALE_FACTOR_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     """the mode in force"""
     policy: _builtins.str
@@ -168,6 +170,10 @@ class ClusterStatusResponse(_message.Message):
     """version of the dynamollm distribution running the controller"""
     routes_version: _builtins.int
     """the routing table in force"""
+    origin_unix_ns: _builtins.int
+    """The cycle's clock: cycle_time_s = (unix time - origin_unix_ns / 1e9) x time_scale_factor."""
+    time_scale_factor: _builtins.float
+    """cycle seconds per wall second (1 on a production fleet)"""
     def __init__(
         self,
         *,
@@ -191,10 +197,12 @@ class ClusterStatusResponse(_message.Message):
         last_decision_unix_ns: _builtins.int = ...,
         controller_version: _builtins.str = ...,
         routes_version: _builtins.int = ...,
+        origin_unix_ns: _builtins.int = ...,
+        time_scale_factor: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_version", b"controller_version", "cycle_time_s", b"cycle_time_s", "desired_generation", b"desired_generation", "energy_j", b"energy_j", "gpu", b"gpu", "gpus_count", b"gpus_count", "gpus_held_count", b"gpus_held_count", "instances_count", b"instances_count", "last_decision_unix_ns", b"last_decision_unix_ns", "mode", b"mode", "model", b"model", "nodes_count", b"nodes_count", "nodes_ready_count", b"nodes_ready_count", "objective", b"objective", "observed_generation", b"observed_generation", "policy", b"policy", "pools_count", b"pools_count", "power_w", b"power_w", "routes_version", b"routes_version", "started_unix_ns", b"started_unix_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_version", b"controller_version", "cycle_time_s", b"cycle_time_s", "desired_generation", b"desired_generation", "energy_j", b"energy_j", "gpu", b"gpu", "gpus_count", b"gpus_count", "gpus_held_count", b"gpus_held_count", "instances_count", b"instances_count", "last_decision_unix_ns", b"last_decision_unix_ns", "mode", b"mode", "model", b"model", "nodes_count", b"nodes_count", "nodes_ready_count", b"nodes_ready_count", "objective", b"objective", "observed_generation", b"observed_generation", "origin_unix_ns", b"origin_unix_ns", "policy", b"policy", "pools_count", b"pools_count", "power_w", b"power_w", "routes_version", b"routes_version", "started_unix_ns", b"started_unix_ns", "time_scale_factor", b"time_scale_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1097,20 +1105,22 @@ class TrafficArrival(_message.Message):
     input_tokens: _builtins.int
     """prompt length"""
     instance_id: _builtins.int
-    """the instance it was sent to (0: not known), for per-instance load"""
+    """the instance it was sent to (absent: not known): per-instance load"""
     def __init__(
         self,
         *,
         arrival_unix_ns: _builtins.int = ...,
         class_name: _builtins.str = ...,
         input_tokens: _builtins.int = ...,
-        instance_id: _builtins.int = ...,
+        instance_id: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instance_id", b"_instance_id", "instance_id", b"instance_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival_unix_ns", b"arrival_unix_ns", "class_name", b"class_name", "input_tokens", b"input_tokens", "instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instance_id", b"_instance_id", "arrival_unix_ns", b"arrival_unix_ns", "class_name", b"class_name", "input_tokens", b"input_tokens", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__instance_id: _TypeAlias = _typing.Literal["instance_id"]  # noqa: Y015
+    _WhichOneofArgType__instance_id: _TypeAlias = _typing.Literal["_instance_id", b"_instance_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__instance_id) -> _WhichOneofReturnType__instance_id | None: ...
 
 Global___TrafficArrival: _TypeAlias = TrafficArrival  # noqa: Y015
 
