@@ -43,7 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from agent.api.auth import Authorizer
 from agent.api.client import AgentClient
 from agent.api.clock import Clock, SystemClock
-from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError
+from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError, NotFoundError
 from agent.api.log import configure_logging
 from agent.api.serving import bind
 from agent.api.systemd import sd_notify, watchdog_loop, watchdog_period_s
@@ -76,11 +76,15 @@ GPU_NAMES = {"h100-sxm": ("H100 80GB HBM3", "H100 SXM")}
 
 def load_fleet_profile(settings: ControllerSettings) -> Profile:
     """The profile of the fleet's model and GPU type; any other is refused, naming both."""
-    profile = (
-        load_profile(settings.profile_path)
-        if settings.profile_path is not None
-        else default_profile(settings.model, settings.gpu)
-    )
+    try:
+        profile = (
+            load_profile(settings.profile_path)
+            if settings.profile_path is not None
+            else default_profile(settings.model, settings.gpu)
+        )
+    except NotFoundError as exc:
+        key = "profile.path" if settings.profile_path is not None else "profile.model"
+        raise InvalidArgumentError(key, str(settings.profile_path or settings.model), f"an existing profile ({exc})") from None
     if (profile.model, profile.gpu) != (settings.model, settings.gpu):
         raise InvalidArgumentError(
             "profile.path",

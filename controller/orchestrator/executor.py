@@ -206,10 +206,7 @@ class Executor:
             ):
                 continue
             if record.gpus.node in lost:
-                commands += self._gone(record, now_s)
-                if record.phase is not Phase.DRAINING:
-                    self.executed["start"] += 1
-                    commands += self._start_or_wait(record.pool, record.spec, now_s, self.costs.start_s)
+                commands += self._lose(record, now_s)
             elif record.phase is Phase.STARTING:
                 commands += self._stop(record, now_s)
                 self.executed["start"] += 1
@@ -217,6 +214,23 @@ class Executor:
             elif record.phase is Phase.ACTIVE and not self._has_twin(record.instance_id):
                 commands += self._twin(record, now_s)
         return commands
+
+    def _lose(self, record: InstanceRecord, now_s: float) -> list[Command]:
+        """`record`'s node stopped answering: it is gone; what it stood for starts again elsewhere. A twin
+        under way replaces it (no second start); a lost twin is made anew for the instance it was to
+        replace, which keeps serving meanwhile."""
+        twin = next((r for r in self.instances.values() if r.replaces == record.instance_id), None)
+        original = self.instances.get(record.replaces) if record.replaces is not None else None
+        commands = self._gone(record, now_s)
+        if record.phase is Phase.DRAINING:
+            return commands
+        if twin is not None:
+            twin.replaces = None  # what it was to replace is gone: it simply serves once ready
+            return commands
+        if original is not None and original.phase is Phase.ACTIVE:
+            return commands + self._twin(original, now_s)
+        self.executed["start"] += 1
+        return commands + self._start_or_wait(record.pool, record.spec, now_s, self.costs.start_s)
 
     def _has_twin(self, instance_id: int) -> bool:
         return any(r.replaces == instance_id for r in self.instances.values())
