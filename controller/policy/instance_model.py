@@ -38,6 +38,14 @@ class CapacityCache:
         ]
         self._tables = OrderedDict()
 
+    # The live controller pickles its cycle (this cache included) into every snapshot: the cache travels
+    # empty (it is keyed by the profile's id, which a restored profile does not keep anyway).
+    def __getstate__(self) -> int:
+        return self._size
+
+    def __setstate__(self, size: int) -> None:
+        self.__init__(size)  # type: ignore[misc]
+
     def capacities(
         self, profile: Profile, class_shares: Mapping[str, float], scales: Mapping[str, float] | None = None
     ) -> tuple[ConfigCapacity, ...]:
