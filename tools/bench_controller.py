@@ -1033,9 +1033,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("error")
     if args.serve_fake_nodes:
         return asyncio.run(_serve_fake_nodes(args.serve_fake_nodes))
+    from controller.dctl.output import reserved_stdout
+
     started = time.perf_counter()
     try:
-        results = asyncio.run(run(args))
+        with reserved_stdout():  # the solver's banner goes to stderr: stdout carries the figures only
+            results = asyncio.run(run(args))
     except KeyboardInterrupt:
         _progress("interrupted")
         return 130
