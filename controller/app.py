@@ -28,7 +28,7 @@ import json
 import pickle
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,9 @@ def load_fleet_profile(settings: ControllerSettings) -> Profile:
         )
     except NotFoundError as exc:
         key = "profile.path" if settings.profile_path is not None else "profile.model"
-        raise InvalidArgumentError(key, str(settings.profile_path or settings.model), f"an existing profile ({exc})") from None
+        raise InvalidArgumentError(
+            key, str(settings.profile_path or settings.model), f"an existing profile ({exc})"
+        ) from None
     if (profile.model, profile.gpu) != (settings.model, settings.gpu):
         raise InvalidArgumentError(
             "profile.path",
@@ -200,11 +202,14 @@ class RunningController:
         log.info("controller_stopped")
 
 
-async def _serve_metrics(metrics: ControllerMetrics, listen: str) -> tuple[web.AppRunner | None, int]:
+async def _serve_metrics(
+    metrics: ControllerMetrics, listen: str, refresh: Callable[[], None]
+) -> tuple[web.AppRunner | None, int]:
     if not listen:
         return None, 0
 
     async def handle(request: web.Request) -> web.Response:
+        refresh()
         return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8")
 
     app = web.Application()
@@ -307,7 +312,7 @@ async def _start(
     await server.start()
     for name in ("", SERVICE):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    runner, metrics_port = await _serve_metrics(metrics, settings.metrics_listen)
+    runner, metrics_port = await _serve_metrics(metrics, settings.metrics_listen, core.refresh_metrics)
     fleet.start()
     tasks = [asyncio.create_task(loop.run(), name="control-loop")]
     log.info(

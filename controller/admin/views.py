@@ -83,6 +83,13 @@ class ControllerCore:
         desired = self.store.current_generation()
         return min(c.generation for c in pending) - 1 if pending else desired
 
+    def refresh_metrics(self) -> None:
+        """The gauges read off the fleet and the store (node states, power, generation lag), as of now:
+        `/metrics` calls it before every scrape, so they do not wait for an admin call to move."""
+        self.metrics.set_nodes(link.state for link in self.fleet.links)
+        self.metrics.power.set(sum(link.total_power_w() for link in self.fleet.links if link.available))
+        self.metrics.generation_lag.set(self.store.current_generation() - self._observed_generation())
+
     def cluster_status(self) -> admin_pb2.ClusterStatusResponse:
         cycle = self.loop.cycle
         ready = [link for link in self.fleet.links if link.available]
