@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Protocol
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from agent.api.auth import Authorizer, Caller
-from agent.api.errors import InvalidArgumentError, NotFoundError, clip
+from agent.api.errors import InvalidArgumentError, clip
 from agent.api.serving import Context, Undecodable, abort_with, decode_as, decoded, identify
 from agent.api.status import status_for
 from controller.api.v1 import admin_pb2
@@ -27,6 +28,7 @@ SERVICE: Final = admin_pb2.DESCRIPTOR.services_by_name["ControllerAdmin"].full_n
 MAX_REPORT_ITEMS: Final = 100_000
 MAX_REASON_CHARS: Final = 500
 MAX_PAGE_SIZE: Final = 1000
+MAX_AUDIT_CHARS: Final = 2000  # a request kept in the audit whole up to this size
 MODE_NAMES: Final = {
     admin_pb2.MODE_OBSERVE: "observe",
     admin_pb2.MODE_APPLY: "apply",
@@ -202,14 +204,10 @@ def _page_token(token: str) -> int:
 
 
 def _summary(request: Message) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
-
+    """The request as the audit keeps it: its fields, or only its size when they are long."""
     out: dict[str, Any] = MessageToDict(request, preserving_proto_field_name=True)
-    return (
-        json.loads(clip(json.dumps(out), 2000))
-        if len(json.dumps(out)) <= 2000
-        else {"size": len(json.dumps(out))}
-    )
+    size = len(json.dumps(out))
+    return out if size <= MAX_AUDIT_CHARS else {"request_chars": size}
 
 
 def _unary(behavior: Any, request: type[Message], response: type[Message]) -> grpc.RpcMethodHandler[Any, Any]:
@@ -237,6 +235,3 @@ def add_admin_service(server: grpc.aio.Server, servicer: AdminServicer) -> None:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-
-
-__all__ = ["SERVICE", "AdminServicer", "NotFoundError", "add_admin_service"]

@@ -173,6 +173,10 @@ class ControllerCore:
     def list_pools(self) -> admin_pb2.ListPoolsResponse:
         cycle = self.loop.cycle
         energy = self.store.energy_by("pool")
+        requests: dict[str, tuple[int, int]] = {}
+        for c in self.store.class_energy():
+            n, tokens = requests.get(c.pool, (0, 0))
+            requests[c.pool] = (n + c.requests_count, tokens + c.output_tokens)
         out = admin_pb2.ListPoolsResponse()
         names = self.loop.settings.node_names
         for pool in cycle.plan.pools:
@@ -185,6 +189,11 @@ class ControllerCore:
                 clock_floor_mhz=guard.clock_floor_mhz if guard is not None else 0,
                 slo_attainment_ratio=guard.attainment if guard is not None and guard.samples else -1.0,
             )
+            n, tokens = requests.get(pool.name, (0, 0))
+            if n:
+                status.energy_per_request_j = status.energy_j / n
+            if tokens:
+                status.energy_per_output_token_j = status.energy_j / tokens
             for r in sorted(cycle.executor.instances.values(), key=lambda r: r.instance_id):
                 if r.pool != pool.name:
                     continue
@@ -216,14 +225,8 @@ class ControllerCore:
                     admin_pb2.PlannedInstances(tp_degree=spec.tp, clock_mhz=spec.clock_mhz, instances_count=n)
                 )
             out.pools.append(planned)
-        last = next(
-            (
-                self.store.last_decision(level)
-                for level in ("cluster", "initial")
-                if self.store.last_decision(level)
-            ),
-            None,
-        )
+        # The plan in force: the last cluster step (or the initial plan) and the steps since.
+        last = self.store.last_decision("cluster") or self.store.last_decision("initial")
         plan_rows = [r for r in self.store.decisions_from(last.id) if r.level in PLAN_LEVELS] if last else []
         if plan_rows:
             out.decided_unix_ns = plan_rows[-1].ts_unix_ns

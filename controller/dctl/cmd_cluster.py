@@ -469,10 +469,20 @@ def _pools_table(reply: admin_pb2.ListPoolsResponse) -> str:
             f"{p.guard_factor:.2f}",
             p.clock_floor_mhz or "-",
             "-" if p.slo_attainment_ratio < 0 else f"{p.slo_attainment_ratio * 100:.2f}",
+            f"{p.energy_per_output_token_j:.3f}" if p.energy_per_output_token_j else "-",
         ]
         for p in reply.pools
     ]
-    header = ["POOL", "CLASSES", "INSTANCES", "POWER W", "GUARD FACTOR", "CLOCK FLOOR MHZ", "SLO %"]
+    header = [
+        "POOL",
+        "CLASSES",
+        "INSTANCES",
+        "POWER W",
+        "GUARD FACTOR",
+        "CLOCK FLOOR MHZ",
+        "SLO %",
+        "J/TOKEN",
+    ]
     return _table(header, rows)
 
 

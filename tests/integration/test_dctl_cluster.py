@@ -150,6 +150,7 @@ POOL_LIST = admin_pb2.ListPoolsResponse(
         admin_pb2.PoolStatus(
             name="short", class_names=["SS", "SM"], power_w=2100.0, guard_factor=1.1, clock_floor_mhz=1200,
             slo_attainment_ratio=0.9912,
+            energy_per_output_token_j=0.75,
             instances=[
                 admin_pb2.PoolInstance(instance_id=i, node="gpu-node-1", tp_degree=4, clock_mhz=1410,
                                        phase="ACTIVE")
@@ -363,9 +364,11 @@ def test_pools_table_groups_instances_by_configuration(
     assert code == 0, err
     short = next(line for line in out.splitlines() if line.startswith("short"))
     assert "2x TP4@1410MHz, 1x TP4@1410MHz starting" in short
-    assert short.split()[-4:] == ["2100.0", "1.10", "1200", "99.12"]
+    assert short.split()[-5:] == ["2100.0", "1.10", "1200", "99.12", "0.750"]
     long = next(line for line in out.splitlines() if line.startswith("long"))
-    assert "SL,MS,MM,ML,LS,LM,LL" in long and "1x TP8@1980MHz" in long and long.split()[-2:] == ["-", "-"]
+    assert (
+        "SL,MS,MM,ML,LS,LM,LL" in long and "1x TP8@1980MHz" in long and long.split()[-3:] == ["-", "-", "-"]
+    )
     assert out.rstrip().endswith(cmd_cluster.CLASSES_NOTE)  # the class names, explained once
 
 

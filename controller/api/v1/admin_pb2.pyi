@@ -452,6 +452,8 @@ class PoolStatus(_message.Message):
     GUARD_FACTOR_FIELD_NUMBER: _builtins.int
     CLOCK_FLOOR_MHZ_FIELD_NUMBER: _builtins.int
     SLO_ATTAINMENT_RATIO_FIELD_NUMBER: _builtins.int
+    ENERGY_PER_REQUEST_J_FIELD_NUMBER: _builtins.int
+    ENERGY_PER_OUTPUT_TOKEN_J_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """the pool's name (its largest class)"""
     power_w: _builtins.float
@@ -464,6 +466,12 @@ class PoolStatus(_message.Message):
     """the SLO guard's clock floor (0: none)"""
     slo_attainment_ratio: _builtins.float
     """guard window's share of requests meeting the SLO (-1: no data)"""
+    energy_per_request_j: _builtins.float
+    """From the energy ledger since the store was created: the pool's GPU energy per request finished and
+    per output token generated (0: no completions reported yet).
+    """
+    energy_per_output_token_j: _builtins.float
+    """J per output token"""
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """request classes it serves (input x output bin, e.g. "SM")"""
@@ -483,10 +491,12 @@ class PoolStatus(_message.Message):
         guard_factor: _builtins.float = ...,
         clock_floor_mhz: _builtins.int = ...,
         slo_attainment_ratio: _builtins.float = ...,
+        energy_per_request_j: _builtins.float = ...,
+        energy_per_output_token_j: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "clock_floor_mhz", b"clock_floor_mhz", "energy_j", b"energy_j", "guard_factor", b"guard_factor", "instances", b"instances", "name", b"name", "power_w", b"power_w", "slo_attainment_ratio", b"slo_attainment_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "clock_floor_mhz", b"clock_floor_mhz", "energy_j", b"energy_j", "energy_per_output_token_j", b"energy_per_output_token_j", "energy_per_request_j", b"energy_per_request_j", "guard_factor", b"guard_factor", "instances", b"instances", "name", b"name", "power_w", b"power_w", "slo_attainment_ratio", b"slo_attainment_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
