@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -342,7 +343,8 @@ def test_status_table_shows_the_cluster_at_a_glance(
     assert "power W 5123.4" in rows["power W"]
     assert "7/6" in rows["generation desired/observed"] and "1 not yet applied" in out
     assert rows["routes version"] == "routes version 5"
-    assert " s ago (" in rows["last decision"]
+    # The canned decision is 30 s older than the module's import: its age as the suite runs varies.
+    assert re.search(r"\d+ (s|min|h) ago \(2\d{3}-", rows["last decision"])
     assert [name for name, _, _ in fake.calls] == ["ClusterStatus"]
 
 
