@@ -52,7 +52,7 @@ from controller.admin.views import ControllerCore
 from controller.control.cycle import ControlCycle, CycleConfig, FixedPlan
 from controller.dctl.output import echo, reserved_stdout
 from controller.fleet.desired import DesiredState
-from controller.fleet.grpc_fleet import FleetSettings, GrpcFleet, NodeConfig
+from controller.fleet.grpc_fleet import FleetSettings, GrpcFleet, NodeConfig, check_gpu_type
 from controller.loops.control import ControlLoop, LoopSettings, snapshot_version
 from controller.loops.events import EventBus
 from controller.metrics import ControllerMetrics
@@ -98,7 +98,7 @@ def load_fleet_profile(settings: ControllerSettings) -> Profile:
 
 async def check_gpu_types(nodes: Sequence[NodeConfig], gpu: str, timeout_s: float) -> None:
     """Every reachable node's GPUs must be of the profile's type (unreachable ones are checked when they
-    answer: the fleet refuses them then)."""
+    answer: the fleet refuses them then, `FleetSettings.gpu_names`)."""
     names = GPU_NAMES.get(gpu, (gpu,))
 
     async def one(node: NodeConfig) -> None:
@@ -108,13 +108,7 @@ async def check_gpu_types(nodes: Sequence[NodeConfig], gpu: str, timeout_s: floa
             except DynamoError as exc:
                 log.warning("node_not_checked", node=node.name, error=str(exc))
                 return
-        for g in inventory.gpus:
-            if not any(n in g.name for n in names):
-                raise InvalidArgumentError(
-                    "profile.gpu",
-                    gpu,
-                    f"the GPU type of node {node.name!r}: its GPU {g.gpu_index} is a {g.name!r}",
-                )
+        check_gpu_type(node.name, inventory, names)
 
     await asyncio.gather(*(one(n) for n in nodes))
 
@@ -297,6 +291,7 @@ async def _start(
             engine_options=dict(settings.engine_options),
             ready_timeout_s=k.ready_timeout_s,
             time_scale=settings.time_scale,
+            gpu_names=GPU_NAMES.get(settings.gpu, (settings.gpu,)),
         ),
         lambda: loop.desired,
         loop,

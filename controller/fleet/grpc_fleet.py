@@ -89,6 +89,9 @@ class FleetSettings:
     engine_options: Mapping[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 0.0  # 0: the agent's default
     time_scale: float = 1.0  # simulated engines start load_s / time_scale after the call
+    # How the profile's GPU type reads in NVML's GPU names (empty: not checked): a node whose GPUs are of
+    # another type is refused (never READY, a permanent error naming both).
+    gpu_names: tuple[str, ...] = ()
 
 
 class FleetListener(Protocol):
@@ -163,7 +166,8 @@ class NodeLink:
         )
         self.state = State.CONNECTING
         self.inventory: telemetry_pb2.GetInventoryResponse | None = None
-        self.last_seen_s = -math.inf
+        # A node that never answers is as silent as one that stopped: counted from the link's creation.
+        self.last_seen_s = monotonic_s()
         self.last_seen_unix_ns = 0
         self.last_error = ""
         self.last_error_permanent = False
@@ -217,6 +221,7 @@ class NodeLink:
 
     async def _read_inventory(self) -> telemetry_pb2.GetInventoryResponse:
         inventory = await self.client.inventory()
+        self._check_gpus(inventory)
         self.inventory = inventory
         self._seen()
         # Agents are the truth: the controller's counter never trails a generation an agent holds.
@@ -224,6 +229,10 @@ class NodeLink:
             [self._highest_seen, inventory.lease.generation, *(e.generation for e in inventory.engines)]
         )
         return inventory
+
+    def _check_gpus(self, inventory: telemetry_pb2.GetInventoryResponse) -> None:
+        if self.settings.gpu_names:
+            check_gpu_type(self.config.name, inventory, self.settings.gpu_names)
 
     def _generation(self) -> int:
         return self._listener.next_generation(self._highest_seen)
@@ -261,7 +270,7 @@ class NodeLink:
         while True:
             await asyncio.sleep(period_s)
             silent_s = self._now() - self.last_seen_s
-            if self.state == State.READY and silent_s > self.settings.unavailable_after_s:
+            if self.state != State.UNAVAILABLE and silent_s > self.settings.unavailable_after_s:
                 self.state = State.UNAVAILABLE
                 log.warning("node_unavailable", node=self.config.name, silent_s=round(silent_s, 1))
                 self._listener.node_state(self.index, False)
@@ -478,6 +487,18 @@ class NodeLink:
 
     def total_power_w(self) -> float:
         return sum(self.power_w.values())
+
+
+def check_gpu_type(node: str, inventory: telemetry_pb2.GetInventoryResponse, names: Sequence[str]) -> None:
+    """InvalidArgumentError naming `profile.gpu` when a GPU of `node` is not of the profile's type (its
+    NVML name contains none of `names`)."""
+    wrong = [g for g in inventory.gpus if not any(n in g.name for n in names)]
+    if wrong:
+        raise InvalidArgumentError(
+            "profile.gpu",
+            " or ".join(names),
+            f"the GPU type of node {node!r}: its GPU {wrong[0].gpu_index} is a {wrong[0].name!r}",
+        )
 
 
 def _snap(clock_mhz: int, supported: Sequence[int]) -> int:
