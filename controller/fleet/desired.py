@@ -41,7 +41,8 @@ class EngineTarget:
     """One engine as it should be: running on its GPUs with its TP degree, or stopped. `generation` is
     the engine-scope generation of the command that set this target; `command_id` the store row that is
     done when the agent confirms it; `load_s` the modelled start time (a simulated engine is told to take
-    it); `drain_timeout_s` how long in-flight requests get when it stops."""
+    it); `drain_timeout_s` how long in-flight requests get when it stops; `ready_not_before_s` when the
+    cycle modelled the start to end."""
 
     engine_id: str
     instance_id: int
@@ -54,6 +55,7 @@ class EngineTarget:
     command_id: int = 0
     load_s: float = 0.0
     drain_timeout_s: float = 0.0
+    ready_not_before_s: float = 0.0  # the cycle's time its start was modelled to end (at_s + load_s)
 
 
 @dataclass(slots=True)
@@ -122,6 +124,7 @@ class DesiredState:
                 command_id,
                 command.load_s,
                 self.drain_timeout_s,
+                command.at_s + command.load_s,
             )
             for gpu in indices:
                 node.clocks_mhz[gpu] = command.spec.clock_mhz

@@ -122,7 +122,8 @@ class ControlLoop:
         self._wake = asyncio.Event()
         self._events: list[FleetEvent] = []
         self._forget: list[tuple[int, str]] = []
-        self._shadow: list[tuple[float, int, FleetEvent]] = []  # observe mode: (at_s, seq, event) heap
+        # (at_s, seq, event) heap: observe mode's modelled effects, and readiness held to its modelled time
+        self._shadow: list[tuple[float, int, FleetEvent]] = []
         self._shadow_seq = 0
         self._lost: set[int] = set()
         self._drained: set[int] = set(json.loads(store.get_meta("drained_nodes") or "[]"))
@@ -145,7 +146,16 @@ class ControlLoop:
 
     # ------------------------------------------------------------------ FleetListener
     def instance_ready(self, instance_id: int) -> None:
-        self._events.append(InstanceReady(instance_id, self.now_s()))
+        """An engine answers: the instance serves from now, or from the end of its modelled start if
+        that is later (the cycle planned with that time: taking it earlier would make the plan's
+        timing, and so its decisions, depend on how fast a host happened to start a process)."""
+        now = self.now_s()
+        target = self.desired.engine(instance_id)
+        at = max(now, target.ready_not_before_s) if target is not None else now
+        if at > now:
+            self._schedule(at, InstanceReady(instance_id, at))
+        else:
+            self._events.append(InstanceReady(instance_id, now))
         self._wake.set()
 
     def instance_idle(self, node: int, engine_id: str, instance_id: int) -> None:
@@ -190,7 +200,8 @@ class ControlLoop:
         if self.fleet is not None:
             self.fleet.set_apply(mode == "apply")
         if mode == "apply":
-            self._shadow.clear()
+            self._shadow = [e for e in self._shadow if isinstance(e[2], InstanceReady)]
+            heapq.heapify(self._shadow)
         log.info("mode_changed", previous=previous, mode=mode, caller=caller, reason=reason)
         self.events.publish(
             "mode", f"mode {previous} -> {mode} by {caller}", {"mode": mode, "reason": reason}

@@ -47,7 +47,7 @@ def test_start_sets_a_running_target_on_its_node_and_its_gpus_clock() -> None:
     state = _state()
     assert state.apply(_start(3, node=1, first_gpu=4, tp=4, clock=1500), generation=7, command_id=21)
     assert state.nodes[1].engines == {
-        "i3": EngineTarget("i3", 3, "pool-a", 1, (4, 5, 6, 7), 4, True, 7, 21, 60.0, DRAIN_S)
+        "i3": EngineTarget("i3", 3, "pool-a", 1, (4, 5, 6, 7), 4, True, 7, 21, 60.0, DRAIN_S, 61.0)
     }
     assert state.nodes[1].clocks_mhz == {4: 1500, 5: 1500, 6: 1500, 7: 1500}
     assert state.nodes[0].engines == {} and state.nodes[0].clocks_mhz == {}
