@@ -5,7 +5,8 @@ credentials, the Unix socket's file mode, the authorizer and the audit log (docs
 daemon plumbing a second daemon reuses (binding with TLS and the socket mode, authorization, systemd
 notices) comes from `agent.api.serving`, `agent.api.auth` and `agent.api.systemd`.
 
-    dynamollm-agent [--config F] [--simulated --gpus N] [--listen HOST:PORT] [--runtime-dir D]
+    dynamollm-agent [--config F] [--simulated --gpus N [--time-scale X]] [--listen HOST:PORT]
+        [--runtime-dir D]
     dynamollm-agent restore-defaults [--config F] [...]     # systemd ExecStopPost: no server
 
 The first line on stdout is a JSON `agent_listening` event with the bound port (tests start the agent on
@@ -69,7 +70,9 @@ def make_backend(settings: AgentSettings) -> GpuBackend:
         from agent.sim.gpu import SimulatedGpuBackend
 
         sim = settings.simulated
-        return SimulatedGpuBackend(sim.node_dir, gpus=sim.gpus, gpu=sim.gpu, model=sim.model)
+        return SimulatedGpuBackend(
+            sim.node_dir, gpus=sim.gpus, gpu=sim.gpu, model=sim.model, time_scale=sim.time_scale
+        )
     from agent.gpu.nvml import NvmlBackend
 
     return NvmlBackend()
@@ -78,8 +81,9 @@ def make_backend(settings: AgentSettings) -> GpuBackend:
 def make_driver(settings: AgentSettings, clock: Clock, workers: GpuWorkers | None = None) -> EngineDriver:
     """The engine driver: its record file in the runtime directory (adopted or stopped at start-up), and
     the GPU workers' process lists to refuse GPUs held by processes it does not own."""
+    sim = settings.simulated
     template_vars = (
-        {"node_dir": str(settings.simulated.node_dir), "gpu": settings.simulated.gpu}
+        {"node_dir": str(sim.node_dir), "gpu": sim.gpu, "time_scale": repr(float(sim.time_scale))}
         if settings.engine.kind == "simulated"
         else {}
     )
@@ -245,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--simulated", action="store_true", help="simulated GPUs and engines (gpu.backend=simulated)"
     )
     p.add_argument("--gpus", default=None, help="number of simulated GPUs (simulated.gpus)")
+    p.add_argument(
+        "--time-scale",
+        default=None,
+        help="simulated seconds per wall second of simulated engines and GPUs (simulated.time_scale)",
+    )
     p.add_argument("--listen", default=None, help="HOST:PORT or unix:/path (listen)")
     p.add_argument("--runtime-dir", default=None, help="state, logs, simulated node (runtime_dir)")
     return p
@@ -256,6 +265,8 @@ def _cli_values(ns: argparse.Namespace) -> dict[str, object]:
         values["gpu.backend"] = "simulated"
     if ns.gpus is not None:
         values["simulated.gpus"] = ns.gpus
+    if ns.time_scale is not None:
+        values["simulated.time_scale"] = ns.time_scale
     if ns.listen is not None:
         values["listen"] = ns.listen
     if ns.runtime_dir is not None:

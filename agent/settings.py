@@ -47,11 +47,14 @@ DEFAULT_CONFIG_PATH = Path("/etc/dynamollm/agent.toml")
 BACKENDS = ("nvml", "simulated")
 ENGINE_KINDS = ("vllm", "simulated")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# Format fields a command template may use; `agent.engine.driver` fills them per engine instance.
+# Format fields a command template may use; `agent.engine.driver` fills them per engine instance
+# ({node_dir} {gpu} {time_scale}: `agent.app.make_driver` from the simulated settings).
 SIMULATED_ENGINE_COMMAND = (
     "{python} -m agent.sim.engine --model {model} --gpu {gpu} --tp {tp} --port {port} --gpus {gpus} "
-    "--node-dir {node_dir}"
+    "--node-dir {node_dir} --time-scale {time_scale}"
 )
+# Largest simulated.time_scale (the simulated engine program's --time-scale has the same bound).
+MAX_TIME_SCALE = 1e6
 # What the simulated engine program serves: the models and TP degrees its physics model is fitted for
 # (agent.sim.physics.specs MODEL_NAMES and TP_DEGREES; tests/unit/test_settings.py checks they agree).
 # Spelled out here because the agent's production modules never import agent.sim.
@@ -67,6 +70,8 @@ class SimulatedSettings:
     gpu: str
     model: str
     node_dir: Path
+    # Simulated seconds per wall second of the simulated GPUs and engines (1: real time).
+    time_scale: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,10 @@ class AgentSettings:
 
 
 # ---------------------------------------------------------------------------------------------- keys
+
+
+def _time_scale(v: Any) -> str | None:
+    return None if 0 < v <= MAX_TIME_SCALE else f"> 0 and <= {MAX_TIME_SCALE:g}"
 
 
 KEYS: tuple[ConfigKey, ...] = (
@@ -205,6 +214,14 @@ KEYS: tuple[ConfigKey, ...] = (
         "shared state of simulated GPUs and engines (default RUNTIME_DIR/simnode)",
     ),
     ConfigKey(
+        "simulated.time_scale",
+        float,
+        1.0,
+        "simulated seconds per wall second: engines, their start-up and the energy counters run this "
+        "many times faster than real time (leases, telemetry and timers stay wall-clock)",
+        _time_scale,
+    ),
+    ConfigKey(
         "telemetry.period_s", float, 1.0, "sampler period; stream periods are multiples of it", positive
     ),
     ConfigKey(
@@ -242,7 +259,7 @@ KEYS: tuple[ConfigKey, ...] = (
         str,
         None,
         "command template with {model} {tp} {pp} {port} {gpus} {python} "
-        "{node_dir} {gpu} (default per engine.kind)",
+        "{node_dir} {gpu} {time_scale} (default per engine.kind)",
     ),
     ConfigKey(
         "engine.models",
@@ -306,9 +323,15 @@ def merge_settings(
     engine_kind = values["engine.kind"] or ("simulated" if backend == "simulated" else "vllm")
     if engine_kind == "simulated" and backend != "simulated":
         raise InvalidArgumentError("engine.kind", engine_kind, "vllm with gpu.backend nvml")
+    time_scale = values["simulated.time_scale"]
+    if time_scale != 1.0 and backend != "simulated":
+        raise InvalidArgumentError("simulated.time_scale", time_scale, "1 unless gpu.backend = simulated")
     command = values["engine.command"] or (
         SIMULATED_ENGINE_COMMAND if engine_kind == "simulated" else VLLM_COMMAND_TEMPLATE
     )
+    if time_scale != 1.0 and "{time_scale}" not in command:
+        # the engines would run at real time beside GPUs whose counters run time_scale times faster
+        raise InvalidArgumentError("engine.command", command, "a command passing --time-scale {time_scale}")
     models = values["engine.models"]
     if models is None:
         models = SIMULATED_MODELS if engine_kind == "simulated" else ()
@@ -345,6 +368,7 @@ def merge_settings(
             node_dir=Path(values["simulated.node_dir"])
             if values["simulated.node_dir"]
             else runtime_dir / "simnode",
+            time_scale=time_scale,
         ),
         telemetry=TelemetrySettings(
             period_s=values["telemetry.period_s"],

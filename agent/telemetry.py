@@ -22,7 +22,10 @@ the sampled power (`energy_discrepancy`, pure): a trapezoid for instantaneous re
 averaged over the last W seconds (`GpuInfo.power_average_s`; NVML on Ampere and newer GPUs, the
 simulated backend) the sum of W x reading chained back from the last sample, which is what such
 readings measure. A relative difference above the threshold is logged as `energy_counter_mismatch`
-(a counter that stalls or wraps, or power sampled too coarsely for the load).
+(a counter that stalls or wraps, or power sampled too coarsely for the load). A backend that runs faster
+than the wall clock (a time-compressed simulated node: `time_scale` simulated seconds per wall second,
+energy counter in simulated joules, power in watts) declares its `time_scale`; the integral of power
+over wall time is multiplied by it.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class EnergyCheck:
 
 
 def energy_discrepancy(
-    samples: Sequence[NodeSample], gpu_index: int, power_average_s: float = 0.0
+    samples: Sequence[NodeSample], gpu_index: int, power_average_s: float = 0.0, time_scale: float = 1.0
 ) -> EnergyCheck | None:
     """Compare counter and integrated power for one GPU over `samples` (None with fewer than two readings,
     or, for averaged power, a window shorter than one average).
@@ -95,6 +98,7 @@ def energy_discrepancy(
     interpolated between samples) and compared with the counter over the same span. A trapezoid over
     averaged readings would lag the counter by W/2 of every load step near either end of the window.
     W = 0 (instantaneous readings): the trapezoid over the whole window.
+    `time_scale`: counter joules per watt x wall second (a time-compressed simulated node; 1 elsewhere).
     """
     points = [(s.monotonic_s, r) for s in samples for i, r in s.readings if i == gpu_index]
     if len(points) < 2:
@@ -127,8 +131,17 @@ def energy_discrepancy(
         gpu_index=gpu_index,
         window_s=end_s - start_s,
         counter_j=points[-1][1].energy_j - at(max(start_s, times[0]), _energy_j),
-        integrated_j=integrated_j,
+        integrated_j=integrated_j * time_scale,
     )
+
+
+def backend_time_scale(backend: object) -> float:
+    """Simulated seconds per wall second of a backend that declares it (`time_scale`, the simulated
+    backend), else 1."""
+    scale = getattr(backend, "time_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 < scale < math.inf:
+        return 1.0
+    return float(scale)
 
 
 def _power_w(r: GpuReading) -> float:
@@ -265,8 +278,9 @@ class TelemetrySampler:
 
     def _check_energy(self) -> None:
         samples = list(self.ring)
+        time_scale = backend_time_scale(self._workers.backend)
         for index in range(self._workers.count):
-            check = energy_discrepancy(samples, index, self._workers.infos[index].power_average_s)
+            check = energy_discrepancy(samples, index, self._workers.infos[index].power_average_s, time_scale)
             if check is None:
                 continue
             self.last_energy_checks[index] = check
@@ -279,6 +293,7 @@ class TelemetrySampler:
                     integrated_j=round(check.integrated_j, 3),
                     discrepancy_ratio=round(check.discrepancy_ratio, 4),
                     power_average_s=self._workers.infos[index].power_average_s,
+                    time_scale=time_scale,
                     hint="the counter stalled or wrapped, or power is sampled too coarsely for the load",
                 )
 

@@ -13,6 +13,11 @@ which the agent's `agent.sim.gpu.SimulatedGpuBackend` writes), and writes its en
 
 SIGTERM / SIGINT: stop admitting (503 + Retry-After) while accepted requests finish, wait up to
 `--shutdown-grace-s` for them, then exit 0 (cutting what is left).
+
+`--time-scale X` runs the engine X times faster than real time (simulated seconds = X x wall seconds;
+agent.sim.realtime): iterations, the energy written per simulated second and the modelled delays
+(`--startup-s`, `--shutdown-grace-s`, both simulated seconds) take 1/X of their wall time. Retry-After
+stays in wall seconds (clients wait on the wall clock).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from agent.sim.physics import load_perf_model
 from agent.sim.physics.specs import GPU_NAMES, MODEL_NAMES
 from agent.sim.realtime import RealTimeEngine
 
+# Largest --time-scale (simulated seconds per wall second); the agent's simulated.time_scale: the same.
+MAX_TIME_SCALE = 1e6
 # max_position_embeddings of each model's Hugging Face config: the longest request the model accepts.
 _MODEL_CONTEXT_TOKENS = {"llama2-70b": 4096, "llama3.1-8b": 131072, "llama3.1-70b": 131072}
 
@@ -59,6 +66,7 @@ class EngineOptions:
     shutdown_grace_s: float
     retry_after_s: int
     seed: int | None
+    time_scale: float = 1.0
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -83,14 +91,26 @@ def _build_parser() -> argparse.ArgumentParser:
         "--default-max-tokens", type=int, default=16, help="answer length when max_tokens is absent"
     )
     p.add_argument(
-        "--startup-s", type=float, default=0.2, help="imitated model loading; /health is 503 meanwhile"
+        "--startup-s",
+        type=float,
+        default=0.2,
+        help="imitated model loading, simulated seconds; /health is 503 meanwhile",
     )
     p.add_argument(
-        "--shutdown-grace-s", type=float, default=30.0, help="SIGTERM: wait this long for requests"
+        "--shutdown-grace-s",
+        type=float,
+        default=30.0,
+        help="SIGTERM: wait this long (simulated seconds) for requests",
     )
     p.add_argument("--retry-after-s", type=int, default=1, help="Retry-After of 503 answers while draining")
     p.add_argument(
         "--seed", type=int, default=None, help="seed of the per-iteration jitter (default: a fresh one)"
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="simulated seconds per wall second (1: real time; 20: an hour in 3 minutes)",
     )
     p.add_argument("--log-level", default="info")
     return p
@@ -131,6 +151,8 @@ def options_from_args(ns: argparse.Namespace, environ: dict[str, str]) -> Engine
     for flag, value, lo, hi in checks:
         if not (math.isfinite(value) and lo <= value <= hi):
             raise InvalidArgumentError(flag, value, f"{lo:g}..{hi:g}")
+    if not (math.isfinite(ns.time_scale) and 0.0 < ns.time_scale <= MAX_TIME_SCALE):
+        raise InvalidArgumentError("--time-scale", ns.time_scale, f"> 0 and <= {MAX_TIME_SCALE:g}")
     if ns.max_model_len is not None and ns.max_model_len < 2:
         raise InvalidArgumentError("--max-model-len", ns.max_model_len, ">= 2")
     if ns.model not in MODEL_NAMES:
@@ -158,6 +180,7 @@ def options_from_args(ns: argparse.Namespace, environ: dict[str, str]) -> Engine
         shutdown_grace_s=ns.shutdown_grace_s,
         retry_after_s=ns.retry_after_s,
         seed=ns.seed,
+        time_scale=ns.time_scale,
     )
 
 
@@ -181,7 +204,9 @@ async def serve(opts: EngineOptions) -> int:
         else:
             node.path.mkdir(parents=True, exist_ok=True)
     config = EngineConfig(max_num_batched_tokens=opts.max_num_batched_tokens, max_num_seqs=opts.max_num_seqs)
-    engine = RealTimeEngine(perf, opts.gpu, opts.gpu_indices, node, config, seed=opts.seed)
+    engine = RealTimeEngine(
+        perf, opts.gpu, opts.gpu_indices, node, config, seed=opts.seed, time_scale=opts.time_scale
+    )
     # A request alone on the engine must fit its KV cache below the admission watermark.
     max_model_len = opts.max_model_len or min(_MODEL_CONTEXT_TOKENS[opts.model], engine.max_request_tokens)
     if max_model_len > engine.max_request_tokens:
@@ -207,6 +232,7 @@ async def serve(opts: EngineOptions) -> int:
         model=opts.model,
         tp=opts.tp,
         gpus=list(opts.gpu_indices),
+        time_scale=opts.time_scale,
     )
 
     stop = asyncio.Event()
@@ -216,15 +242,15 @@ async def serve(opts: EngineOptions) -> int:
     loop_task = asyncio.create_task(engine.run())
     try:
         try:
-            await asyncio.wait_for(stop.wait(), opts.startup_s)
+            await asyncio.wait_for(stop.wait(), engine.wall_s(opts.startup_s))
         except TimeoutError:
             server.ready = True
             engine.mark_loaded()
-            log.info("engine_ready", port=port, startup_s=opts.startup_s)
+            log.info("engine_ready", port=port, startup_s=opts.startup_s, time_scale=opts.time_scale)
             await stop.wait()
         server.accepting = False
         log.info("engine_stopping", in_flight=server.in_flight, grace_s=opts.shutdown_grace_s)
-        finished = await server.wait_idle(opts.shutdown_grace_s)
+        finished = await server.wait_idle(engine.wall_s(opts.shutdown_grace_s))
         if not finished:
             log.warning("engine_grace_expired", in_flight=server.in_flight)
             engine.abort_all()

@@ -16,6 +16,15 @@ Because power is the one-second average of that same energy, the agent's cross-c
 against integrated power (agent.telemetry) agrees on a simulated node, up to the edges of its window.
 Time comes from an injected `agent.api.clock.Clock`, so unit tests are deterministic.
 
+Time compression (`time_scale` X, the agent's `simulated.time_scale`; the engines get the same X as
+`--time-scale`): a simulated node runs X simulated seconds per wall second. The energy counter is in
+simulated joules: idle energy accrues idle_w x X per wall second, and the engines write the energy over
+simulated time, so the counter advances X times faster per wall second than at X = 1 for the same load.
+Power stays physical (energy per simulated second), averaged by the engines over the last wall second
+(X simulated seconds; `GpuInfo.power_average_s` stays 1 wall second); utilisation is simulated busy time
+over simulated time. The backend declares X (`time_scale`), and the agent's cross-check multiplies the
+integral of power over wall time by it (agent.telemetry). Leases and the agent's timers are wall time.
+
 Unlike NVML, a simulated GPU's lock can be read back: every reading carries the range in the GPU's
 control file (`GpuReading.sm_clock_lock_mhz`), beside the clock the engine actually runs at (below the
 lock when the power limit caps it). `compute_processes` lists the engine process registered in the GPU's
@@ -84,7 +93,15 @@ class SimulatedGpuBackend:
         gpu: str = "h100-sxm",
         model: str = "llama2-70b",
         clock: Clock | None = None,
+        time_scale: float = 1.0,
     ) -> None:
+        if (
+            isinstance(time_scale, bool)
+            or not isinstance(time_scale, int | float)
+            or not math.isfinite(time_scale)
+            or time_scale <= 0.0
+        ):
+            raise InvalidArgumentError("time_scale", time_scale, "a finite number > 0")
         if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 64:
             raise InvalidArgumentError("gpus", gpus, "1..64")
         self._spec = gpu_for(gpu)
@@ -102,6 +119,7 @@ class SimulatedGpuBackend:
                 "use another node_dir or the same settings"
             )
         self._clock = clock if clock is not None else SystemClock()
+        self._time_scale = float(time_scale)
         self._count = gpus
         self._supported = supported_clocks_mhz(self._spec)
         self._min_limit_w = _MIN_POWER_LIMIT_W[gpu]
@@ -120,6 +138,13 @@ class SimulatedGpuBackend:
     @property
     def kind(self) -> str:
         return "simulated"
+
+    @property
+    def time_scale(self) -> float:
+        """Simulated seconds per wall second: the energy counter is in simulated joules, power in watts
+        (joules per simulated second), so power integrated over wall time must be multiplied by this to
+        match the counter (agent.telemetry's cross-check reads it)."""
+        return self._time_scale
 
     @property
     def node_dir(self) -> Path:
@@ -185,7 +210,7 @@ class SimulatedGpuBackend:
         )
         return GpuReading(
             power_w=power_w,
-            energy_j=self._idle_w * (now_s - self._start_s) + found.extra_energy_j,
+            energy_j=self._idle_w * self._time_scale * (now_s - self._start_s) + found.extra_energy_j,
             sm_clock_mhz=sm_clock_mhz,
             mem_clock_mhz=_MEM_CLOCK_MHZ[self._spec.name],
             # decode, the bulk of inference, is memory-bound: HBM is busy whenever kernels run
@@ -205,7 +230,8 @@ class SimulatedGpuBackend:
         self._last_busy[index] = (now_s, found.busy_s)
         if previous is None or now_s <= previous[0]:
             return 0.0
-        ratio = (found.busy_s - previous[1]) / (now_s - previous[0])
+        # busy_s is simulated time: the interval in simulated seconds is X times the wall interval
+        ratio = (found.busy_s - previous[1]) / (self._time_scale * (now_s - previous[0]))
         return min(1.0, max(0.0, ratio))
 
     def power_limit_w(self, index: int) -> float:

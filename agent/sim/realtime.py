@@ -37,6 +37,15 @@ second after, and at every busy/idle transition.
 
 Requests a client abandons: one not started yet is taken out of the core's queue; one already running
 runs to its end inside the core (the core has no way to drop a started request), its tokens discarded.
+
+Time compression (`time_scale` X > 0, `--time-scale`): simulated time runs X times faster than the wall
+clock, sim_t = X x wall seconds since the engine started. Everything the core models is in simulated
+seconds and unchanged per simulated second (iteration latencies, energy, the first-token and finish
+times, the latency histograms), so an iteration takes 1/X of its simulated duration in wall time and a
+client measures 1/X of the simulated TTFT and TBT. What is about the wall clock stays in wall seconds:
+the activity write period, the settings poll, and the power average, taken over the last wall second
+(X simulated seconds) so that the agent's sampler, which reads once per wall second, sees every joule
+in one reading (power stays physical: energy per simulated second). X = 1 is the plain wall clock.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ ABORTED = -1
 
 # The node directory is written at most this often while busy (and at every busy/idle transition):
 # readers see the energy counter at most this late, at a few small writes per GPU per second.
+# Wall-clock seconds, like the settings poll (simulated seconds = these x time_scale).
 _ACTIVITY_WRITE_PERIOD_S = 0.05
 _SETTINGS_POLL_S = 0.01  # how often a busy engine looks for a new clock lock or power limit
 _MEM_UTILIZATION = 0.9  # vLLM's gpu_memory_utilization: what a loaded engine holds on each GPU
@@ -265,7 +275,10 @@ class RealTimeEngine:
         *,
         seed: int | None = None,
         monotonic_s: Callable[[], float] = time.monotonic,
+        time_scale: float = 1.0,
     ) -> None:
+        if not (math.isfinite(time_scale) and time_scale > 0.0):
+            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
         spec = gpu_for(gpu)
         self._perf = perf
         self._tp = perf.tp
@@ -273,6 +286,11 @@ class RealTimeEngine:
         self._indices = gpu_indices
         self._node = node
         self._monotonic_s = monotonic_s
+        self.time_scale = time_scale
+        # wall-clock periods in simulated seconds
+        self._write_period_s = _ACTIVITY_WRITE_PERIOD_S * time_scale
+        self._settings_poll_s = _SETTINGS_POLL_S * time_scale
+        self._power_window_s = POWER_AVERAGE_S * time_scale  # the last wall second
         # a lock below the lowest clock the model is stated for runs at that clock (never happens with the
         # simulated backend, whose supported clocks start there)
         self._clocks_mhz = tuple(c for c in supported_clocks_mhz(spec) if c >= perf.min_clock_mhz)
@@ -300,7 +318,7 @@ class RealTimeEngine:
         self._lookahead_until_s = math.inf  # where the last look-ahead stopped with work still held
         self._last_settings_s = -math.inf
         self._wake = asyncio.Event()
-        # (time, energy above idle of all GPUs) for the one-second power average; E(0) = 0
+        # (time, energy above idle of all GPUs) for the power average over the last wall second; E(0) = 0
         self._hist_t: list[float] = [0.0]
         self._hist_e: list[float] = [0.0]
         self._avg_extra_w = 0.0
@@ -315,8 +333,12 @@ class RealTimeEngine:
 
     # ---------------------------------------------------------------- state
     def now_s(self) -> float:
-        """Simulated time: seconds since the engine started."""
-        return self._monotonic_s() - self._origin_s
+        """Simulated time: seconds since the engine started, times `time_scale`."""
+        return self.time_scale * (self._monotonic_s() - self._origin_s)
+
+    def wall_s(self, sim_s: float) -> float:
+        """Wall-clock seconds that `sim_s` simulated seconds take."""
+        return sim_s / self.time_scale
 
     @property
     def num_running(self) -> int:
@@ -384,7 +406,7 @@ class RealTimeEngine:
             self.step(now)
             wake_s = self.next_wake_s(now)
             self._wake.clear()
-            delay_s = wake_s - self.now_s()  # from the clock now: the step itself took time
+            delay_s = self.wall_s(wake_s - self.now_s())  # from the clock now: the step itself took time
             timer = None if wake_s == math.inf else loop.call_later(max(0.0, delay_s), self._wake.set)
             await self._wake.wait()
             if timer is not None:
@@ -423,16 +445,17 @@ class RealTimeEngine:
         if now > self._hist_t[-1]:
             self._hist_t.append(now)
             self._hist_e.append(extra_j)
-            keep = bisect.bisect_right(self._hist_t, now - POWER_AVERAGE_S) - 1
+            window_s = self._power_window_s
+            keep = bisect.bisect_right(self._hist_t, now - window_s) - 1
             if keep > 0:
                 del self._hist_t[:keep]
                 del self._hist_e[:keep]
-            average_w = (extra_j - self._energy_at(now - POWER_AVERAGE_S)) / POWER_AVERAGE_S
+            average_w = (extra_j - self._energy_at(now - window_s)) / window_s
             self._avg_extra_w = average_w if average_w > 1e-6 else 0.0
 
     def _apply_settings(self, now: float, *, force: bool) -> None:
         """Pick up a new clock lock or power limit from the node directory (polled while busy)."""
-        if not force and now - self._last_settings_s < _SETTINGS_POLL_S:
+        if not force and now - self._last_settings_s < self._settings_poll_s:
             return
         self._last_settings_s = now
         locked_mhz, limit_w = self._settings.current()
@@ -521,7 +544,7 @@ class RealTimeEngine:
             if t is not None and t < wake_s:
                 wake_s = t
         if self._busy(now) or self._avg_extra_w > 0.0 or not self._last_quiet:
-            wake_s = min(wake_s, now + _ACTIVITY_WRITE_PERIOD_S)
+            wake_s = min(wake_s, now + self._write_period_s)
         return wake_s
 
     # ------------------------------------------------------------ physics
@@ -568,7 +591,7 @@ class RealTimeEngine:
         busy = self._busy(now)
         quiet = not busy and self._avg_extra_w == 0.0
         changed = busy != self._last_busy or quiet != self._last_quiet
-        if not force and not changed and (quiet or now - self._last_write_s < _ACTIVITY_WRITE_PERIOD_S):
+        if not force and not changed and (quiet or now - self._last_write_s < self._write_period_s):
             return
         self._last_write_s, self._last_busy, self._last_quiet = now, busy, quiet
         per_gpu_extra_j = self._extra_energy_j(now) / self._tp
