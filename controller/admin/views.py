@@ -327,8 +327,10 @@ class ControllerCore:
 
     def routes_pb(self, table: RoutingTable) -> admin_pb2.RoutingTable:
         out = admin_pb2.RoutingTable(version=table.version)
+        pool_of = self.loop.cycle.plan.pool_of_class()
         for c, (primary, fallback) in enumerate(zip(table.primary, table.fallback, strict=True)):
-            route = admin_pb2.ClassRoute(class_name=REQUEST_CLASSES[c].name)
+            name = REQUEST_CLASSES[c].name
+            route = admin_pb2.ClassRoute(class_name=name, pool=pool_of.get(name, ""))
             route.primary.extend(self._endpoint(i, w) for i, w in primary)
             route.fallback.extend(self._endpoint(i, w) for i, w in fallback)
             out.classes.append(route)

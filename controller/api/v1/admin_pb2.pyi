@@ -1001,8 +1001,11 @@ class ClassRoute(_message.Message):
     CLASS_NAME_FIELD_NUMBER: _builtins.int
     PRIMARY_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     class_name: _builtins.str
     """SS..LL"""
+    pool: _builtins.str
+    """the pool of the plan that serves the class (its requests wait in this pool's queue)"""
     @_builtins.property
     def primary(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteEndpoint]:
         """the instances of its pool"""
@@ -1017,10 +1020,11 @@ class ClassRoute(_message.Message):
         class_name: _builtins.str = ...,
         primary: _abc.Iterable[Global___RouteEndpoint] | None = ...,
         fallback: _abc.Iterable[Global___RouteEndpoint] | None = ...,
+        pool: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_name", b"class_name", "fallback", b"fallback", "primary", b"primary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_name", b"class_name", "fallback", b"fallback", "pool", b"pool", "primary", b"primary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

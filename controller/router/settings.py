@@ -1,0 +1,124 @@
+"""Configuration of `dynamollm-router`: TOML (`/etc/dynamollm/router.toml`), then `DYNAMOLLM_ROUTER_<KEY>`
+environment overrides, then flags, merged once at start-up (the agent's machinery, `agent.api.config`).
+A bad value stops the start with one line naming the key and the allowed values (exit 2)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.api.config import (
+    ConfigKey,
+    at_least,
+    merge_values,
+    one_of,
+    parse_listen,
+    positive,
+    read_toml_config,
+)
+from agent.api.errors import InvalidArgumentError
+
+ENV_PREFIX = "DYNAMOLLM_ROUTER_"
+DEFAULT_CONFIG_PATH = Path("/etc/dynamollm/router.toml")
+
+KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey("listen", str, "127.0.0.1:8080", "HTTP address of the OpenAI-compatible API: HOST:PORT"),
+    ConfigKey("controller", str, "127.0.0.1:50061", "the controller's admin gRPC address"),
+    ConfigKey("controller_token_file", str, "", "bearer token for the controller (scope control), one line"),
+    ConfigKey("model", str, "llama2-70b", "the model name clients use (/v1/models)"),
+    ConfigKey("engine_model", str, "", "the model name engines serve (default: model)"),
+    ConfigKey(
+        "context_tokens", int, 4096, "the model's context: prompt + max_tokens at most this", at_least(2)
+    ),
+    ConfigKey("profile.model", str, "llama2-70b", "profile of the SLO targets (model)"),
+    ConfigKey("profile.gpu", str, "h100-sxm", "profile of the SLO targets (GPU type)"),
+    ConfigKey("profile.path", str, "", "profile file (default: the embedded one)"),
+    ConfigKey(
+        "max_inflight", int, 64, "requests in flight per instance before others wait here", at_least(1)
+    ),
+    ConfigKey("max_body_bytes", int, 1 << 20, "largest request body", at_least(1024)),
+    ConfigKey(
+        "max_waiting", int, 10000, "requests waiting in all queues before new ones get 503", at_least(1)
+    ),
+    ConfigKey("report_interval_s", float, 0.5, "traffic report period to the controller", positive),
+    ConfigKey("request_timeout_s", float, 600.0, "longest an engine may take for one request", positive),
+    ConfigKey("drain_timeout_s", float, 30.0, "in-flight requests get this long at SIGTERM", at_least(0.0)),
+    ConfigKey(
+        "time_scale", float, 1.0, "engines' simulated seconds per wall second (simulated nodes)", positive
+    ),
+    ConfigKey("default_max_tokens", int, 16, "max_tokens of a completion request without one", at_least(1)),
+    ConfigKey(
+        "log_level", str, "info", "debug, info, warning, error", one_of(("debug", "info", "warning", "error"))
+    ),
+    ConfigKey("log_json", str, "auto", "true, false or auto", one_of(("true", "false", "auto"))),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    listen: str
+    controller: str
+    controller_token: str | None
+    model: str
+    engine_model: str
+    context_tokens: int
+    profile_model: str
+    profile_gpu: str
+    profile_path: Path | None
+    max_inflight: int
+    max_body_bytes: int
+    max_waiting: int
+    report_interval_s: float
+    request_timeout_s: float
+    drain_timeout_s: float
+    time_scale: float
+    default_max_tokens: int
+    log_level: str = "info"
+    log_json: bool | None = None
+
+
+def _token(path: str) -> str | None:
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError("controller_token_file", path, f"a readable file ({exc})") from None
+    if len(token) < 16:
+        raise InvalidArgumentError("controller_token_file", path, "a token of at least 16 characters")
+    return token
+
+
+def merge_settings(
+    file_values: Mapping[str, Any], env: Mapping[str, str], cli_values: Mapping[str, Any]
+) -> RouterSettings:
+    v = merge_values(KEYS, file_values, env, cli_values, ENV_PREFIX)
+    parse_listen(v["listen"])
+    return RouterSettings(
+        listen=v["listen"],
+        controller=v["controller"],
+        controller_token=_token(v["controller_token_file"]),
+        model=v["model"],
+        engine_model=v["engine_model"] or v["model"],
+        context_tokens=v["context_tokens"],
+        profile_model=v["profile.model"],
+        profile_gpu=v["profile.gpu"],
+        profile_path=Path(v["profile.path"]) if v["profile.path"] else None,
+        max_inflight=v["max_inflight"],
+        max_body_bytes=v["max_body_bytes"],
+        max_waiting=v["max_waiting"],
+        report_interval_s=v["report_interval_s"],
+        request_timeout_s=v["request_timeout_s"],
+        drain_timeout_s=v["drain_timeout_s"],
+        time_scale=v["time_scale"],
+        default_max_tokens=v["default_max_tokens"],
+        log_level=v["log_level"],
+        log_json={"true": True, "false": False, "auto": None}[v["log_json"]],
+    )
+
+
+def load_settings(config: Path | None, cli_values: Mapping[str, Any]) -> RouterSettings:
+    return merge_settings(read_toml_config(config, DEFAULT_CONFIG_PATH), os.environ, cli_values)

@@ -1,0 +1,133 @@
+"""The router in front of the controller and three simulated agents, all real processes on loopback:
+requests in over the OpenAI API (streamed and not), routed by the controller's routing table to the
+engines the controller started, answered; bad requests get OpenAI-style 4xx naming the field and the
+router keeps serving; the controller hears the traffic (its energy ledger's traffic rows); with the
+controller gone, the router keeps serving on the last table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.system.stack import ROOT, Stack, clean_env, kill, wait_for
+from tests.system.test_controller_stack import node_addresses, wait_converged
+
+MODEL = "llama2-70b"
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    s = Stack(tmp_path)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def _start_router(tmp: Path, controller: str) -> tuple[asyncio.subprocess.Process, str]:
+    with open(tmp / "router.log", "wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller.router.app", "--listen", "127.0.0.1:0",
+            "--controller", controller, env=clean_env({"DYNAMOLLM_ROUTER_REPORT_INTERVAL_S": "0.2"}),
+            stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
+        )  # fmt: skip
+    assert proc.stdout is not None
+    event = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+    assert event["event"] == "router_listening"
+    return proc, f"http://127.0.0.1:{event['port']}"
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: Any, path: str = "/v1/completions"
+) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    timeout = aiohttp.ClientTimeout(total=15)
+    async with session.post(
+        url + path, data=data, headers={"Content-Type": "application/json"}, timeout=timeout
+    ) as resp:
+        text = await resp.text()
+        return resp.status, (json.loads(text) if text.startswith("{") else text)
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, max_tokens: int) -> list[str]:
+    body = {"model": MODEL, "prompt": "tell me a story", "max_tokens": max_tokens, "stream": True}
+    lines: list[str] = []
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        async for raw in resp.content:
+            if raw.startswith(b"data: "):
+                lines.append(raw.decode().strip())
+    return lines
+
+
+async def test_router_serves_through_the_controllers_routes(stack: Stack, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        agents = await stack.start_agents(3)
+        ctl = await stack.start_controller(
+            node_addresses(agents), env={"DYNAMOLLM_CONTROLLER_CONTROL_LEDGER_INTERVAL_S": "1"}
+        )
+        async with ctl.admin() as admin:
+            await wait_converged(admin, agents)
+        router, url = await _start_router(tmp_path, ctl.address)
+        try:
+            async with aiohttp.ClientSession() as session:
+
+                async def routed() -> bool | None:
+                    status, _ = await _post(session, url, {"model": MODEL, "prompt": "hi", "max_tokens": 3})
+                    return True if status == 200 else None
+
+                await wait_for("the router has a routing table with engine ports", routed, 20)
+                chunks = await _stream(session, url, 8)
+                assert chunks[-1] == "data: [DONE]" and len(chunks) == 9
+                status, body = await _post(
+                    session, url,
+                    {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 5},
+                    "/v1/chat/completions",
+                )  # fmt: skip
+                assert status == 200 and body["object"] == "chat.completion"
+                assert len(body["choices"][0]["message"]["content"].split()) == 5
+                assert body["usage"]["completion_tokens"] == 5
+
+                bad = [
+                    (b"{not json", 400, "body"),
+                    ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
+                    ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+                    ({"model": MODEL, "prompt": "word " * 5000, "max_tokens": 10}, 400, "prompt"),
+                ]
+                for body_in, code, param in bad:
+                    status, reply = await _post(session, url, body_in)
+                    assert status == code, (param, reply)
+                    assert reply["error"]["param"] == param and param in reply["error"]["message"]
+                status, reply = await _post(
+                    session, url, {"model": MODEL, "prompt": "x" * 5, "max_tokens": 4095}
+                )
+                assert status == 400 and "4096" in reply["error"]["message"]
+                async with aiohttp.ClientSession() as fresh:  # a 10 MB body
+                    huge = b'{"model": "llama2-70b", "prompt": "' + b"a" * (10 << 20) + b'"}'
+                    status, reply = await _post(fresh, url, huge)
+                assert status == 413 and reply["error"]["param"] == "body"
+
+                async def traffic_rows() -> bool | None:
+                    rows = ctl.store_rows("SELECT SUM(requests_count) FROM traffic")
+                    return True if rows and rows[0][0] and rows[0][0] >= 3 else None
+
+                await wait_for("the controller's ledger counts the router's completions", traffic_rows, 15)
+
+                await kill(ctl.proc)  # the controller goes away: the last routing table stays in force
+                status, _ = await _post(
+                    session, url, {"model": MODEL, "prompt": "still there?", "max_tokens": 2}
+                )
+                assert status == 200
+        finally:
+            if router.returncode is None:
+                router.terminate()
+                assert await asyncio.wait_for(router.wait(), 40) == 0
+
+    await asyncio.wait_for(scenario(), 120)
