@@ -216,12 +216,15 @@ class Stack:
         self.controllers: list[Controller] = []
         self._starts = 0
 
-    async def start_agent(self, index: int, *, port: int = 0) -> Agent:
-        """Agent `n<index>` with runtime dir `run<index>` (kept across restarts) on `port` (0: any)."""
+    async def start_agent(self, index: int, *, port: int = 0, time_scale: float = 1.0) -> Agent:
+        """Agent `n<index>` with runtime dir `run<index>` (kept across restarts) on `port` (0: any), its
+        simulated node `time_scale` times faster than real time."""
         runtime_dir = self.tmp / f"run{index}"
         self._starts += 1
         log_path = self.tmp / f"agent{index}.{self._starts}.log"
-        env = clean_env({"DYNAMOLLM_AGENT_ENGINE_BASE_PORT": "0"})
+        env = clean_env(
+            {"DYNAMOLLM_AGENT_ENGINE_BASE_PORT": "0", "DYNAMOLLM_AGENT_SIMULATED_TIME_SCALE": str(time_scale)}
+        )
         with open(log_path, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent.app", "--simulated", "--gpus", str(GPUS_PER_NODE),
@@ -235,8 +238,8 @@ class Stack:
         agent.port = int(event["port"])
         return agent
 
-    async def start_agents(self, count: int) -> list[Agent]:
-        return list(await asyncio.gather(*(self.start_agent(i) for i in range(count))))
+    async def start_agents(self, count: int, *, time_scale: float = 1.0) -> list[Agent]:
+        return list(await asyncio.gather(*(self.start_agent(i, time_scale=time_scale) for i in range(count))))
 
     async def start_controller(
         self,
@@ -245,6 +248,7 @@ class Stack:
         mode: str = "apply",
         store: Path | None = None,
         env: Mapping[str, str] | None = None,
+        config: Path | None = None,
     ) -> Controller:
         """The controller driving `nodes` (name, address), with `FAST_CONTROLLER_ENV` and `env`."""
         store_path = store or self.tmp / "controller.db"
@@ -256,6 +260,8 @@ class Stack:
         ]  # fmt: skip
         for name, address in nodes:
             args += ["--node", f"{name}={address}"]
+        if config is not None:
+            args += ["--config", str(config)]
         with open(log_path, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 *args,

@@ -31,11 +31,15 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         await s.close()
 
 
-async def _start_router(tmp: Path, controller: str) -> tuple[asyncio.subprocess.Process, str]:
+async def _start_router(
+    tmp: Path, controller: str, *, time_scale: float = 1.0
+) -> tuple[asyncio.subprocess.Process, str]:
     with open(tmp / "router.log", "wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "controller.router.app", "--listen", "127.0.0.1:0",
-            "--controller", controller, env=clean_env({"DYNAMOLLM_ROUTER_REPORT_INTERVAL_S": "0.2"}),
+            "--controller", controller, env=clean_env(
+                {"DYNAMOLLM_ROUTER_REPORT_INTERVAL_S": "0.2", "DYNAMOLLM_ROUTER_TIME_SCALE": str(time_scale)}
+            ),
             stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
         )  # fmt: skip
     assert proc.stdout is not None
