@@ -135,3 +135,71 @@ async def test_router_serves_through_the_controllers_routes(stack: Stack, tmp_pa
                 assert await asyncio.wait_for(router.wait(), 40) == 0
 
     await asyncio.wait_for(scenario(), 120)
+
+
+async def test_router_stops_gracefully_and_a_killed_router_gives_errors_not_hangs(
+    stack: Stack, tmp_path: Path
+) -> None:
+    async def first_chunk_then(session: aiohttp.ClientSession, url: str, act: Any) -> tuple[int, bool]:
+        """Stream a 40-token answer; `act()` after the first chunk; (chunks read, whether it ended well)."""
+        body = {"model": MODEL, "prompt": "a long story", "max_tokens": 40, "stream": True}
+        chunks = 0
+        try:
+            async with session.post(url + "/v1/completions", json=body) as resp:
+                async for raw in resp.content:
+                    if raw.startswith(b"data: "):
+                        chunks += 1
+                        if chunks == 1:
+                            await act()
+                        if raw.startswith(b"data: [DONE]"):
+                            return chunks, True
+        except aiohttp.ClientError:
+            return chunks, False
+        return chunks, False
+
+    async def scenario() -> None:
+        agents = await stack.start_agents(3)
+        ctl = await stack.start_controller(node_addresses(agents))
+        async with ctl.admin() as admin:
+            await wait_converged(admin, agents)
+        router, url = await _start_router(tmp_path, ctl.address)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+
+            async def routed() -> bool | None:
+                status, _ = await _post(session, url, {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+                return True if status == 200 else None
+
+            await wait_for("routes", routed, 20)
+
+            async def terminate() -> None:
+                router.terminate()
+
+            # SIGTERM mid-stream: the request in flight is answered to its end, then the router exits 0.
+            chunks, ended = await first_chunk_then(session, url, terminate)
+            assert ended and chunks == 41
+            assert await asyncio.wait_for(router.wait(), 40) == 0
+
+        router, url = await _start_router(tmp_path, ctl.address)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await wait_for("routes", routed_on(session, url), 20)
+
+            async def kill_router() -> None:
+                router.kill()
+
+            # SIGKILL mid-stream: the client gets an error at once, not a hang.
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            chunks, ended = await first_chunk_then(session, url, kill_router)
+            assert not ended and loop.time() - t0 < 10
+            await router.wait()
+
+    await asyncio.wait_for(scenario(), 120)
+
+
+def routed_on(session: aiohttp.ClientSession, url: str) -> Any:
+    async def probe() -> bool | None:
+        status, _ = await _post(session, url, {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        return True if status == 200 else None
+
+    return probe
