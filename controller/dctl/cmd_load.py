@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agent.api.errors import InvalidArgumentError
-from controller.dctl.files import existing_file, named_by
+from controller.dctl.files import existing_file, named_by, writable_json
 from controller.dctl.output import echo
 
 if TYPE_CHECKING:
@@ -181,21 +180,6 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
-def _writable_json(value: str | None) -> Path | None:
-    if value is None:
-        return None
-    path = Path(value)
-    allowed = "a file path in a writable folder"
-    if path.is_dir():
-        raise InvalidArgumentError("--json", value, allowed)
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # missing folders are created on write: the first existing one decides
-    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-        raise InvalidArgumentError("--json", value, allowed)
-    return path
-
-
 def validate(args: argparse.Namespace) -> _Options:
     """Every flag checked before any work starts; InvalidArgumentError names the first bad one."""
     url = _url(args.url)
@@ -231,7 +215,7 @@ def validate(args: argparse.Namespace) -> _Options:
         concurrency_limit=int(concurrency),
         model=args.model,
         profile=existing_file(args.profile, "--profile", "a dynamollm.profile/v1 JSON file"),
-        json_path=_writable_json(args.json),
+        json_path=writable_json(args.json),
         per_request=bool(args.per_request),
         output=args.output,
         progress=not args.no_progress,

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.api.errors import InvalidArgumentError
-from controller.dctl.files import existing_file, named_by
+from controller.dctl.files import existing_file, named_by, writable_json
 from controller.dctl.output import echo
 
 if TYPE_CHECKING:
@@ -274,21 +273,6 @@ def _periods(value: str | None) -> tuple[float, float, float] | None:
     return cluster_s, pool_s, instance_s
 
 
-def _writable_json(value: str | None) -> Path | None:
-    if value is None:
-        return None
-    path = Path(value)
-    allowed = "a file path in a writable folder"
-    if path.is_dir():
-        raise InvalidArgumentError("--json", value, allowed)
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # missing folders are created on write: the first existing one decides
-    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-        raise InvalidArgumentError("--json", value, allowed)
-    return path
-
-
 def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: tuple[str, ...]) -> _Options:
     """Every flag checked before any work starts; InvalidArgumentError names the first bad one."""
     if args.policy is not None and args.policy not in POLICIES:
@@ -363,7 +347,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         periods=_periods(args.periods),
         fast_reshard=bool(args.fast_reshard),
         policy_config=existing_file(args.policy_config, "--policy-config", "a TOML file of policy settings"),
-        json_path=_writable_json(args.json),
+        json_path=writable_json(args.json),
         output=args.output,
         progress=not args.no_progress,
     )

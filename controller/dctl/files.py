@@ -14,10 +14,11 @@ and `main` exits 2 (bad input), never with a traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.api.errors import DataFileError, NotFoundError
+from agent.api.errors import DataFileError, InvalidArgumentError, NotFoundError
 
 
 class FlagFileError(DataFileError):
@@ -64,4 +65,21 @@ def existing_file(value: str | None, flag: str, expected: str) -> Path | None:
     if not path.is_file():
         what = "a folder" if path.is_dir() else "not a regular file"
         raise FlagFileError(flag, DataFileError(value, None, None, f"{what}; expected {expected}"))
+    return path
+
+
+def writable_json(value: str | None) -> Path | None:
+    """The path of a `--json` report to write, checked before any work: a file path in a folder that
+    exists (or will be created under one that does) and is writable; InvalidArgumentError naming --json."""
+    if value is None:
+        return None
+    path = Path(value)
+    allowed = "a file path in a writable folder"
+    if path.is_dir():
+        raise InvalidArgumentError("--json", value, allowed)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # missing folders are created on write: the first existing one decides
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise InvalidArgumentError("--json", value, allowed)
     return path

@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,6 @@ _LIVE_ENGINE = (
     common_pb2.ENGINE_STATE_READY,
     common_pb2.ENGINE_STATE_DRAINING,
 )
-
-
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    s = Stack(tmp_path)
-    try:
-        yield s
-    finally:
-        await asyncio.wait_for(s.close(), 60)
 
 
 def bounded(body: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,6 @@ from tests.system.test_controller_stack import node_addresses, wait_converged
 from tests.system.test_router_stack import _start_router
 
 SCALE = 20
-
-
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    s = Stack(tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_every_request_is_answered_or_refused_across_reconfigurations(

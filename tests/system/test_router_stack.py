@@ -9,26 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.system.stack import ROOT, Stack, clean_env, kill, wait_for
 from tests.system.test_controller_stack import node_addresses, wait_converged
 
 MODEL = "llama2-70b"
-
-
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    s = Stack(tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def _start_router(
