@@ -78,11 +78,16 @@ class Measured:
     tokens: int = 0
     text: list[str] = field(default_factory=list)
 
-    def token(self, now_s: float, text: str) -> None:
+    def count(self, now_s: float) -> None:
+        """One more token at `now_s` (a streamed answer: its text goes straight to the client)."""
         if self.tokens == 0:
             self.first_s = now_s
         self.last_s = now_s
         self.tokens += 1
+
+    def token(self, now_s: float, text: str) -> None:
+        """One more token and its text (an answer assembled for a client that did not stream)."""
+        self.count(now_s)
         self.text.append(text)
 
 
@@ -298,11 +303,17 @@ class Router:
     ) -> web.StreamResponse:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await out.prepare(request)
-        async for line in resp.content:
-            text = _chunk_text(line, parsed.chat)
-            if text is not None:
-                m.token(time.monotonic(), text)
-            await out.write(line)
+        pending = b""
+        # Whatever the engine sent is relayed in one write (not line by line: the per-chunk cost is what
+        # limits a router); complete lines are looked at for the token times.
+        async for data in resp.content.iter_any():
+            now = time.monotonic()
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                if line.startswith(b"data: {") and _chunk_text(line, parsed.chat) is not None:
+                    m.count(now)
+            await out.write(data)
         await out.write_eof()
         return out
 
