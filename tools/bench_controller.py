@@ -56,19 +56,21 @@ import os
 import pickle
 import platform
 import random
-import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from benchkit import CHILDREN, cpu_s, print_table, quantile, self_cpu_s, spawn, stop_all  # noqa: E402
 
 from agent.api.client import AgentClient  # noqa: E402
 from agent.api.errors import DynamoError  # noqa: E402
@@ -84,16 +86,10 @@ TICK_S = 5.0
 STORE_WARMUP_COMMITS = 10
 
 # Every child process, so that main() can stop whatever a section left behind (interrupt included).
-_CHILDREN: list[subprocess.Popen[bytes]] = []
 
 
 def _progress(message: str) -> None:
     print(f"[bench_controller {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _stats_ms(values_s: Sequence[float]) -> dict[str, float]:
@@ -101,8 +97,8 @@ def _stats_ms(values_s: Sequence[float]) -> dict[str, float]:
         return {"n": 0, "p50_ms": math.nan, "p99_ms": math.nan, "max_ms": math.nan}
     return {
         "n": len(values_s),
-        "p50_ms": round(_quantile(values_s, 0.5) * 1e3, 3),
-        "p99_ms": round(_quantile(values_s, 0.99) * 1e3, 3),
+        "p50_ms": round(quantile(values_s, 0.5) * 1e3, 3),
+        "p99_ms": round(quantile(values_s, 0.99) * 1e3, 3),
         "max_ms": round(max(values_s) * 1e3, 3),
     }
 
@@ -112,45 +108,6 @@ def _fmt_ms(s: dict[str, float]) -> str:
 
 
 # ------------------------------------------------------------------------------------ processes
-
-
-def _spawn(args: Sequence[str], *, env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
-    """A child in its own session (process group), stdout and stderr to files (no pipe to fill)."""
-    with out.open("wb") as fo, err.open("wb") as fe:
-        proc = subprocess.Popen(
-            list(args),
-            stdin=subprocess.DEVNULL,
-            stdout=fo,
-            stderr=fe,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-    _CHILDREN.append(proc)
-    return proc
-
-
-def _stop_all(procs: Iterable[subprocess.Popen[bytes]], grace_s: float = 15.0) -> None:
-    """SIGTERM to each child's process group (agents restore GPU defaults and exit), then SIGKILL to the
-    groups whose leader is still alive (a reaped leader's group id could have been reused: left alone)."""
-    procs = [p for p in procs if p.returncode is None]
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(max(0.1, deadline - time.monotonic()))
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5.0)
-    for p in procs:
-        with contextlib.suppress(ValueError):
-            _CHILDREN.remove(p)
 
 
 async def _first_json_line(proc: subprocess.Popen[bytes], out: Path, err: Path, timeout_s: float) -> Any:
@@ -166,16 +123,6 @@ async def _first_json_line(proc: subprocess.Popen[bytes], out: Path, err: Path, 
         if time.monotonic() > deadline:
             raise SystemExit(f"child {proc.args!r} printed no listening line within {timeout_s:.0f} s")
         await asyncio.sleep(0.05)
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _self_cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return ru.ru_utime + ru.ru_stime
 
 
 # ------------------------------------------------------------------------------------ the listener
@@ -299,7 +246,7 @@ async def _start_agents(work: Path, count: int) -> list[tuple[subprocess.Popen[b
             "--runtime-dir",
             str(run_dir),
         ]
-        started.append((_spawn(args, env=env, out=out, err=err), out, err))
+        started.append((spawn(args, env=env, out=out, err=err), out, err))
     lines = await asyncio.gather(
         *(_first_json_line(p, out, err, AGENT_START_TIMEOUT_S) for p, out, err in started)
     )
@@ -478,7 +425,7 @@ async def bench_clock(
         for period_s in periods:
             runs += await _clock_runs([port for _, port in agents], period_s, trials, poll_s, rng)
     finally:
-        await asyncio.to_thread(_stop_all, [p for p, _ in agents] or list(_CHILDREN))
+        await asyncio.to_thread(stop_all, [p for p, _ in agents] or list(CHILDREN))
     return {
         "nodes": nodes,
         "gpus_per_node": GPUS,
@@ -645,7 +592,7 @@ async def bench_ingest(work: Path, fake_nodes: int, ingest_s: float) -> dict[str
     out, err = work / "fake-nodes.out", work / "fake-nodes.err"
     args = [sys.executable, str(Path(__file__).resolve()), "--serve-fake-nodes", str(fake_nodes)]
     _progress(f"ingest: starting {fake_nodes} fake nodes ({fake_nodes * GPUS} GPUs) in a separate process")
-    proc = _spawn(args, env=env, out=out, err=err)
+    proc = spawn(args, env=env, out=out, err=err)
     fleet = None
     try:
         ports = (await _first_json_line(proc, out, err, AGENT_START_TIMEOUT_S))["ports"]
@@ -665,14 +612,14 @@ async def bench_ingest(work: Path, fake_nodes: int, ingest_s: float) -> dict[str
             _progress(f"ingest: measuring {ingest_s:.0f} s")
             calls0, cpu0, server0, t0 = (
                 listener.energy_calls,
-                _self_cpu_s(),
-                _cpu_s(proc.pid),
+                self_cpu_s(),
+                cpu_s(proc.pid),
                 time.perf_counter(),
             )
             await asyncio.sleep(ingest_s)
             wall_s = time.perf_counter() - t0
-            cpu_s = _self_cpu_s() - cpu0
-            server_cpu_s = _cpu_s(proc.pid) - server0
+            ingest_cpu_s = self_cpu_s() - cpu0
+            server_cpu_s = cpu_s(proc.pid) - server0
             calls = listener.energy_calls - calls0
         finally:
             sleeper.cancel()
@@ -685,20 +632,20 @@ async def bench_ingest(work: Path, fake_nodes: int, ingest_s: float) -> dict[str
             "gpus": len(nodes) * GPUS,
             "telemetry_period_s": settings.telemetry_period_s,
             "window_s": round(wall_s, 2),
-            "cpu_s": round(cpu_s, 3),
-            "cpu_pct_of_one_core": round(cpu_s / wall_s * 100, 2),
+            "cpu_s": round(ingest_cpu_s, 3),
+            "cpu_pct_of_one_core": round(ingest_cpu_s / wall_s * 100, 2),
             "gpu_samples_per_s": round(gpu_samples_per_s, 1),
             "node_samples_per_s": round(gpu_samples_per_s / GPUS, 1),
             "nodes_ready_at_end": ready,
-            "loop_lateness_p50_ms": round(_quantile(lateness, 0.5) * 1e3, 2) if lateness else math.nan,
-            "loop_lateness_p99_ms": round(_quantile(lateness, 0.99) * 1e3, 2) if lateness else math.nan,
+            "loop_lateness_p50_ms": round(quantile(lateness, 0.5) * 1e3, 2) if lateness else math.nan,
+            "loop_lateness_p99_ms": round(quantile(lateness, 0.99) * 1e3, 2) if lateness else math.nan,
             "loop_lateness_max_ms": round(max(lateness) * 1e3, 2) if lateness else math.nan,
             "fake_server_cpu_pct_of_one_core": round(server_cpu_s / wall_s * 100, 2),
         }
     finally:
         if fleet is not None:
             await fleet.close()
-        await asyncio.to_thread(_stop_all, [proc])
+        await asyncio.to_thread(stop_all, [proc])
 
 
 # ------------------------------------------------------------------------------------ 3. store
@@ -971,15 +918,6 @@ def _table(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _print_table(rows: Sequence[tuple[str, str, str]]) -> None:
-    w0 = max((len(r[0]) for r in rows), default=10)
-    w1 = max((len(r[1]) for r in rows), default=10)
-    print(f"{'figure':<{w0}}  {'value':<{w1}}  target")
-    print(f"{'-' * w0}  {'-' * w1}  {'-' * 10}")
-    for name, value, target in rows:
-        print(f"{name:<{w0}}  {value:<{w1}}  {target}")
-
-
 # ------------------------------------------------------------------------------------ main
 
 
@@ -1043,10 +981,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress("interrupted")
         return 130
     finally:
-        _stop_all(list(_CHILDREN))
+        stop_all(list(CHILDREN))
     results["wall_s"] = round(time.perf_counter() - started, 1)
     print(f"{results['host']}: {results['cpus']} CPUs, Python {results['python']}, {results['wall_s']} s")
-    _print_table(_table(results))
+    print_table(_table(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -51,12 +51,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
 import platform
 import random
-import resource
 import signal
 import statistics
 import subprocess
@@ -70,6 +70,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from benchkit import CHILDREN, cpu_s, print_table, quantile, self_cpu_s, spawn, stop_all  # noqa: E402
 
 MODEL = "llama2-70b"
 PROMPT = "Tell me a short story about a power-efficient data centre."
@@ -85,18 +88,10 @@ ROUTER_MAX_INFLIGHT = 100_000
 SEED = 20250101
 
 # Every child process, so that main() can stop whatever a section left behind (interrupt included).
-_CHILDREN: list[subprocess.Popen[bytes]] = []
 
 
 def _progress(message: str) -> None:
     print(f"[bench_router {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _ms(value_s: float) -> float:
@@ -109,54 +104,6 @@ def _median(values: Iterable[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------ processes
-
-
-def _spawn(
-    args: Sequence[str], *, env: dict[str, str], out: Path, err: Path, cpus: set[int] | None = None
-) -> subprocess.Popen[bytes]:
-    """A child in its own session (process group), stdout and stderr to files (no pipe to fill), on
-    `cpus` when given (set before exec: every thread it starts inherits it)."""
-
-    def pin() -> None:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    with out.open("wb") as fo, err.open("wb") as fe:
-        proc = subprocess.Popen(
-            list(args),
-            stdin=subprocess.DEVNULL,
-            stdout=fo,
-            stderr=fe,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-            preexec_fn=pin if cpus else None,  # only sched_setaffinity: no lock taken
-        )
-    _CHILDREN.append(proc)
-    return proc
-
-
-def _stop_all(procs: Iterable[subprocess.Popen[bytes]], grace_s: float = 15.0) -> None:
-    """SIGTERM to each child's process group, in the order given, waiting for each (the router sends its
-    last traffic report before the controller goes), then SIGKILL to the groups whose leader is still
-    alive (a reaped leader's group id could have been reused: left alone)."""
-    procs = [p for p in procs if p.returncode is None]
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(max(0.1, deadline - time.monotonic()))
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5.0)
-    for p in procs:
-        with contextlib.suppress(ValueError):
-            _CHILDREN.remove(p)
 
 
 async def _json_line(
@@ -179,16 +126,6 @@ async def _json_line(
         if time.monotonic() > deadline:
             raise SystemExit(f"child {proc.args!r} printed no {event} line within {timeout_s:.0f} s")
         await asyncio.sleep(0.05)
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _self_cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return ru.ru_utime + ru.ru_stime
 
 
 def _machine_ticks() -> tuple[int, int, int]:
@@ -216,8 +153,8 @@ class CpuMeter:
         values = {}
         for name, pid in self.pids.items():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                values[name] = _cpu_s(pid)
-        values["load generator"] = _self_cpu_s()
+                values[name] = cpu_s(pid)
+        values["load generator"] = self_cpu_s()
         return values
 
     def start(self) -> None:
@@ -394,7 +331,7 @@ class Stack:
 
     def stop(self) -> dict[str, Any]:
         """Stop router, then controller and engine; what the fakes counted (from their last line)."""
-        _stop_all([self.router, self.controller, self.engine])
+        stop_all([self.router, self.controller, self.engine], in_order=True)
         counted: dict[str, Any] = {"router_exit": self.router.returncode}
         for name, event in (("controller", "fake_controller_stopped"), ("engine", "fake_engine_stopped")):
             path = self.work / f"{name}.out"
@@ -417,11 +354,11 @@ async def _start_child(
 ) -> tuple[subprocess.Popen[bytes], int]:
     """A child (stdout and stderr in work/NAME.out, .err) and the port its `event` line names."""
     out, err = work / f"{name}.out", work / f"{name}.err"
-    proc = _spawn(args, env=env, out=out, err=err, cpus=cpus)
+    proc = spawn(args, env=env, out=out, err=err, cpus=cpus)
     try:
         return proc, int((await _json_line(proc, out, err, event, START_TIMEOUT_S))["port"])
     except BaseException:
-        await asyncio.to_thread(_stop_all, [proc])
+        await asyncio.to_thread(stop_all, [proc])
         raise
 
 
@@ -468,7 +405,7 @@ async def start_stack(work: Path, token_delay_ms: float, router_cpus: set[int] |
         started.append(router)
         await _wait_routes(router_port)
     except BaseException:
-        await asyncio.to_thread(_stop_all, list(reversed(started)))
+        await asyncio.to_thread(functools.partial(stop_all, list(reversed(started)), in_order=True))
         raise
     return Stack(work, engine, controller, router, engine_port, router_port)
 
@@ -640,10 +577,10 @@ def _latency(tally: Tally) -> dict[str, Any]:
         "completed": len(tally.samples),
         "errors": sum(tally.errors.values()),
         "error_kinds": dict(tally.errors),
-        "ttft_p50_ms": _ms(_quantile(ttft, 0.5)),
-        "ttft_p99_ms": _ms(_quantile(ttft, 0.99)),
-        "e2e_p50_ms": _ms(_quantile(e2e, 0.5)),
-        "e2e_p99_ms": _ms(_quantile(e2e, 0.99)),
+        "ttft_p50_ms": _ms(quantile(ttft, 0.5)),
+        "ttft_p99_ms": _ms(quantile(ttft, 0.99)),
+        "e2e_p50_ms": _ms(quantile(e2e, 0.5)),
+        "e2e_p99_ms": _ms(quantile(e2e, 0.99)),
         "e2e_max_ms": _ms(max(e2e)) if e2e else math.nan,
     }
 
@@ -700,8 +637,8 @@ async def bench_overhead(work: Path, args: argparse.Namespace) -> dict[str, Any]
                     stats.update(
                         sent=sent,
                         offered_rps=round(sent / args.duration_s, 1),
-                        sender_lateness_p50_ms=_ms(_quantile(lateness, 0.5)),
-                        sender_lateness_p99_ms=_ms(_quantile(lateness, 0.99)),
+                        sender_lateness_p50_ms=_ms(quantile(lateness, 0.5)),
+                        sender_lateness_p99_ms=_ms(quantile(lateness, 0.99)),
                         cpu=cpu,
                     )
                     one[target] = stats
@@ -920,15 +857,6 @@ def _table(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _print_table(rows: Sequence[tuple[str, str, str]]) -> None:
-    w0 = max((len(r[0]) for r in rows), default=10)
-    w1 = max((len(r[1]) for r in rows), default=10)
-    print(f"{'figure':<{w0}}  {'value':<{w1}}  target")
-    print(f"{'-' * w0}  {'-' * w1}  {'-' * 10}")
-    for name, value, target in rows:
-        print(f"{name:<{w0}}  {value:<{w1}}  {target}")
-
-
 # ------------------------------------------------------------------------------------ main
 
 
@@ -1011,13 +939,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress("interrupted")
         return 130
     finally:
-        _stop_all(list(_CHILDREN))
+        stop_all(list(CHILDREN), in_order=True)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     print(
         f"{results['host']}: {results['cpus']} CPUs, Python {results['python']}, {results['wall_s']} s"
         + (f", router on CPUs {results['router_cpus']}" if results["router_cpus"] else "")
     )
-    _print_table(_table(results))
+    print_table(_table(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

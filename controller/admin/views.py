@@ -95,9 +95,7 @@ class ControllerCore:
         ready = [link for link in self.fleet.links if link.available]
         instances = cycle.executor.instances.values()
         desired, observed = self.store.current_generation(), self._observed_generation()
-        self.metrics.generation_lag.set(desired - observed)
         power_w = sum(link.total_power_w() for link in ready)
-        self.metrics.power.set(power_w)
         return admin_pb2.ClusterStatusResponse(
             mode=MODE_ENUM[self.loop.mode],
             policy=self.settings.policy_name,
@@ -125,7 +123,6 @@ class ControllerCore:
 
     def list_nodes(self) -> admin_pb2.ListNodesResponse:
         energy = self.store.energy_by("node")
-        self.metrics.set_nodes(link.state for link in self.fleet.links)
         return admin_pb2.ListNodesResponse(nodes=[self._node(link, energy) for link in self.fleet.links])
 
     def _node(self, link: NodeLink, energy: dict[str, float]) -> admin_pb2.NodeStatus:
