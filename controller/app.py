@@ -59,7 +59,7 @@ from controller.metrics import ControllerMetrics
 from controller.model.classes import REQUEST_CLASSES
 from controller.model.cluster import GPUS_PER_SERVER, ClusterPlan
 from controller.model.profile import Profile
-from controller.policy.base import ArrivalStats, DynamicPolicy, SimPolicy
+from controller.policy.base import ArrivalStats, DynamicPolicy, SimPolicy, SizablePolicy
 from controller.policy.registry import make_policy
 from controller.profiles import default_profile, load_profile
 from controller.settings import ControllerSettings, load_settings, nodes_from_text
@@ -113,30 +113,48 @@ async def check_gpu_types(nodes: Sequence[NodeConfig], gpu: str, timeout_s: floa
     await asyncio.gather(*(one(n) for n in nodes))
 
 
-def initial_plan(policy: SimPolicy, profile: Profile, rate_rps: float) -> ClusterPlan:
-    """The policy's plan for `rate_rps` spread evenly over the classes (the cycle re-plans from what it
-    observes at its first steps)."""
+def even_workload(rate_rps: float) -> ArrivalStats:
+    """An hour at `rate_rps` spread evenly over the classes (the cycle re-plans from what it observes at
+    its first steps)."""
     n = len(REQUEST_CLASSES)
     hour_s = 3600.0
-    stats = ArrivalStats(
+    return ArrivalStats(
         duration_s=hour_s,
         window_s=60.0,
         requests_by_class=tuple([round(rate_rps * hour_s / n)] * n),
         peak_rate_rps=rate_rps,
         peak_rate_rps_by_class=tuple([rate_rps / n] * n),
     )
-    return policy.initial_plan(stats, profile)
+
+
+def initial_plan(policy: SimPolicy, profile: Profile, settings: ControllerSettings) -> ClusterPlan:
+    """The first plan: the policy's for `control.initial_workload` (else an even `initial_rate_rps`), or a
+    static policy pinned to `control.instances`, as `dctl simulate` plans from a trace."""
+    if settings.instances:
+        if not isinstance(policy, SizablePolicy) or isinstance(policy, DynamicPolicy):
+            raise InvalidArgumentError(
+                "control.instances", settings.instances, "0 for a dynamic policy (it sizes itself)"
+            )
+        return policy.plan_with(settings.instances, profile)
+    return policy.initial_plan(settings.initial_workload or even_workload(settings.initial_rate_rps), profile)
 
 
 def new_cycle(settings: ControllerSettings, profile: Profile, origin_unix_s: float) -> ControlCycle:
     policy = make_policy(settings.policy_name, settings.policy)
-    plan = initial_plan(policy, profile, settings.initial_rate_rps)
+    plan = initial_plan(policy, profile, settings)
     total_gpus = GPUS_PER_SERVER * len(settings.nodes)
     if plan.gpus > total_gpus:
+        key, value = (
+            ("control.instances", settings.instances)
+            if settings.instances
+            else ("control.initial_workload", "the workload's first plan")
+            if settings.initial_workload
+            else ("control.initial_rate_rps", settings.initial_rate_rps)
+        )
         raise InvalidArgumentError(
-            "control.initial_rate_rps",
-            settings.initial_rate_rps,
-            f"a load whose first plan fits the {len(settings.nodes)} nodes ({plan.gpus} GPUs > {total_gpus})",
+            key,
+            value,
+            f"a first plan that fits the {len(settings.nodes)} nodes ({plan.gpus} GPUs > {total_gpus})",
         )
     driven = policy if isinstance(policy, DynamicPolicy) else FixedPlan(policy.name)
     config = CycleConfig(total_gpus=total_gpus, max_nodes=len(settings.nodes), start_unix_s=origin_unix_s)

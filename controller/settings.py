@@ -12,6 +12,7 @@ the environment can replace as `DYNAMOLLM_CONTROLLER_NODES="gpu1=10.0.0.1:50051,
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from agent.api.config import (
 )
 from agent.api.errors import InvalidArgumentError
 from controller.fleet.grpc_fleet import NodeConfig
+from controller.policy.base import WORKLOAD_SCHEMA, ArrivalStats, arrival_stats_from_json
 from controller.policy.registry import POLICIES, PolicySettings, policy_settings_from_doc
 
 ENV_PREFIX = "DYNAMOLLM_CONTROLLER_"
@@ -72,6 +74,16 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("control.policy", str, "dynamollm", "the policy the cycle runs", one_of(tuple(POLICIES))),
     ConfigKey("control.time_scale", float, 1.0, "cycle seconds per wall second (simulated demos)", positive),
     ConfigKey("control.initial_rate_rps", float, 1.0, "load the first plan is sized for", at_least(0.0)),
+    ConfigKey(
+        "control.initial_workload",
+        str,
+        "",
+        "dynamollm.workloadstats/v1 file the first plan is sized for (dctl simulate --workload-stats); "
+        "replaces control.initial_rate_rps",
+    ),
+    ConfigKey(
+        "control.instances", int, 0, "a static policy's instance count (0: its own sizing)", at_least(0)
+    ),
     ConfigKey(
         "control.snapshot_interval_s", float, 30.0, "snapshot period when nothing else is stored", positive
     ),
@@ -148,6 +160,8 @@ class ControllerSettings:
     policy: PolicySettings
     time_scale: float
     initial_rate_rps: float
+    initial_workload: ArrivalStats | None
+    instances: int
     snapshot_interval_s: float
     ledger_interval_s: float
     profile_path: Path | None
@@ -160,6 +174,20 @@ class ControllerSettings:
     tokens: tuple[BearerToken, ...]
     allow_unauthenticated_loopback: bool
     tls: TlsSettings | None
+
+
+def _read_workload(path: str) -> ArrivalStats | None:
+    if not path:
+        return None
+    key = "control.initial_workload"
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgumentError(key, path, f"a readable JSON file ({exc})") from None
+    try:
+        return arrival_stats_from_json(doc)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(key, path, f"a {WORKLOAD_SCHEMA} document: {exc}") from None
 
 
 def _read_token(key: str, path: str) -> str:
@@ -304,6 +332,8 @@ def merge_settings(
         policy=policy_settings_from_doc(policy_doc),
         time_scale=values["control.time_scale"],
         initial_rate_rps=values["control.initial_rate_rps"],
+        initial_workload=_read_workload(values["control.initial_workload"]),
+        instances=values["control.instances"],
         snapshot_interval_s=values["control.snapshot_interval_s"],
         ledger_interval_s=values["control.ledger_interval_s"],
         profile_path=Path(values["profile.path"]) if values["profile.path"] else None,

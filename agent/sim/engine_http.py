@@ -243,6 +243,13 @@ class EngineServer:
             if self.in_flight == 0:
                 self._idle.set()
 
+    @staticmethod
+    def _choice(index: int, chat: bool, finish: str | None) -> dict[str, Any]:
+        text = token_text(index)
+        if chat:
+            return {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         return {
             "prompt_tokens": prompt_tokens,
@@ -319,29 +326,27 @@ class EngineServer:
                 )
             )
         produced = 0
-        index = await req.tokens.get()
-        while index is not None:
-            if index == ABORTED:
-                await resp.write_eof()  # no [DONE]: the client sees a truncated stream
-                return resp
-            produced += 1
-            following = await req.tokens.get()
-            if following == ABORTED:
-                await resp.write_eof()
-                return resp
-            finish = "length" if following is None else None
-            text = token_text(index)
-            if chat:
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    "delta": {"content": text},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            await resp.write(chunk([choice]))
-            index = following
+        # A token goes out once the next item is known (the last one carries finish_reason); every
+        # token known at a wake-up goes out in one write (the engine delivers them in bunches).
+        pending: list[int | None] = [await req.tokens.get()]
+        while True:
+            while not req.tokens.empty():
+                pending.append(req.tokens.get_nowait())
+            out: list[bytes] = []
+            while pending[0] is not None and (len(pending) >= 2 or pending[0] == ABORTED):
+                index = pending.pop(0)
+                if index == ABORTED or pending[0] == ABORTED:
+                    await resp.write(b"".join(out))
+                    await resp.write_eof()  # no [DONE]: the client sees a truncated stream
+                    return resp
+                assert index is not None
+                produced += 1
+                out.append(chunk([self._choice(index, chat, "length" if pending[0] is None else None)]))
+            if out:
+                await resp.write(b"".join(out))
+            if pending[0] is None:
+                break
+            pending.append(await req.tokens.get())
         if include_usage:
             await resp.write(chunk([], self._usage(prompt_tokens, produced)))
         await resp.write(b"data: [DONE]\n\n")

@@ -20,7 +20,9 @@ requests complete, recording the end time of every iteration. Nothing but a late
 future, and each change triggers a new look-ahead from the real core's state, so the predicted times are
 the times the real core will produce. A request's tokens come at consecutive iteration ends from its
 first token to its last (one token per iteration while decoding); after a preemption (more iterations
-than tokens in that span) they are spread evenly between the two. The cost is one copy plus a run to
+than tokens in that span) they are spread evenly between the two. Delivery: the first and the last
+token at their times (so TTFT and mean TBT are exact at the client), the ones between in bunches every
+`STREAM_INTERVAL_S` of wall time (no later than that past their times). The cost is one copy plus a run to
 the end of the held work per change: a few milliseconds with hundreds of requests held.
 
 GPU settings: the clock is the lowest locked maximum among the engine's GPUs (a TP group runs at the pace
@@ -77,6 +79,10 @@ ABORTED = -1
 # Wall-clock seconds, like the settings poll (simulated seconds = these x time_scale).
 _ACTIVITY_WRITE_PERIOD_S = 0.05
 _SETTINGS_POLL_S = 0.01  # how often a busy engine looks for a new clock lock or power limit
+# Tokens between a request's first and its last are delivered in bunches at most this often (vLLM's
+# stream interval does the same, counted in tokens): one wake-up and one write per bunch instead of one
+# per iteration, which is what lets a time-compressed node keep up on a small machine.
+STREAM_INTERVAL_S = 0.02
 _MEM_UTILIZATION = 0.9  # vLLM's gpu_memory_utilization: what a loaded engine holds on each GPU
 # The look-ahead stops here even if requests are still held (then it continues from there when reached).
 _LOOKAHEAD_LIMIT_S = 3600.0
@@ -290,6 +296,7 @@ class RealTimeEngine:
         # wall-clock periods in simulated seconds
         self._write_period_s = _ACTIVITY_WRITE_PERIOD_S * time_scale
         self._settings_poll_s = _SETTINGS_POLL_S * time_scale
+        self._stream_interval_s = STREAM_INTERVAL_S * time_scale
         self._power_window_s = POWER_AVERAGE_S * time_scale  # the last wall second
         # a lock below the lowest clock the model is stated for runs at that clock (never happens with the
         # simulated backend, whose supported clocks start there)
@@ -539,10 +546,16 @@ class RealTimeEngine:
         """When `step` has something to do next: a token due, the look-ahead's end, or (while busy and a
         second after) the next activity write; inf when idle."""
         wake_s = self._lookahead_until_s
+        bunch_s = now + self._stream_interval_s
         for req in self._live.values():
             t = self._token_s(req, req.emitted)
-            if t is not None and t < wake_s:
-                wake_s = t
+            if t is None:
+                continue
+            if 0 < req.emitted < req.output_tokens - 1:
+                # a middle token waits for the bunch, never past the last one (module docstring, Tokens)
+                last_s = self._token_s(req, req.output_tokens - 1)
+                t = max(t, bunch_s) if last_s is None else min(max(t, bunch_s), last_s)
+            wake_s = min(wake_s, t)
         if self._busy(now) or self._avg_extra_w > 0.0 or not self._last_quiet:
             wake_s = min(wake_s, now + self._write_period_s)
         return wake_s

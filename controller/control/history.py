@@ -8,7 +8,7 @@ passes; only the last `max_bins` are handed to policies.
 
 Burst peaks per (window, class, bin): the most arrivals of a class within a window ENDING at one of its
 arrivals in the bin, so a finished bin's value needs no arrival after it (causal). Each class keeps only
-the arrival times within the longest window of its newest arrival.
+the arrival times within the longest window (plus a minute, for late reports) of its newest arrival.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from controller.model.fleet import Arrivals
 
 _N_CLASSES = len(REQUEST_CLASSES)
 _GROW_BINS = 1024
+# Each class keeps its arrivals this long beyond the longest burst window, so that an arrival reported
+# up to this late still finds those before it (live routers report every fraction of a second).
+_LATE_S = 60.0
 
 
 class ArrivalHistory:
@@ -60,11 +63,11 @@ class ArrivalHistory:
             return
         classes = arrivals.class_index
         b = ((times - self.origin_s) // self.bin_s).astype(np.int64)
-        if b[0] < 0:
+        if b.min() < 0:
             raise InvalidArgumentError(
                 "arrival_s", float(times[0]), f">= the history's origin {self.origin_s}"
             )
-        self._ensure(int(b[-1]) + 1)
+        self._ensure(int(b.max()) + 1)
         np.add.at(self._counts, (classes, b), 1)
         if arrivals.input_tokens is not None:
             np.add.at(self._tokens, (classes, b), arrivals.input_tokens.astype(np.float64))
@@ -72,13 +75,16 @@ class ArrivalHistory:
         for c in np.unique(classes).tolist():
             mine = classes == c
             new_s = times[mine]
-            seen = np.concatenate((self._tail[c], new_s))
-            ends = np.arange(len(seen) - len(new_s), len(seen)) + 1
+            # Live routers report a little late and out of order (a request that waited is reported when
+            # it is placed): each new arrival's window is counted on the merged, sorted times. Windows
+            # of arrivals counted before are not revisited (a late one may leave their peak a bit low).
+            seen = np.sort(np.concatenate((self._tail[c], new_s)), kind="stable")
+            ends = np.searchsorted(seen, new_s, side="right")
             for k, w in enumerate(self._windows):
                 counts = ends - np.searchsorted(seen, new_s - w, side="right")
                 np.maximum.at(self._bursts[k, c], b[mine], counts)
             if len(self._windows):
-                self._tail[c] = seen[seen > seen[-1] - self._windows[-1]]
+                self._tail[c] = seen[seen > seen[-1] - self._windows[-1] - _LATE_S]
 
     def _span(self, now_s: float, max_bins: int | None = None) -> tuple[int, int]:
         done = max(0, int((now_s - self.origin_s) // self.bin_s))

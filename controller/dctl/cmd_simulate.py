@@ -205,6 +205,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="TOML file of policy settings (knobs, [periods], [costs]; docs/control.md); flags win over it",
     )
     p.add_argument("--json", default=None, metavar="FILE", help="write the report here (atomically)")
+    p.add_argument(
+        "--workload-stats",
+        default=None,
+        metavar="FILE",
+        help="also write the trace's per-class request counts and peak rates (what the policies size "
+        "from) as a dynamollm.workloadstats/v1 file: the controller's control.initial_workload",
+    )
     p.add_argument("--output", default="table", metavar="table|json", help="stdout format (default table)")
     p.add_argument(
         "--no-progress",
@@ -246,6 +253,7 @@ class _Options:
     fast_reshard: bool
     policy_config: Path | None
     json_path: Path | None
+    workload_stats_path: Path | None
     output: str
     progress: bool
 
@@ -348,6 +356,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         fast_reshard=bool(args.fast_reshard),
         policy_config=existing_file(args.policy_config, "--policy-config", "a TOML file of policy settings"),
         json_path=writable_json(args.json),
+        workload_stats_path=writable_json(args.workload_stats, "--workload-stats"),
         output=args.output,
         progress=not args.no_progress,
     )
@@ -487,9 +496,21 @@ def run(args: argparse.Namespace) -> int:
         trace.duration_s + opts.max_drain_s + config.power_bin_s,
         config.power_bin_s,
     )
+    if opts.workload_stats_path is not None:
+        _write_workload_stats(opts.workload_stats_path, trace, profile, config)
     if opts.compare is not None:
         return _run_compare(opts, trace, profile, config, settings, pricing)
     return _run_one(opts, trace, profile, config, settings, pricing, t0)
+
+
+def _write_workload_stats(path: Path, trace: Trace, profile: Profile, config: SimConfig) -> None:
+    from controller.policy.base import arrival_stats_to_json
+    from controller.sim.cluster import trace_arrival_stats
+    from controller.textfiles import write_text_atomic
+
+    doc = arrival_stats_to_json(trace_arrival_stats(trace, profile, config))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 def _profile(opts: _Options) -> tuple[Profile, str]:

@@ -68,18 +68,19 @@ def existing_file(value: str | None, flag: str, expected: str) -> Path | None:
     return path
 
 
-def writable_json(value: str | None) -> Path | None:
-    """The path of a `--json` report to write, checked before any work: a file path in a folder that
-    exists (or will be created under one that does) and is writable; InvalidArgumentError naming --json."""
+def writable_json(value: str | None, flag: str = "--json") -> Path | None:
+    """The path of a JSON file to write (`flag`, a `--json` report by default), checked before any work:
+    a file path in a folder that exists (or will be created under one that does) and is writable;
+    InvalidArgumentError naming the flag."""
     if value is None:
         return None
     path = Path(value)
     allowed = "a file path in a writable folder"
     if path.is_dir():
-        raise InvalidArgumentError("--json", value, allowed)
+        raise InvalidArgumentError(flag, value, allowed)
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # missing folders are created on write: the first existing one decides
     if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-        raise InvalidArgumentError("--json", value, allowed)
+        raise InvalidArgumentError(flag, value, allowed)
     return path

@@ -32,7 +32,7 @@ import json
 import math
 import pickle
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ from controller.fleet.grpc_fleet import GrpcFleet
 from controller.loops.events import EventBus
 from controller.loops.traffic import TrafficBuffer
 from controller.metrics import ControllerMetrics
+from controller.model.cluster import InstanceSpec
 from controller.model.decisions import ClockDecision, Decision, StepRecord
 from controller.model.fleet import (
     AbortStart,
@@ -409,16 +410,11 @@ class ControlLoop:
             summary = f"instance {d.instance_id}: {d.from_mhz} -> {d.to_mhz} MHz ({d.reason})"
             return NewDecision(decision.t_s, "instance", summary, json.dumps(decision.to_json()))
         pools = "; ".join(
-            f"{p.pool}: "
-            + ", ".join(f"{n}x TP{s.tp}@{s.clock_mhz}" for s, n in p.chosen.counts)
-            + f" ({p.solver_status})"
-            for p in decision.step.pools
+            f"{p.pool}: " + _mix(p.chosen.counts) + f" ({p.solver_status})" for p in decision.step.pools
         )
         if not pools:
             pools = "; ".join(
-                f"{p.name}: "
-                + ", ".join(f"{n}x TP{s.tp}@{s.clock_mhz}" for s, n in sorted(p.instance_counts().items()))
-                for p in decision.step.plan.pools
+                f"{p.name}: " + _mix(p.instance_counts().items()) for p in decision.step.plan.pools
             )
         return NewDecision(
             decision.t_s, decision.level, f"{decision.level} step: {pools}", json.dumps(decision.to_json())
@@ -467,6 +463,12 @@ class ControlLoop:
         self._energy_j.clear()
         self._ledger_traffic.clear()
         self._ledger_start_unix_s = now_unix_s
+
+
+def _mix(counts: Iterable[tuple[InstanceSpec, int]]) -> str:
+    """`2x TP2@1600, 1x TP4@1980`: in (TP, clock) order (specs have no order of their own)."""
+    ordered = sorted(counts, key=lambda item: (item[0].tp, item[0].clock_mhz))
+    return ", ".join(f"{n}x TP{s.tp}@{s.clock_mhz}" for s, n in ordered)
 
 
 def _command_json(command: Command) -> dict[str, Any]:

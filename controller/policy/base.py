@@ -9,6 +9,7 @@ in, frozen values out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -52,6 +53,54 @@ class ArrivalStats:
         """Fraction of requests in each class (all zero for an empty workload)."""
         n = self.requests
         return tuple(c / n if n else 0.0 for c in self.requests_by_class)
+
+
+WORKLOAD_SCHEMA = "dynamollm.workloadstats/v1"
+
+
+def arrival_stats_to_json(stats: ArrivalStats) -> dict[str, object]:
+    """`stats` as a `dynamollm.workloadstats/v1` document (classes by name)."""
+    names = [c.name for c in REQUEST_CLASSES]
+    return {
+        "schema": WORKLOAD_SCHEMA,
+        "duration_s": stats.duration_s,
+        "window_s": stats.window_s,
+        "requests_by_class": dict(zip(names, stats.requests_by_class, strict=True)),
+        "peak_rate_rps": stats.peak_rate_rps,
+        "peak_rate_rps_by_class": dict(zip(names, stats.peak_rate_rps_by_class, strict=True)),
+    }
+
+
+def arrival_stats_from_json(doc: object) -> ArrivalStats:
+    """The inverse of `arrival_stats_to_json`; InvalidArgumentError naming the field that is wrong."""
+    if not isinstance(doc, Mapping) or doc.get("schema") != WORKLOAD_SCHEMA:
+        raise InvalidArgumentError(
+            "schema", doc.get("schema") if isinstance(doc, Mapping) else doc, WORKLOAD_SCHEMA
+        )
+
+    def number(key: str, value: object, positive: bool) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < 0 or (positive and value == 0):  # type: ignore[operator]
+            raise InvalidArgumentError(key, value, "a finite number " + ("> 0" if positive else ">= 0"))
+        return float(value)  # type: ignore[arg-type]
+
+    def per_class(key: str, integer: bool) -> tuple[float, ...]:
+        table = doc.get(key)
+        names = [c.name for c in REQUEST_CLASSES]
+        if not isinstance(table, Mapping) or set(table) != set(names):
+            raise InvalidArgumentError(key, table, f"a table with one entry per class {names}")
+        values = [number(f"{key}.{n}", table[n], False) for n in names]
+        if integer and any(v != int(v) for v in values):
+            raise InvalidArgumentError(key, table, "whole numbers of requests")
+        return tuple(values)
+
+    return ArrivalStats(
+        duration_s=number("duration_s", doc.get("duration_s"), True),
+        window_s=number("window_s", doc.get("window_s"), True),
+        requests_by_class=tuple(int(v) for v in per_class("requests_by_class", True)),
+        peak_rate_rps=number("peak_rate_rps", doc.get("peak_rate_rps"), False),
+        peak_rate_rps_by_class=per_class("peak_rate_rps_by_class", False),
+    )
 
 
 def peak_rate_rps(arrival_s: npt.NDArray[np.float64], window_s: float) -> float:

@@ -211,16 +211,20 @@ class Router:
         try:
             endpoint, pool = await self._place(cls, tokens, deadline_s)  # its place is held in `load`
         except RequestError as err:
-            self._report(received_ns, cls, parsed, None, "", None)
+            self._report_arrival(received_ns, cls, parsed, None)
+            self._report_completion(cls, parsed, "", None)
             self.metrics.requests.labels(cls, "", "rejected").inc()
             return _error(err)
+        # Reported now, not at completion: the cycle's arrival history must not lag by the requests'
+        # latencies (late arrivals would pile into later ticks and inflate the rates it forecasts).
+        self._report_arrival(received_ns, cls, parsed, endpoint)
         measured = Measured()
         try:
             response = await self._forward(request, parsed, endpoint, measured, received_s)
         finally:
             self.load.done(endpoint.instance_id, tokens)
             self._dispatch()
-        self._report(received_ns, cls, parsed, endpoint, pool, measured, received_s)
+        self._report_completion(cls, parsed, pool, measured, received_s)
         self.metrics.requests.labels(cls, pool, "ok" if measured.tokens else "failed").inc()
         return response
 
@@ -344,22 +348,17 @@ class Router:
         return web.json_response(body)
 
     # ------------------------------------------------------------------ reports
-    def _report(
-        self,
-        received_ns: int,
-        cls: str,
-        parsed: Parsed,
-        ep: Endpoint | None,
-        pool: str,
-        m: Measured | None,
-        received_s: float = 0.0,
-    ) -> None:
+    def _report_arrival(self, received_ns: int, cls: str, parsed: Parsed, ep: Endpoint | None) -> None:
         arrival = admin_pb2.TrafficArrival(
             arrival_unix_ns=received_ns, class_name=cls, input_tokens=parsed.input_tokens
         )
         if ep is not None:
             arrival.instance_id = ep.instance_id
         self._append(self.arrivals, arrival)
+
+    def _report_completion(
+        self, cls: str, parsed: Parsed, pool: str, m: Measured | None, received_s: float = 0.0
+    ) -> None:
         scale = self.settings.time_scale
         tokens = m.tokens if m is not None else 0
         true_cls = cls

@@ -36,8 +36,10 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("profile.model", str, "llama2-70b", "profile of the SLO targets (model)"),
     ConfigKey("profile.gpu", str, "h100-sxm", "profile of the SLO targets (GPU type)"),
     ConfigKey("profile.path", str, "", "profile file (default: the embedded one)"),
+    # vLLM's max_num_seqs: an engine runs at most this many at once, and the simulator sends every
+    # request straight to its instance; a lower cap here would shrink batches below what plans assume.
     ConfigKey(
-        "max_inflight", int, 64, "requests in flight per instance before others wait here", at_least(1)
+        "max_inflight", int, 256, "requests in flight per instance before others wait here", at_least(1)
     ),
     ConfigKey("max_body_bytes", int, 1 << 20, "largest request body", at_least(1024)),
     ConfigKey(

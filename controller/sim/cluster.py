@@ -245,6 +245,21 @@ class PolicyRun:
 MAX_SEARCH_INSTANCES = 512
 
 
+def trace_arrival_stats(
+    trace: Trace, profile: Profile, config: SimConfig, window_s: float = DEFAULT_PEAK_WINDOW_S
+) -> ArrivalStats:
+    """What policies size from: the trace's per-class counts and peak rates, by TRUE class, of the
+    requests served (those beyond the model's context are refused at admission: no policy plans for
+    them)."""
+    served = ~beyond_context(trace, profile.model)
+    return arrival_stats(
+        trace.arrival_s[served],
+        config.bins.class_indices(trace.input_tokens[served], trace.output_tokens[served]),
+        trace.duration_s,
+        window_s,
+    )
+
+
 def run_policy(
     trace: Trace,
     policy: SimPolicy,
@@ -262,13 +277,7 @@ def run_policy(
     by simulation to the smallest count meeting `slo_target` (`size_by_simulation`). Requests refused at
     admission (beyond the model's context) are left out of the statistics: no policy plans for them."""
     cfg = config or SimConfig()
-    served = ~beyond_context(trace, profile.model)
-    stats = arrival_stats(
-        trace.arrival_s[served],
-        cfg.bins.class_indices(trace.input_tokens[served], trace.output_tokens[served]),
-        trace.duration_s,
-        window_s,
-    )
+    stats = trace_arrival_stats(trace, profile, cfg, window_s)
     rule_plan = policy.initial_plan(stats, profile)
     if isinstance(policy, DynamicPolicy):
         # A dynamic policy starts from its own plan, or from `instances` when it also has a static size
