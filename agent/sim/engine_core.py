@@ -328,6 +328,19 @@ class SimEngine:
     def num_preemptions(self) -> int:
         return self._num_preemptions
 
+    def progress(self) -> dict[int, tuple[int, float, float]]:
+        """Request id -> (tokens produced, first-token time, time of the latest token) of every held
+        request that has produced a token (the real-time engine's bounded look-ahead reads it). A
+        decoding request's count is kept lazily (one token per iteration since its decode run began),
+        and its latest token came with the latest iteration."""
+        out: dict[int, tuple[int, float, float]] = {}
+        for r in (*self._running.values(), *self._waiting):
+            if r.state == _DECODE:
+                out[r.request_id] = (r.generated + self._iter - r.start_iter, r.first_token_s, self._now_s)
+            elif r.generated:
+                out[r.request_id] = (r.generated, r.first_token_s, r.last_token_s)
+        return out
+
     @property
     def iterations(self) -> int:
         """Engine iterations run so far."""

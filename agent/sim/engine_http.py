@@ -325,28 +325,28 @@ class EngineServer:
                     ]
                 )
             )
+        # Every token known at a wake-up goes out in one write (the engine delivers them in bunches), the
+        # first one at once: answers are exactly output_tokens long, so the last is known by its count.
         produced = 0
-        # A token goes out once the next item is known (the last one carries finish_reason); every
-        # token known at a wake-up goes out in one write (the engine delivers them in bunches).
-        pending: list[int | None] = [await req.tokens.get()]
-        while True:
+        finished = False
+        while not finished:
+            items = [await req.tokens.get()]
             while not req.tokens.empty():
-                pending.append(req.tokens.get_nowait())
+                items.append(req.tokens.get_nowait())
             out: list[bytes] = []
-            while pending[0] is not None and (len(pending) >= 2 or pending[0] == ABORTED):
-                index = pending.pop(0)
-                if index == ABORTED or pending[0] == ABORTED:
+            for index in items:
+                if index is None:
+                    finished = True
+                    break
+                if index == ABORTED:
                     await resp.write(b"".join(out))
                     await resp.write_eof()  # no [DONE]: the client sees a truncated stream
                     return resp
-                assert index is not None
                 produced += 1
-                out.append(chunk([self._choice(index, chat, "length" if pending[0] is None else None)]))
+                finish = "length" if produced == req.output_tokens else None
+                out.append(chunk([self._choice(index, chat, finish)]))
             if out:
                 await resp.write(b"".join(out))
-            if pending[0] is None:
-                break
-            pending.append(await req.tokens.get())
         if include_usage:
             await resp.write(chunk([], self._usage(prompt_tokens, produced)))
         await resp.write(b"data: [DONE]\n\n")

@@ -15,15 +15,18 @@ iteration boundary.
 
 Tokens: the core reports a request only when it completes (`CompletedRequest`: first-token and finish
 times). To stream tokens as they are produced, the engine looks ahead: after every change (an arrival,
-a clock or power-limit change, a dropped request) it copies the core and runs the copy until all held
-requests complete, recording the end time of every iteration. Nothing but a later change can alter that
-future, and each change triggers a new look-ahead from the real core's state, so the predicted times are
-the times the real core will produce. A request's tokens come at consecutive iteration ends from its
-first token to its last (one token per iteration while decoding); after a preemption (more iterations
-than tokens in that span) they are spread evenly between the two. Delivery: the first and the last
-token at their times (so TTFT and mean TBT are exact at the client), the ones between in bunches every
-`STREAM_INTERVAL_S` of wall time (no later than that past their times). The cost is one copy plus a run to
-the end of the held work per change: a few milliseconds with hundreds of requests held.
+a clock or power-limit change, a dropped request), and whenever the previous look-ahead runs out, it
+copies the core and runs the copy for `LOOKAHEAD_S` of wall time (x time_scale), recording the end time
+of every iteration and, per request, its first-token time and how many tokens it has produced by then
+(and when the latest came; its finish when it completes within the look-ahead). Nothing but a later
+change can alter that future, and each change triggers a new look-ahead from the real core's state, so
+the predicted times are the times the real core will produce. A request's tokens come at consecutive
+iteration ends from its first token on (one token per iteration while decoding); after a preemption
+(more iterations than tokens in that span) they are spread evenly over it. Delivery: the first and the
+last token at their times (so TTFT and mean TBT are exact at the client), the ones between in bunches
+every `STREAM_INTERVAL_S` of wall time (no later than that past their times). The cost is one copy plus
+the iterations of one look-ahead per change: about a millisecond with a hundred requests held (running
+to the end of the held work instead cost ~9 ms per arrival on a busy TP8 engine).
 
 GPU settings: the clock is the lowest locked maximum among the engine's GPUs (a TP group runs at the pace
 of its slowest GPU), applied to the iterations that start after the change is seen (looked for every
@@ -84,8 +87,10 @@ _SETTINGS_POLL_S = 0.01  # how often a busy engine looks for a new clock lock or
 # per iteration, which is what lets a time-compressed node keep up on a small machine.
 STREAM_INTERVAL_S = 0.02
 _MEM_UTILIZATION = 0.9  # vLLM's gpu_memory_utilization: what a loaded engine holds on each GPU
-# The look-ahead stops here even if requests are still held (then it continues from there when reached).
-_LOOKAHEAD_LIMIT_S = 3600.0
+# The look-ahead runs this far (wall seconds; simulated = x time_scale) and is run again from the real core
+# when that time comes: its cost grows with the iterations it runs, and a change (an arrival) makes the
+# rest of it void anyway. Running to the end of the held work cost ~9 ms per arrival on a busy TP8 engine.
+LOOKAHEAD_S = 0.25
 # Energy bins of the core are not used here; one per hour keeps the core's state small to copy.
 _POWER_BIN_S = 3600.0
 
@@ -187,9 +192,10 @@ class PowerCappedPerf:
 
 class EngineRequest:
     """One request inside the engine; tokens go to the HTTP handler through `tokens` (None ends the
-    answer, `ABORTED` cuts it). `first_token_s` / `finish_s` are the core's (predicted until it
-    completes), in simulated seconds; `first_index` locates its first token in the iteration timeline
-    (-1: tokens spread evenly between the two)."""
+    answer, `ABORTED` cuts it). What the core says of its future (predicted by the look-ahead until it
+    happens), in simulated seconds: `first_token_s`, the first `known_tokens` tokens with the latest of
+    them at `last_known_s`, and `finish_s` once its completion is known; `first_index` locates its first
+    token in the iteration timeline (-1: the known tokens spread evenly between the first and latest)."""
 
     __slots__ = (
         "aborted",
@@ -199,6 +205,8 @@ class EngineRequest:
         "first_index",
         "first_token_s",
         "input_tokens",
+        "known_tokens",
+        "last_known_s",
         "output_tokens",
         "request_id",
         "tokens",
@@ -212,9 +220,16 @@ class EngineRequest:
         self.emitted = 0
         self.first_token_s = math.nan
         self.finish_s = math.nan
+        self.known_tokens = 0
+        self.last_known_s = math.nan
         self.first_index = -1
         self.aborted = False
         self.tokens: asyncio.Queue[int | None] = asyncio.Queue()
+
+    def known(self, first_token_s: float, last_s: float, tokens: int) -> None:
+        """The core's (predicted) times of the first `tokens` tokens; all of them means finished."""
+        self.first_token_s, self.last_known_s, self.known_tokens = first_token_s, last_s, tokens
+        self.finish_s = last_s if tokens == self.output_tokens else math.nan
 
 
 class _Timeline:
@@ -297,6 +312,7 @@ class RealTimeEngine:
         self._write_period_s = _ACTIVITY_WRITE_PERIOD_S * time_scale
         self._settings_poll_s = _SETTINGS_POLL_S * time_scale
         self._stream_interval_s = STREAM_INTERVAL_S * time_scale
+        self._lookahead_s = LOOKAHEAD_S * time_scale
         self._power_window_s = POWER_AVERAGE_S * time_scale  # the last wall second
         # a lock below the lowest clock the model is stated for runs at that clock (never happens with the
         # simulated backend, whose supported clocks start there)
@@ -443,7 +459,7 @@ class RealTimeEngine:
         for rec in core.pop_completed():
             req = self._live.get(rec.request_id)
             if req is not None and (req.first_token_s, req.finish_s) != (rec.first_token_s, rec.finish_s):
-                req.first_token_s, req.finish_s = rec.first_token_s, rec.finish_s
+                req.known(rec.first_token_s, rec.finish_s, req.output_tokens)
                 self._map_tokens(req)
         gaps_s, tokens = core.take_tbt_log()
         for gap_s, n in zip(gaps_s.tolist(), tokens.tolist(), strict=True):
@@ -474,26 +490,32 @@ class RealTimeEngine:
             self._dirty = True
 
     def _look_ahead(self) -> None:
-        """Run a copy of the core until every held request completes: iteration ends and each live
-        request's first-token and finish times (see the module docstring)."""
+        """Run a copy of the core for `LOOKAHEAD_S`: iteration ends, and for each live request its
+        first-token time and the times of the tokens it produces by then (all of them, with the finish,
+        when it completes within the look-ahead); see the module docstring."""
         copy = self._copy_core()
-        start_s = copy.now_s
+        horizon_s = copy.now_s + self._lookahead_s
         ends: list[float] = []
-        results: dict[int, tuple[float, float]] = {}
-        while (copy.num_running or copy.num_waiting) and copy.now_s < start_s + _LOOKAHEAD_LIMIT_S:
+        done: dict[int, tuple[float, float]] = {}
+        while (copy.num_running or copy.num_waiting) and copy.now_s < horizon_s:
             copy.advance_to(math.nextafter(copy.now_s, math.inf))
             ends.append(copy.now_s)
             for rec in copy.pop_completed():
-                results[rec.request_id] = (rec.first_token_s, rec.finish_s)
+                done[rec.request_id] = (rec.first_token_s, rec.finish_s)
         held = copy.num_running or copy.num_waiting
         self._lookahead_until_s = copy.now_s if held else math.inf
+        partial = copy.progress() if held else {}
         timeline = self._timeline
         timeline.cut_after(self._core.now_s)
         for end_s in ends:
             timeline.append(end_s)
         for req in self._live.values():
-            if req.request_id in results:
-                req.first_token_s, req.finish_s = results[req.request_id]
+            if req.request_id in done:
+                first_s, finish_s = done[req.request_id]
+                req.known(first_s, finish_s, req.output_tokens)
+            elif req.request_id in partial:
+                produced, first_s, last_s = partial[req.request_id]
+                req.known(first_s, last_s, produced)
             self._map_tokens(req)
         started = [r.first_token_s for r in self._live.values() if not math.isnan(r.first_token_s)]
         timeline.drop_before(min(started, default=self._core.now_s))
@@ -507,23 +529,23 @@ class RealTimeEngine:
         return copy
 
     def _map_tokens(self, req: EngineRequest) -> None:
-        """Locate the request's tokens in the timeline: consecutive iteration ends from its first token to
-        its last when there are exactly as many ends as tokens in that span."""
+        """Locate the request's known tokens in the timeline: consecutive iteration ends from its first
+        token to the latest known one when there are exactly as many ends as tokens in that span."""
         first = self._timeline.index_of(req.first_token_s)
-        last = self._timeline.index_of(req.finish_s)
-        exact = first >= 0 and last - first + 1 == req.output_tokens
+        last = self._timeline.index_of(req.last_known_s)
+        exact = first >= 0 and last - first + 1 == req.known_tokens
         req.first_index = first if exact else -1
 
     def _token_s(self, req: EngineRequest, k: int) -> float | None:
         """When token k of the request is produced (simulated seconds), None while unknown."""
-        if math.isnan(req.first_token_s):
+        n = req.known_tokens
+        if k >= n:
             return None
         if req.first_index >= 0:
             return self._timeline.at(req.first_index + k)
-        n = req.output_tokens
         if k == 0 or n == 1:
             return req.first_token_s
-        return req.first_token_s + k * (req.finish_s - req.first_token_s) / (n - 1)
+        return req.first_token_s + k * (req.last_known_s - req.first_token_s) / (n - 1)
 
     def _deliver(self, req: EngineRequest, now: float) -> None:
         stats = self.stats
