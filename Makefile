@@ -1,13 +1,16 @@
 # Two entry points, both doing their own set-up on a fresh machine:
 #   make demo   dynamollm against singlepool on the embedded synthetic conversation workload, minimising
 #               energy (the default), then cost
+#   make demo-live  the whole product as processes on loopback: three simulated GPU nodes, the controller and
+#               the router serving the conversation hour 12x compressed (about 12 minutes in all), dynamollm
+#               against singlepool, energy read from the nodes' counters beside the simulator's prediction
 #   make test   lint, type checks, import layering, wire-contract freshness, tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck layering proto-check pytest bench clean
+.PHONY: demo demo-live test lint typecheck layering proto-check pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dctl simulate --trace synthetic:conversation --compare dynamollm --out demo-out
 	$(BIN)/dctl simulate --trace synthetic:conversation --compare dynamollm --objective cost --out demo-out/cost
+
+demo-live: $(STAMP)
+	$(BIN)/python tools/demo_live.py --out demo-live-out
 
 test: lint typecheck layering proto-check pytest
 
@@ -41,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench_sim.py
 
 clean:
-	rm -rf $(VENV) demo-out .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) demo-out demo-live-out .mypy_cache .ruff_cache .pytest_cache

@@ -261,7 +261,7 @@ async def _start(
 ) -> RunningController:
     origin = store.get_meta("origin_unix_s")
     if origin is None:
-        origin = repr(clock.wall_ns() / 1e9)
+        origin = repr(settings.origin_unix_s or clock.wall_ns() / 1e9)
         store.set_meta("origin_unix_s", origin)
         store.set_mode(settings.mode, caller="config", reason="new store")
     restored = restore(store, settings)

@@ -74,6 +74,9 @@ PROMPT_WORD = "word"
 # default 1 MiB request limit (the simulated engine's), and far beyond any model's context.
 MAX_PROMPT_TOKENS = 150_000
 _ERROR_BODY_BYTES = 1 << 16  # read at most this much of an error answer
+_MAX_LINE_BYTES = (
+    1 << 20
+)  # a stream line longer than this is malformed (aiohttp's own readline limit is lower)
 _REASON_CHARS = 200  # longest error message kept
 _PROBE_TIMEOUT_S = 10.0
 
@@ -301,6 +304,10 @@ def error_message(raw: bytes) -> str | None:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return _message_of(doc)
+
+
+def _message_of(doc: Any) -> str | None:
     if not isinstance(doc, dict):
         return None
     if doc.get("object") == "error" and isinstance(doc.get("message"), str):
@@ -398,36 +405,55 @@ class _Replay:
                 raw = await resp.content.read(_ERROR_BODY_BYTES)
                 m.end = self.clock()
                 raise self._refusal(resp.status, raw, req)
+            # Read as it comes (one await per read, not per line: at a compressed replay's token rates the
+            # per-line cost is what limits the load generator); every token of a read has its time.
             saw_done = False
-            async for raw_line in resp.content:
-                line = raw_line.strip()
-                if not line or line.startswith(b":") or not line.startswith(b"data:"):
-                    continue  # blank separators, comments, event:/id:/retry: fields
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    saw_done = True
+            pending = b""
+            async for data in resp.content.iter_any():
+                now = self.clock()
+                lines = (pending + data).split(b"\n")
+                pending = lines.pop()
+                if len(pending) > _MAX_LINE_BYTES:
+                    raise ValueError(f"a line longer than {_MAX_LINE_BYTES} bytes")
+                for raw_line in lines:
+                    if self._line(raw_line, m, now):
+                        saw_done = True
+                        break
+                if saw_done:
                     break
-                try:
-                    doc = json.loads(data)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise _Outcome(
-                        "failed", "malformed", _one_line(f"not JSON in the stream: {data[:80]!r}")
-                    ) from None
-                message = error_message(data)
-                if message is not None:
-                    raise _Outcome("failed", "malformed", _one_line(f"error in the stream: {message}"))
-                text = _content(doc)
-                if text is None:
-                    raise _Outcome("failed", "malformed", _one_line(f"not a completion chunk: {data[:80]!r}"))
-                if text:
-                    now = self.clock()
-                    if m.first is None:
-                        m.first = now
-                    m.last = now
-                    m.tokens += 1
+            else:
+                saw_done = bool(pending) and self._line(pending, m, self.clock())
             m.end = self.clock()
             if not saw_done:
                 raise _Outcome("failed", "malformed", f"stream ended without [DONE] after {m.tokens} tokens")
+
+    @staticmethod
+    def _line(raw_line: bytes, m: _Measure, now: float) -> bool:
+        """Take one line of the event stream into `m`; True at `data: [DONE]`."""
+        line = raw_line.strip()
+        if not line or line.startswith(b":") or not line.startswith(b"data:"):
+            return False  # blank separators, comments, event:/id:/retry: fields
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return True
+        try:
+            doc = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _Outcome(
+                "failed", "malformed", _one_line(f"not JSON in the stream: {data[:80]!r}")
+            ) from None
+        message = _message_of(doc)
+        if message is not None:
+            raise _Outcome("failed", "malformed", _one_line(f"error in the stream: {message}"))
+        text = _content(doc)
+        if text is None:
+            raise _Outcome("failed", "malformed", _one_line(f"not a completion chunk: {data[:80]!r}"))
+        if text:
+            if m.first is None:
+                m.first = now
+            m.last = now
+            m.tokens += 1
+        return False
 
     def _refusal(self, status: int, raw: bytes, req: LoadRequest) -> _Outcome:
         message = error_message(raw)

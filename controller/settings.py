@@ -82,6 +82,14 @@ KEYS: tuple[ConfigKey, ...] = (
         "replaces control.initial_rate_rps",
     ),
     ConfigKey(
+        "control.origin_unix_s",
+        float,
+        0.0,
+        "the cycle's time 0 for a new store, Unix seconds (0: when the store is created); a controller "
+        "started before it brings up the first plan and waits",
+        at_least(0.0),
+    ),
+    ConfigKey(
         "control.instances", int, 0, "a static policy's instance count (0: its own sizing)", at_least(0)
     ),
     ConfigKey(
@@ -162,6 +170,7 @@ class ControllerSettings:
     initial_rate_rps: float
     initial_workload: ArrivalStats | None
     instances: int
+    origin_unix_s: float
     snapshot_interval_s: float
     ledger_interval_s: float
     profile_path: Path | None
@@ -334,6 +343,7 @@ def merge_settings(
         initial_rate_rps=values["control.initial_rate_rps"],
         initial_workload=_read_workload(values["control.initial_workload"]),
         instances=values["control.instances"],
+        origin_unix_s=values["control.origin_unix_s"],
         snapshot_interval_s=values["control.snapshot_interval_s"],
         ledger_interval_s=values["control.ledger_interval_s"],
         profile_path=Path(values["profile.path"]) if values["profile.path"] else None,

@@ -64,7 +64,9 @@ from controller.sim.compare import resolve_trace  # noqa: E402
 MODEL, GPU = "llama2-70b", "h100-sxm"
 TRACE = "synthetic:conversation"
 NODES, GPUS_PER_NODE = 3, 8
-POOL_PERIOD_S = 300.0  # the controller's default pool period (cycle seconds)
+# The controller's cycle starts this long after the controller (control.origin_unix_s): the first plan's
+# engines load meanwhile, so that the cycle, like the simulator, starts with them serving.
+LEAD_S = 20.0
 START_TIMEOUT_S = 60.0
 LIVE_ENGINE_STATES = (1, 2, 3)  # STARTING, READY, DRAINING: the engine holds its GPUs
 SCHEMA = "dynamollm.livedemo/v1"
@@ -235,14 +237,13 @@ async def wait_serving(admin: AdminClient, url: str) -> None:
     raise RuntimeError("the first plan's engines did not come up within 120 s")
 
 
-async def start_on_pool_boundary(admin: AdminClient) -> float:
-    """Sleep until the cycle's next pool step (trace t = 0 falls on it); the cycle time then."""
+async def wait_for_origin(admin: AdminClient) -> None:
+    """Sleep until the cycle's time 0: the load's t = 0 falls on it, as the simulator's does."""
     status = await admin.cluster_status()
-    origin_s, scale = status.origin_unix_ns / 1e9, status.time_scale_factor
-    now_cycle_s = (time.time() - origin_s) * scale
-    start_cycle_s = (math.floor(now_cycle_s / POOL_PERIOD_S) + 1) * POOL_PERIOD_S
-    await asyncio.sleep(max(0.0, origin_s + start_cycle_s / scale - time.time()))
-    return start_cycle_s
+    late_s = time.time() - status.origin_unix_ns / 1e9
+    if late_s > 0:
+        log(f"warning: the first plan served {late_s:.1f} s after the cycle's origin; the replay starts late")
+    await asyncio.sleep(max(0.0, -late_s))
 
 
 async def run_policy(
@@ -259,7 +260,7 @@ async def run_policy(
         sampling = asyncio.create_task(sampler.run())
         async with AdminClient(controller, timeout_s=5.0) as admin:
             await wait_serving(admin, url)
-            start_cycle_s = await start_on_pool_boundary(admin)
+            await wait_for_origin(admin)
             log(f"{policy}: engines serving; replaying {TRACE} ({len(trace)} requests) at {speedup:g}x")
             report, wall = await _replay(policy, url, trace, speedup, slos, sampler)
             status = await admin.cluster_status()
@@ -276,11 +277,10 @@ async def run_policy(
             "slo_attainment": report["slo_attainment"],
             "ttft_s_p99": report["ttft_s_p99"],
             "tbt_s_p99": report["tbt_s_p99"],
-            "reconfigurations_by_kind": _commands(out / "controller.db", start_cycle_s),
+            "reconfigurations_by_kind": _commands(out / "controller.db"),
             "wall_s": wall[1] - wall[0],
             "power_series": _power_series(sampler, wall[0], speedup),
             "controller_cycle_time_s": status.cycle_time_s,
-            "load_start_cycle_s": start_cycle_s,
         }
     finally:
         await daemons.stop()
@@ -317,16 +317,16 @@ async def _replay(
     return build_report(result, config, meta=meta), (start_s, end_s + 1.5)
 
 
-def _commands(store: Path, since_cycle_s: float) -> dict[str, int]:
-    """Commands the controller issued from the load's start, as the simulator counts reconfigurations:
-    instance starts, stops (drains) and clock changes."""
+def _commands(store: Path) -> dict[str, int]:
+    """Commands the controller issued from the cycle's time 0 (the load's start), as the simulator counts
+    reconfigurations: instance starts, stops (drains) and clock changes."""
     import sqlite3
 
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     try:
         rows = dict(
             conn.execute(
-                "SELECT kind, COUNT(*) FROM commands WHERE cycle_time_s >= ? GROUP BY kind", (since_cycle_s,)
+                "SELECT kind, COUNT(*) FROM commands WHERE cycle_time_s >= 0 GROUP BY kind"
             ).fetchall()
         )
     finally:
@@ -438,13 +438,14 @@ async def main_async(args: argparse.Namespace) -> int:
     trace = resolve_trace(TRACE, trace_dir=out, duration_s=args.duration, rate_scale=args.rate_scale)
     profile = default_profile(MODEL, GPU)
     slos = {name: profile.slo(name) for name in CLASS_NAMES}
-    configs = {
-        "dynamollm": f'[control]\ninitial_workload = "{stats.resolve()}"\n',
-        "singlepool": f"[control]\ninstances = {singlepool_instances}\n",
+    first_plan = {
+        "dynamollm": f'initial_workload = "{stats.resolve()}"',
+        "singlepool": f"instances = {singlepool_instances}",
     }
     live = {}
     for policy in ("dynamollm", "singlepool"):
-        live[policy] = await run_policy(policy, out / policy, args.speedup, configs[policy], trace, slos)
+        config = f"[control]\n{first_plan[policy]}\norigin_unix_s = {time.time() + LEAD_S}\n"
+        live[policy] = await run_policy(policy, out / policy, args.speedup, config, trace, slos)
     text = table(live, sim, args.speedup)
     (out / "table.txt").write_text(text + "\n")
     keys = ("energy_j", "slo_attainment", "ttft_s_p99", "tbt_s_p99", "reconfigurations_by_kind",

@@ -14,6 +14,7 @@ accepted requests finish.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
@@ -40,6 +41,18 @@ def approx_token_count(text: str) -> int:
 
 def token_text(index: int) -> str:
     return " " + _WORDS[index % len(_WORDS)]
+
+
+@functools.cache
+def _choice_json(word: int, chat: bool, finish: str | None) -> bytes:
+    """One streamed token's `choices[0]`, encoded (cached: the answers cycle through a few words)."""
+    text = token_text(word)
+    choice: dict[str, Any] = (
+        {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+        if chat
+        else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    )
+    return json.dumps(choice, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,13 +256,6 @@ class EngineServer:
             if self.in_flight == 0:
                 self._idle.set()
 
-    @staticmethod
-    def _choice(index: int, chat: bool, finish: str | None) -> dict[str, Any]:
-        text = token_text(index)
-        if chat:
-            return {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         return {
             "prompt_tokens": prompt_tokens,
@@ -312,6 +318,13 @@ class EngineServer:
                 doc["usage"] = usage
             return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
 
+        # A token's chunk is the request's fixed head, the token's choice and a fixed tail: only the
+        # choice is encoded per token (streaming is most of a simulated engine's work).
+        head, tail = chunk([{}]).split(b"{}", 1)
+
+        def token_chunk(index: int, finish: str | None) -> bytes:
+            return head + _choice_json(index % len(_WORDS), chat, finish) + tail
+
         if chat:
             await resp.write(
                 chunk(
@@ -344,7 +357,7 @@ class EngineServer:
                     return resp
                 produced += 1
                 finish = "length" if produced == req.output_tokens else None
-                out.append(chunk([self._choice(index, chat, finish)]))
+                out.append(token_chunk(index, finish))
             if out:
                 await resp.write(b"".join(out))
         if include_usage:

@@ -37,7 +37,7 @@ the model's lowest clock the limit may still be exceeded).
 Reporting: per GPU, the cumulative energy above idle up to now (the part of a running iteration that
 lies in the future is not counted yet), the power above idle averaged over the last second (what NVML
 reports on Ampere and newer GPUs, and what makes the agent's counter-versus-integrated-power check
-agree), busy time, the effective clock and memory held, written at most every 50 ms while busy and for a
+agree), busy time, the effective clock and memory held, written at most every 200 ms while busy and for a
 second after, and at every busy/idle transition.
 
 Requests a client abandons: one not started yet is taken out of the core's queue; one already running
@@ -78,9 +78,10 @@ from agent.sim.physics.specs import gpu_for
 ABORTED = -1
 
 # The node directory is written at most this often while busy (and at every busy/idle transition):
-# readers see the energy counter at most this late, at a few small writes per GPU per second.
+# readers see the energy counter at most this late (the agent samples once a second); one write per GPU
+# each time costs a file replace, which at 50 ms was a quarter of a busy TP8 engine's CPU.
 # Wall-clock seconds, like the settings poll (simulated seconds = these x time_scale).
-_ACTIVITY_WRITE_PERIOD_S = 0.05
+_ACTIVITY_WRITE_PERIOD_S = 0.2
 _SETTINGS_POLL_S = 0.01  # how often a busy engine looks for a new clock lock or power limit
 # Tokens between a request's first and its last are delivered in bunches at most this often (vLLM's
 # stream interval does the same, counted in tokens): one wake-up and one write per bunch instead of one

@@ -18,7 +18,9 @@ action, or when the fleet reports something, and per step:
 4. wakes the fleet (apply mode), publishes events, updates metrics.
 
 Time: the cycle's clock is `(wall - origin) x time_scale` seconds; the origin is kept in the store, so
-a restarted controller continues the same timeline (a late tick steps once and keeps the grid).
+a restarted controller continues the same timeline (a late tick steps once and keeps the grid). A new
+store's origin may lie ahead (`control.origin_unix_s`): the first plan starts at once, at negative cycle
+time, and the first tick comes at the origin plus one instance period.
 Modes: observe decides and records (commands stored as skipped), apply acts, paused runs no step at all
 (the fleet still renews leases); switching is audited in the store.
 """

@@ -4,7 +4,8 @@ Where it sits: the admin servicer adds arrivals and completions as they are repo
 clock; the control loop takes, at each tick at cycle time T, everything that happened at or before T:
 the arrivals (class and prompt length) for the cycle's history, the requests routed to each instance
 (the instance level's load), the completions per routed class (the SLO guard and the served mix), and
-per pool and class the requests finished and output tokens (the energy ledger). Reports are bounded:
+per pool and class the requests finished and output tokens (the energy ledger). Traffic before the
+cycle's origin (time 0) is dropped and counted. Reports are bounded:
 beyond `max_pending` held items the oldest are dropped and counted, never the daemon's memory.
 """
 
@@ -58,8 +59,15 @@ class TrafficBuffer:
         self._completions: list[Completion] = []
         self.max_pending = max_pending
         self.dropped = 0
+        self.before_origin = 0
 
     def add(self, arrivals: list[Arrival], completions: list[Completion]) -> None:
+        # Traffic before the cycle's origin (a controller waiting for its configured start) is outside the
+        # cycle's time: dropped and counted, as the cycle's history starts at 0.
+        kept_a = [a for a in arrivals if a.t_s >= 0.0]
+        kept_c = [c for c in completions if c.t_s >= 0.0]
+        self.before_origin += len(arrivals) - len(kept_a) + len(completions) - len(kept_c)
+        arrivals, completions = kept_a, kept_c
         for a in arrivals:
             bisect.insort(self._arrivals, a)
         for c in completions:

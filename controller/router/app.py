@@ -315,7 +315,7 @@ class Router:
             lines = (pending + data).split(b"\n")
             pending = lines.pop()
             for line in lines:
-                if line.startswith(b"data: {") and _chunk_text(line, parsed.chat) is not None:
+                if line.startswith(b"data: {") and _is_token(line, parsed.chat):
                     m.count(now)
             await out.write(data)
         await out.write_eof()
@@ -399,6 +399,8 @@ class Router:
             try:
                 await client.report_traffic(arrivals, completions)
                 warned = False
+            except InvalidArgumentError as exc:  # permanent: sending it again would fail again
+                log.error("traffic_report_refused", error=str(exc), arrivals=len(arrivals))
             except DynamoError as exc:
                 self.arrivals[:0], self.completions[:0] = arrivals, completions  # kept for the next try
                 if not warned:
@@ -426,6 +428,16 @@ class Router:
                 )
             await asyncio.sleep(delay_s)
             delay_s = min(10.0, delay_s * 2)
+
+
+def _is_token(line: bytes, chat: bool) -> bool:
+    """Whether an SSE line carries token text: found without parsing in the compact JSON engines write
+    (a relayed stream's lines are most of a router's work), else parsed."""
+    key = b'"content":"' if chat else b'"text":"'
+    at = line.find(key)
+    if at >= 0:
+        return line[at + len(key) : at + len(key) + 1] != b'"'  # an empty string is no token
+    return _chunk_text(line, chat) is not None
 
 
 def _chunk_text(line: bytes, chat: bool) -> str | None:

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from controller.api.v1 import admin_pb2
+from controller.router.app import _is_token
 from controller.router.queue import DeadlineQueue
 from controller.router.requests import RequestError, approx_tokens, parse
 from controller.router.routes import ClassRoute, Endpoint, Load, Routes, choose
@@ -100,3 +101,19 @@ def test_the_queue_is_earliest_deadline_first_and_expires_the_late() -> None:
     assert q.peek() == "b" and len(q) == 2
     assert q.expired(2.5) == ["b"]
     assert q.pop() == "c" and q.pop() is None and len(q) == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "chat", "token"),
+    [
+        (b'data: {"id":"x","choices":[{"index":0,"text":" the","finish_reason":null}]}', False, True),
+        (b'data: {"id":"x","choices":[{"index":0,"text":"","finish_reason":"length"}]}', False, False),
+        (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}', True, False),
+        (b'data: {"choices":[{"index":0,"delta":{"content":"\\" hi"}}]}', True, True),
+        (b'data: {"id":"x","choices":[],"usage":{"completion_tokens":3}}', False, False),
+        (b'data: {"id": "x", "choices": [{"index": 0, "text": " spaced"}]}', False, True),  # parsed
+        (b'data: {"id": "x", "choices": [{"index": 0, "text": ""}]}', False, False),
+    ],
+)
+def test_token_lines_are_told_apart_with_or_without_parsing(line: bytes, chat: bool, token: bool) -> None:
+    assert _is_token(line, chat) is token
