@@ -128,14 +128,14 @@ def even_workload(rate_rps: float) -> ArrivalStats:
 
 
 def initial_plan(policy: SimPolicy, profile: Profile, settings: ControllerSettings) -> ClusterPlan:
-    """The first plan: the policy's for `control.initial_workload` (else an even `initial_rate_rps`), or a
-    static policy pinned to `control.instances`, as `dctl simulate` plans from a trace."""
+    """The first plan: the policy's for `control.initial_workload` (else an even `initial_rate_rps`), or
+    a policy with a size pinned to `control.instances`, as `dctl simulate` plans from a trace."""
     if settings.instances:
-        if not isinstance(policy, SizablePolicy) or isinstance(policy, DynamicPolicy):
+        if not isinstance(policy, SizablePolicy):
             raise InvalidArgumentError(
-                "control.instances", settings.instances, "0 for a dynamic policy (it sizes itself)"
+                "control.instances", settings.instances, f"0 for policy {policy.name} (it sizes itself)"
             )
-        return policy.plan_with(settings.instances, profile)
+        return policy.plan_with(settings.instances, profile)  # scalefreq, scaleshard: their first fleet
     return policy.initial_plan(settings.initial_workload or even_workload(settings.initial_rate_rps), profile)
 
 

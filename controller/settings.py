@@ -90,7 +90,7 @@ KEYS: tuple[ConfigKey, ...] = (
         at_least(0.0),
     ),
     ConfigKey(
-        "control.instances", int, 0, "a static policy's instance count (0: its own sizing)", at_least(0)
+        "control.instances", int, 0, "instance count of a policy with a size (0: its own sizing)", at_least(0)
     ),
     ConfigKey(
         "control.snapshot_interval_s", float, 30.0, "snapshot period when nothing else is stored", positive

@@ -468,3 +468,21 @@ def test_a_bad_policy_config_exits_2_naming_the_key(
     config.write_bytes(BINARY)
     code, _, err = _run(capsys, *SHORT, "--policy-config", str(config))
     assert code == 2 and "--policy-config" in err and "binary" in err
+
+
+def test_workload_stats_are_what_the_policies_size_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--workload-stats writes the trace's per-class counts and peaks (requests beyond the context left
+    out), in the form the controller's control.initial_workload reads back."""
+    from controller.policy.base import arrival_stats_from_json
+
+    path = tmp_path / "w" / "stats.json"
+    code, out, err = _run(capsys, *SHORT, "--output", "json", "--workload-stats", str(path))
+    assert code == 0, err
+    stats = arrival_stats_from_json(json.loads(path.read_text()))
+    r = json.loads(out)
+    assert stats.requests == r["admitted"] and stats.duration_s == r["trace_duration_s"]
+    assert stats.peak_rate_rps > 0 and sum(stats.peak_rate_rps_by_class) >= stats.peak_rate_rps
+    code, _, err = _run(capsys, *SHORT, "--workload-stats", str(tmp_path))
+    assert code == 2 and "--workload-stats" in err

@@ -4,6 +4,7 @@ credentials, errors naming the key; and `python -m controller.app`'s one-line ex
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -348,3 +349,67 @@ def test_app_exits_2_on_a_missing_profile_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.json"
     result = _run_app(["--config", str(_config(tmp_path, f'[profile]\npath = "{path}"'))])
     _assert_one_line_exit_2(result, str(path))
+
+
+# ------------------------------------------------------------------------------------------ first plan
+
+
+def _stats_file(tmp_path: Path, **changes: Any) -> Path:
+    from controller.model.classes import CLASS_NAMES
+    from controller.policy.base import ArrivalStats, arrival_stats_to_json
+
+    n = len(CLASS_NAMES)
+    stats = ArrivalStats(3600.0, 60.0, tuple([2000] * n), 6.0, tuple([0.7] * n))
+    doc = {**arrival_stats_to_json(stats), **changes}
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
+def test_the_first_plan_is_sized_for_the_workload_file_or_pinned_for_a_static_policy(tmp_path: Path) -> None:
+    from controller.app import initial_plan
+    from controller.policy.registry import make_policy
+
+    profile = default_profile("llama2-70b", "h100-sxm")
+    even = _merge(file_values={"control": {"initial_rate_rps": 5.0}})
+    loaded = _merge(file_values={"control": {"initial_workload": str(_stats_file(tmp_path))}})
+    assert loaded.initial_workload is not None and loaded.initial_workload.requests == 18000
+    dyn = make_policy("dynamollm", loaded.policy)
+    # the file's per-class peaks, not an even 5 req/s, size the pools
+    assert initial_plan(dyn, profile, loaded) == dyn.initial_plan(loaded.initial_workload, profile)
+    assert initial_plan(dyn, profile, loaded) != initial_plan(dyn, profile, even)
+    pinned = _merge(file_values={"control": {"policy": "singlepool", "instances": 3}})
+    plan = initial_plan(make_policy("singlepool", pinned.policy), profile, pinned)
+    assert sum(n for pool in plan.pools for n in pool.instance_counts().values()) == 3
+    dynamic_pinned = _merge(file_values={"control": {"instances": 3}})
+    with pytest.raises(InvalidArgumentError, match=r"control\.instances"):
+        initial_plan(make_policy("dynamollm", dynamic_pinned.policy), profile, dynamic_pinned)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"schema": "x/v1"}, "schema"),
+        ({"duration_s": 0}, "duration_s"),
+        ({"peak_rate_rps": "fast"}, "peak_rate_rps"),
+        ({"requests_by_class": {"SS": 1}}, "requests_by_class"),
+        ({"peak_rate_rps_by_class": None}, "peak_rate_rps_by_class"),
+    ],
+)
+def test_a_bad_workload_file_is_refused_naming_the_key_and_its_field(
+    tmp_path: Path, changes: dict[str, Any], field: str
+) -> None:
+    err = _error(file_values={"control": {"initial_workload": str(_stats_file(tmp_path, **changes))}})
+    assert err.field == "control.initial_workload" and field in str(err)
+
+
+def test_a_workload_file_that_is_not_json_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bin").write_bytes(b"\x00\xff\x10")
+    err = _error(file_values={"control": {"initial_workload": str(tmp_path / "bin")}})
+    assert err.field == "control.initial_workload" and "JSON" in str(err)
+
+
+def test_the_origin_of_a_new_store_is_the_configured_one(tmp_path: Path) -> None:
+    assert _merge().origin_unix_s == 0.0
+    assert _merge(file_values={"control": {"origin_unix_s": 1.8e9}}).origin_unix_s == 1.8e9
+    assert _error(file_values={"control": {"origin_unix_s": -1}}).field == "control.origin_unix_s"

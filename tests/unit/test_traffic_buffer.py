@@ -115,3 +115,21 @@ def test_late_out_of_order_arrivals_count_in_their_own_bins_and_windows() -> Non
     assert late.rates_rps(120.0)[0] == ordered.rates_rps(120.0)[0] == (4 / 60, 3 / 60)
     # bin 0: 4 arrivals within 5 s (1..4); bin 1: 3 (61..63); a reversed merge would count 6
     assert late.bursts_rps(120.0)[0][0] == ordered.bursts_rps(120.0)[0][0] == (4 / 5, 3 / 5)
+
+
+def test_traffic_before_the_cycles_origin_is_dropped_and_counted() -> None:
+    buf = TrafficBuffer()
+    buf.add([Arrival(-3.0, SS, 10, 1), Arrival(2.0, MM, 20, 1)], [_done(-1.0, SS), _done(3.0, MM)])
+    got = buf.take(10.0)
+    assert got.arrivals.arrival_s.tolist() == [2.0] and sum(got.completions.total) == 1
+    assert buf.before_origin == 2
+
+
+def test_a_mix_of_two_specs_prints_in_tp_then_clock_order() -> None:
+    """Decision summaries of a pool with two kinds of instance (specs have no order of their own: this
+    crashed the controller at its first guard step once)."""
+    from controller.loops.control import _mix
+    from controller.model.cluster import InstanceSpec
+
+    counts = {InstanceSpec(4, 1000): 1, InstanceSpec(2, 1980): 2, InstanceSpec(2, 800): 1}
+    assert _mix(counts.items()) == "1x TP2@800, 2x TP2@1980, 1x TP4@1000"
