@@ -88,12 +88,15 @@ class Daemons:
     procs: list[tuple[str, asyncio.subprocess.Process]] = field(default_factory=list)
     agents: list[tuple[str, str]] = field(default_factory=list)  # (name, address)
 
-    async def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] = {}) -> dict[str, Any]:
+    async def spawn(
+        self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Start `python ARGS` (stderr to NAME.log) and return the JSON line it prints when listening."""
         clean = {k: v for k, v in os.environ.items() if not k.startswith("DYNAMOLLM_")}
         with open(self.root / f"{name}.log", "wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, *args, env={**clean, **env}, stdout=asyncio.subprocess.PIPE, stderr=err,
-                cwd=ROOT,
+                sys.executable, *args, env={**clean, **(env or {})}, stdout=asyncio.subprocess.PIPE,
+                stderr=err, cwd=ROOT,
             )  # fmt: skip
         self.procs.append((name, proc))
         assert proc.stdout is not None
@@ -271,7 +274,7 @@ async def run_policy(
         (out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
         return {
             "policy": policy,
-            "energy_j": held_j * 1.0,
+            "energy_j": held_j,
             "fleet_energy_j": total_j,
             "load": {k: report[k] for k in ("requests", "ok", "rejected", "refused", "failed", "admitted")},
             "slo_attainment": report["slo_attainment"],
