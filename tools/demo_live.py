@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,15 @@ class Sampler:
                     out.held.append(any(e.state in LIVE_ENGINE_STATES for e in inventory.engines))
                     self.power_w = sum(n.power_w[-1] for n in self.nodes.values() if n.power_w)
 
+    def servers_held(self, start_s: float, end_s: float) -> float:
+        """Mean number of nodes holding an engine over the samples between two wall times."""
+        counts = Counter[float]()
+        for n in self.nodes.values():
+            for t_s, held in zip(n.t_s, n.held, strict=True):
+                if start_s <= t_s <= end_s:
+                    counts[round(t_s)] += held
+        return sum(counts.values()) / len(counts) if counts else 0.0
+
     def energy_j(self, start_s: float, end_s: float) -> tuple[float, float]:
         """(energy of the nodes holding engines, energy of all nodes) between two wall times: the counter
         differences of consecutive samples, a node's interval counted as held when it held an engine at
@@ -276,6 +286,7 @@ async def run_policy(
             "policy": policy,
             "energy_j": held_j,
             "fleet_energy_j": total_j,
+            "avg_servers": sampler.servers_held(*wall),
             "load": {k: report[k] for k in ("requests", "ok", "rejected", "refused", "failed", "admitted")},
             "slo_attainment": report["slo_attainment"],
             "ttft_s_p99": report["ttft_s_p99"],
@@ -354,12 +365,12 @@ def _power_series(sampler: Sampler, start_s: float, speedup: float) -> dict[str,
 
 
 def predict(out: Path, duration_s: float, rate_scale: float) -> tuple[dict[str, dict[str, Any]], Path]:
-    """The simulator's comparison of the same trace (singlepool sized by simulation, dynamollm), and the
-    workload statistics both live runs start from."""
+    """The simulator's comparison of the same trace on the same three servers (singlepool sized by
+    simulation, dynamollm), and the workload statistics both live runs start from."""
     stats = out / "workload.json"
     subprocess.run(
         [sys.executable, "-m", "controller.dctl.main", "simulate", "--trace", TRACE, "--duration",
-         str(duration_s), "--rate-scale", str(rate_scale), "--compare", "dynamollm", "--out",
+         str(duration_s), "--rate-scale", str(rate_scale), "--compare", "dynamollm", "--nodes", str(NODES), "--out",
          str(out / "simulated"), "--workload-stats", str(stats), "--no-progress"],
         check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
     )  # fmt: skip
@@ -383,7 +394,8 @@ def table(live: Mapping[str, dict[str, Any]], sim: Mapping[str, dict[str, Any]],
     lines = [
         f"live demo: {TRACE} ({base_live['load']['requests']} requests) replayed {speedup:g}x compressed "
         f"through the router; 3 simulated nodes x 8 {GPU}; {MODEL}",
-        f"{'policy':<11}{'energy kWh':>12}{'(sim)':>8}{'energy x':>10}{'(sim)':>8}{'fleet x':>9}"
+        f"{'policy':<11}{'energy kWh':>12}{'(sim)':>8}{'energy x':>10}{'(sim)':>8}{'servers':>9}{'(sim)':>7}"
+        f"{'fleet x':>9}"
         f"{'(sim)':>8}{'SLO met':>9}{'(sim)':>9}{'TTFT p99':>10}{'(sim)':>8}{'TBT p99':>9}{'(sim)':>8}"
         f"{'reconf':>8}{'(sim)':>7}",
     ]
@@ -392,6 +404,7 @@ def table(live: Mapping[str, dict[str, Any]], sim: Mapping[str, dict[str, Any]],
         lines.append(
             f"{policy:<11}{r['energy_j'] / 3.6e6:>12.3f}{s['energy_j'] / 3.6e6:>8.3f}"
             f"{r['energy_j'] / base_live['energy_j']:>10.3f}{s['energy_j'] / base_sim['energy_j']:>8.3f}"
+            f"{r['avg_servers']:>9.2f}{s['avg_servers']:>7.2f}"
             f"{r['fleet_energy_j'] / base_live['fleet_energy_j']:>9.3f}"
             f"{fleet_energy_j(s) / fleet_energy_j(base_sim):>8.3f}"
             f"{100 * r['slo_attainment']:>8.2f}%{100 * s['slo_attainment']:>8.2f}%"
@@ -400,8 +413,8 @@ def table(live: Mapping[str, dict[str, Any]], sim: Mapping[str, dict[str, Any]],
         )
     lines += [
         "energy: from the agents' GPU energy counters, GPUs of the servers holding an engine (the "
-        "simulator's basis); fleet x: all 24 GPUs (prediction: the simulator's energy plus idle power of "
-        "the servers it did not hold)",
+        "simulator's basis; servers: how many on average); fleet x: all 24 GPUs (prediction: the "
+        "simulator's energy plus idle power of the servers it did not hold)",
         "SLO met, TTFT/TBT p99 (simulated seconds): measured at the client by dctl load's replay; reconf: "
         "instance starts, stops and clock changes during the replay",
     ]

@@ -121,6 +121,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--duration", default=None, metavar="S", help="window length, seconds (default: to the end)"
     )
     p.add_argument("--seed", default="0", metavar="N", help="seed of every random draw (default 0)")
+    p.add_argument(
+        "--nodes",
+        default=None,
+        metavar="N",
+        help="servers of 8 GPUs the cluster has: the policies' GPU budget and where instances are placed "
+        "(default: as many as they need); e.g. a live fleet's count, to predict it",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"served model (default {DEFAULT_MODEL})")
     p.add_argument("--gpu", default=DEFAULT_GPU, help=f"GPU type (default {DEFAULT_GPU})")
     p.add_argument(
@@ -246,6 +253,7 @@ class _Options:
     gpu_usd_per_server_hour: float
     objective: str | None
     max_drain_s: float
+    nodes: int | None
     instances: int | None
     slo_target: float
     predictor_accuracy: float | None
@@ -342,6 +350,11 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         ),
         objective=None if args.objective is None else _objective(args.objective),
         max_drain_s=_number(args.max_drain, "--max-drain", lambda x: x > 0, "seconds > 0"),
+        nodes=None
+        if args.nodes is None
+        else int(
+            _number(args.nodes, "--nodes", lambda x: 1 <= x <= 512 and x == int(x), "an integer 1..512")
+        ),
         instances=None
         if args.instances is None
         # 512 = controller.sim.cluster.MAX_SEARCH_INSTANCES, repeated to keep --help import-light
@@ -475,6 +488,9 @@ class _CompareProgress:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    from dataclasses import replace
+
+    from controller.model.cluster import GPUS_PER_SERVER
     from controller.sim.cluster import GPU_NAMES, MODEL_NAMES, SimConfig, check_profile_engine
     from controller.sim.report import check_pricing_covers
 
@@ -485,6 +501,8 @@ def run(args: argparse.Namespace) -> int:
         max_drain_s=opts.max_drain_s,
         predictor_accuracy=opts.predictor_accuracy,
     )
+    if opts.nodes is not None:
+        config = replace(config, total_gpus=GPUS_PER_SERVER * opts.nodes, max_nodes=opts.nodes)
     check_profile_engine(profile, config.engine, profile_name)
     pricing = _pricing(opts)
     settings = _policy_settings(opts, pricing)

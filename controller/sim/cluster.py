@@ -96,6 +96,8 @@ class SimConfig:
     escalation: bool = True
     # GPUs the cluster may hold at once (the cluster manager's budget).
     total_gpus: int = 4096
+    # Servers instances are placed on (None: added as needed); a live fleet's count, to predict it.
+    max_nodes: int | None = None
     # Arrival-rate history handed to the policy: bins of history_bin_s, at most history_max_s of them.
     history_bin_s: float = 60.0
     history_max_s: float = 8 * 86400.0
@@ -123,6 +125,8 @@ class SimConfig:
             raise InvalidArgumentError("predictor_accuracy", acc, "a share in [0, 1], or None (online)")
         if self.total_gpus < GPUS_PER_SERVER:
             raise InvalidArgumentError("total_gpus", self.total_gpus, f"an integer >= {GPUS_PER_SERVER}")
+        if self.max_nodes is not None and self.max_nodes < 1:
+            raise InvalidArgumentError("max_nodes", self.max_nodes, "an integer >= 1, or None")
 
 
 def beyond_context(trace: Trace, model: str) -> npt.NDArray[np.bool_]:
@@ -197,6 +201,11 @@ def simulate_cycle(
     profile: Profile | None = None,
 ) -> SimResult:
     """One run: the cycle, the fleet and the kernel wired together, then the books turned into a result."""
+    room = min(cfg.total_gpus, GPUS_PER_SERVER * (cfg.max_nodes or cfg.total_gpus))
+    if initial_plan.gpus > room:
+        raise InvalidArgumentError(
+            "nodes", cfg.max_nodes, f"room for the first plan of {policy.name} ({initial_plan.gpus} GPUs)"
+        )
     root = np.random.default_rng(cfg.seed)
     pred_rng, engine_rng = root.spawn(2)
     router = RouterClasses(trace, cfg.bins, cfg.predictor_accuracy, pred_rng)
@@ -209,6 +218,7 @@ def simulate_cycle(
         initial_plan,
         CycleConfig(
             total_gpus=cfg.total_gpus,
+            max_nodes=cfg.max_nodes,
             history_bin_s=cfg.history_bin_s,
             history_max_s=cfg.history_max_s,
             escalation=cfg.escalation,

@@ -486,3 +486,14 @@ def test_workload_stats_are_what_the_policies_size_from(
     assert stats.peak_rate_rps > 0 and sum(stats.peak_rate_rps_by_class) >= stats.peak_rate_rps
     code, _, err = _run(capsys, *SHORT, "--workload-stats", str(tmp_path))
     assert code == 2 and "--workload-stats" in err
+
+
+def test_nodes_bounds_the_cluster_the_policies_plan_and_place_on(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["simulate", "--trace", "synthetic:conversation", "--policy", "dynamollm", "--duration", "300"]
+    code, out, err = _run(capsys, *base, "--nodes", "2", "--output", "json")
+    assert code == 0, err
+    assert json.loads(out)["avg_servers"] <= 2.0
+    code, _, err = _run(capsys, *base, "--nodes", "1")  # its first plan needs more than 8 GPUs
+    assert code == 2 and "nodes: got 1" in err and "room for the first plan" in err
+    code, _, err = _run(capsys, *base, "--nodes", "0")
+    assert code == 2 and "--nodes" in err and "1..512" in err
