@@ -370,8 +370,8 @@ def predict(out: Path, duration_s: float, rate_scale: float) -> tuple[dict[str, 
     stats = out / "workload.json"
     subprocess.run(
         [sys.executable, "-m", "controller.dctl.main", "simulate", "--trace", TRACE, "--duration",
-         str(duration_s), "--rate-scale", str(rate_scale), "--compare", "dynamollm", "--nodes", str(NODES), "--out",
-         str(out / "simulated"), "--workload-stats", str(stats), "--no-progress"],
+         str(duration_s), "--rate-scale", str(rate_scale), "--compare", "dynamollm", "--nodes", str(NODES),
+         "--out", str(out / "simulated"), "--workload-stats", str(stats), "--no-progress"],
         check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     runs = json.loads((out / "simulated" / "report.json").read_text())
