@@ -36,7 +36,7 @@ import numpy.typing as npt
 from agent.sim.node import NodeDir
 from controller.api.client import AdminClient
 from controller.api.v1 import admin_pb2
-from controller.app import initial_plan
+from controller.app import even_workload
 from controller.model.classes import REQUEST_CLASSES, ClassBins
 from controller.model.decisions import StepRecord
 from controller.model.state import Periods
@@ -86,7 +86,7 @@ class Traffic:
 def simulate(settings: Any) -> tuple[list[tuple[str, float, Any]], Traffic]:
     profile = default_profile("llama2-70b", "h100-sxm")
     policy = make_policy("dynamollm", settings)
-    plan = initial_plan(policy, profile, INITIAL_RATE_RPS)
+    plan = policy.initial_plan(even_workload(INITIAL_RATE_RPS), profile)
     trace = synthetic_trace("conversation", TRACE_S, seed=3, rate_rps=RATE_RPS)
     config = SimConfig(total_gpus=24, escalation=False, predictor_accuracy=1.0, seed=3)
     result = simulate_dynamic(trace, policy, profile, plan, config=config)
