@@ -74,9 +74,8 @@ PROMPT_WORD = "word"
 # default 1 MiB request limit (the simulated engine's), and far beyond any model's context.
 MAX_PROMPT_TOKENS = 150_000
 _ERROR_BODY_BYTES = 1 << 16  # read at most this much of an error answer
-_MAX_LINE_BYTES = (
-    1 << 20
-)  # a stream line longer than this is malformed (aiohttp's own readline limit is lower)
+# A stream line longer than this is malformed (aiohttp's own readline limit was lower still).
+_MAX_LINE_BYTES = 1 << 20
 _REASON_CHARS = 200  # longest error message kept
 _PROBE_TIMEOUT_S = 10.0
 
