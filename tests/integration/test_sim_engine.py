@@ -301,7 +301,7 @@ async def test_power_limit_caps_the_clock(
     body = {"prompt_token_ids": [7] * 4000, "max_tokens": 200, "stream": True}
     async with session.post(engine.url + "/v1/completions", json=body) as r:
         await r.content.readline()  # first token: the engine is busy with a capped prefill or decode
-        await asyncio.sleep(0.3)  # past the next activity write (every 200 ms while busy)
+        await asyncio.sleep(0.3)  # past the next activity write (every 100 ms while busy)
         reading = node.read(1)
         await r.read()
     assert reading.power_w <= 300.0 + 1e-6
