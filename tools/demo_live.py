@@ -8,15 +8,15 @@ simulator plans), and the router; waits until the first plan's engines serve; re
 conversation hour through the router over HTTP, X times compressed (`dctl load`'s replay), with a live
 progress line; reads the GPUs' energy counters from the agents once a second (agent API telemetry) and
 the engines they run (inventory); stops every process it started. Before the two runs it asks the
-simulator (`dctl simulate --compare dynamollm`) what the same trace costs, so the table puts the
-prediction beside each measured figure.
+simulator (`dctl simulate --compare dynamollm --nodes 3`) what the same trace costs on the same three
+servers, so the table puts the prediction beside each measured figure.
 
 Energy is counted on the simulator's basis: the GPUs of the servers that hold at least one engine (a
 server with none would be powered down or lent out), and also for the whole three-node fleet (what a
 meter on the three servers would read), where the prediction adds idle power for the servers the
-simulated run did not hold. The load starts on a pool-step boundary of the controller's cycle, so that
-its 5-minute pool steps fall at the trace times of the simulator's (its 30-minute cluster steps fall 5
-minutes earlier: the cycle has run one pool period before the load starts).
+simulated run did not hold. The controller's cycle starts (`control.origin_unix_s`) LEAD_S after it is
+launched: the first plan's engines come up meanwhile, and the load starts at the cycle's time 0, so that
+the cycle starts warm and its 30-min / 5-min steps fall at the simulator's trace times.
 
 Output (`--out DIR`, default demo-live-out): report.json (dynamollm.livedemo/v1), table.txt, power.png,
 each run's load report and daemon logs, and the simulator's comparison under simulated/.
