@@ -201,8 +201,7 @@ def simulate_cycle(
     profile: Profile | None = None,
 ) -> SimResult:
     """One run: the cycle, the fleet and the kernel wired together, then the books turned into a result."""
-    room = min(cfg.total_gpus, GPUS_PER_SERVER * (cfg.max_nodes or cfg.total_gpus))
-    if initial_plan.gpus > room:
+    if cfg.max_nodes is not None and initial_plan.gpus > GPUS_PER_SERVER * cfg.max_nodes:
         raise InvalidArgumentError(
             "nodes", cfg.max_nodes, f"room for the first plan of {policy.name} ({initial_plan.gpus} GPUs)"
         )
