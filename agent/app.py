@@ -1,16 +1,19 @@
 """Entry point of `dynamollm-agent` (and `python -m agent.app`): settings, GPU backend, crash recovery,
-the grpc.aio server with NodeTelemetry, NodeControl, health and reflection, background tasks (telemetry
-sampler, lease watcher, systemd watchdog), and graceful stop. Security set-up lives here too: TLS / mTLS
+the grpc.aio server with NodeTelemetry, NodeControl, health and reflection, Prometheus `/metrics`
+(`agent.metrics`), background tasks (telemetry sampler, lease watcher, the MQTT fan-out of
+`agent.fanout`, systemd watchdog), and graceful stop. Security set-up lives here too: TLS / mTLS
 credentials, the Unix socket's file mode, the authorizer and the audit log (docs/agent.md, *Access*); the
-daemon plumbing a second daemon reuses (binding with TLS and the socket mode, authorization, systemd
-notices) comes from `agent.api.serving`, `agent.api.auth` and `agent.api.systemd`.
+daemon plumbing a second daemon reuses (binding with TLS and the socket mode, authorization, serving
+`/metrics`, systemd notices) comes from `agent.api.serving`, `agent.api.auth`, `agent.api.metrics_http`
+and `agent.api.systemd`.
 
     dynamollm-agent [--config F] [--simulated --gpus N [--time-scale X]] [--listen HOST:PORT]
-        [--runtime-dir D]
+        [--metrics-listen HOST:PORT] [--runtime-dir D]
     dynamollm-agent restore-defaults [--config F] [...]     # systemd ExecStopPost: no server
 
-The first line on stdout is a JSON `agent_listening` event with the bound port (tests start the agent on
-port 0 and read it). SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, restore GPU defaults,
+The first line on stdout is a JSON `agent_listening` event with the bound port and the Prometheus
+`/metrics` port (`metrics_port`, 0 when `metrics_listen` is empty; tests start the agent on port 0 and
+read them). SIGTERM / SIGINT: health NOT_SERVING, stop accepting calls, restore GPU defaults,
 drain and stop engines, exit 0. `start_agent` is the same server in-process (tests, dctl, benchmarks).
 """
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -36,14 +40,17 @@ from agent.api.auth import Authorizer
 from agent.api.clock import Clock, SystemClock
 from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError
 from agent.api.log import configure_logging
+from agent.api.metrics_http import serve_metrics
 from agent.api.serving import bind, unix_path
 from agent.api.systemd import sd_notify, watchdog_loop, watchdog_period_s
 from agent.api.v1 import control_pb2, telemetry_pb2
 from agent.audit import AuditLog
 from agent.engine.driver import EngineDriver
 from agent.engine.ownership import gpu_process_lister
+from agent.fanout import NodeFanout
 from agent.gpu.base import GpuBackend
 from agent.gpu.worker import GpuWorkers
+from agent.metrics import AgentMetrics
 from agent.node import NodeAgent
 from agent.safety import AgentStateDoc, GpuSafety, StateStore, after_recovery, pending_gpu_writes
 from agent.service import ControlServicer, TelemetryServicer, add_services
@@ -111,7 +118,8 @@ async def load_state(store: StateStore, safety: GpuSafety) -> AgentStateDoc:
 
 @dataclass
 class RunningAgent:
-    """An agent serving on `address` (`port` 0 for a Unix socket); `stop()` is the graceful stop."""
+    """An agent serving on `address` (`port` 0 for a Unix socket) and its metrics on `metrics_port` (0:
+    none); `stop()` is the graceful stop."""
 
     agent: NodeAgent
     server: grpc.aio.Server
@@ -119,6 +127,9 @@ class RunningAgent:
     address: str
     port: int
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics_port: int = 0
+    metrics_runner: web.AppRunner | None = None
+    fanout: NodeFanout | None = None  # MQTT status and digests (mqtt.host set)
     _stopped: bool = False
 
     async def stop(self, *, grace_s: float = STOP_GRACE_S) -> None:
@@ -128,12 +139,16 @@ class RunningAgent:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.metrics_runner is not None:  # before the GPU workers close: a scrape may read them
+            await self.metrics_runner.cleanup()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.agent.shutdown(drain_timeout_s=self.agent.settings.engine.drain_timeout_s)
+        if self.fanout is not None:  # after the GPUs are restored: "offline, stopped", a clean disconnect
+            await self.fanout.stop()
         await asyncio.to_thread(self.agent.workers.close)
         log.info("agent_stopped")
 
@@ -170,7 +185,8 @@ async def start_agent(
     audit = AuditLog(
         settings.audit_log, max_bytes=settings.audit_max_bytes, backups=settings.audit_backups, clock=clock
     )
-    add_services(server, TelemetryServicer(agent, auth), ControlServicer(agent, auth, audit, clock))
+    metrics = AgentMetrics(agent)
+    add_services(server, TelemetryServicer(agent, auth), ControlServicer(agent, auth, audit, clock, metrics))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
@@ -179,7 +195,9 @@ async def start_agent(
         )
     try:
         port = bind(server, settings.listen, settings.tls, settings.unix_socket_mode)
+        metrics_runner, metrics_port = await serve_metrics(settings.metrics_listen, metrics.exposition)
     except InvalidArgumentError:
+        await server.stop(None)  # the gRPC port bound before a metrics bind failed
         await driver.close()
         await asyncio.to_thread(workers.close)
         raise
@@ -191,8 +209,22 @@ async def start_agent(
         asyncio.create_task(agent.sampler.run(), name="telemetry-sampler"),
         asyncio.create_task(agent.watcher.run(), name="lease-watcher"),
     ]
-    running = RunningAgent(agent, server, health, settings.listen, port, tasks)
-    log.info("agent_started", listen=settings.listen, port=port, gpus=workers.count, backend=workers.kind)
+    fanout = None
+    if settings.mqtt.enabled:  # never blocks: the publisher connects (and reconnects) in its own task
+        fanout = NodeFanout(agent, settings.mqtt, settings.mqtt_digest_period_s, clock)
+        fanout.start()
+        tasks.append(asyncio.create_task(fanout.run(), name="mqtt-digest"))
+    running = RunningAgent(
+        agent, server, health, settings.listen, port, tasks, metrics_port, metrics_runner, fanout
+    )
+    log.info(
+        "agent_started",
+        listen=settings.listen,
+        port=port,
+        metrics_port=metrics_port,
+        gpus=workers.count,
+        backend=workers.kind,
+    )
     return running
 
 
@@ -255,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated seconds per wall second of simulated engines and GPUs (simulated.time_scale)",
     )
     p.add_argument("--listen", default=None, help="HOST:PORT or unix:/path (listen)")
+    p.add_argument("--metrics-listen", default=None, help="Prometheus HOST:PORT, empty: off (metrics_listen)")
     p.add_argument("--runtime-dir", default=None, help="state, logs, simulated node (runtime_dir)")
     return p
 
@@ -269,6 +302,8 @@ def _cli_values(ns: argparse.Namespace) -> dict[str, object]:
         values["simulated.time_scale"] = ns.time_scale
     if ns.listen is not None:
         values["listen"] = ns.listen
+    if ns.metrics_listen is not None:
+        values["metrics_listen"] = ns.metrics_listen
     if ns.runtime_dir is not None:
         values["runtime_dir"] = ns.runtime_dir
     return values
@@ -276,10 +311,9 @@ def _cli_values(ns: argparse.Namespace) -> dict[str, object]:
 
 async def _serve(settings: AgentSettings) -> int:
     running = await start_agent(settings)
-    print(
-        json.dumps({"event": "agent_listening", "listen": settings.listen, "port": running.port}), flush=True
-    )
-    log.info("agent_listening", listen=settings.listen, port=running.port)
+    listening = {"listen": settings.listen, "port": running.port, "metrics_port": running.metrics_port}
+    print(json.dumps({"event": "agent_listening", **listening}), flush=True)
+    log.info("agent_listening", **listening)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

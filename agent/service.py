@@ -5,11 +5,12 @@ answered INVALID_ARGUMENT, not gRPC's UNKNOWN); the servicer identifies the call
 the call needs (`agent.api.auth`; `control_scope` decides control or admin from the request and the lease),
 checks the generation's static range (`agent.api.generations.check_generation_value`), hands the
 request to the node's `agent.node.NodeAgent` (generation rule, validation, action, recorded outcome,
-reply), writes the audit line of a control call (`agent.audit`: accepted, refused, failed or cancelled;
-the operation of a cancelled call runs on, and its outcome gets a second, `detached` line), and turns an
-error into a gRPC status through `agent.api.status`, the one table shared with the client; a replayed
-failure keeps the status it was recorded with (`agent.scopes.RecordedStatus`). Nothing else: no state, no
-validation of fields here. `add_services` registers both services on a server.
+reply), counts a control call by its result (`agent.metrics`) and writes its audit line (`agent.audit`:
+accepted, refused, failed or cancelled; the operation of a cancelled call runs on, and its outcome gets a
+second, `detached` line), and turns an error into a gRPC status through `agent.api.status`, the one table
+shared with the client; a replayed failure keeps the status it was recorded with
+(`agent.scopes.RecordedStatus`). Nothing else: no state, no validation of fields here. `add_services`
+registers both services on a server.
 
 Scopes (docs/agent.md, *Access*, has the table and the reasons):
 
@@ -42,6 +43,7 @@ from agent.api.v1 import control_pb2, telemetry_pb2
 from agent.audit import AuditEntry, AuditLog, request_summary
 from agent.control import validate_stream
 from agent.lease import LeaseView
+from agent.metrics import AgentMetrics
 from agent.node import NodeAgent
 from agent.scopes import FinishedOperation, RecordedStatus
 
@@ -134,11 +136,14 @@ class TelemetryServicer:
 class ControlServicer:
     """NodeControl: the five control calls, each audited (module docstring)."""
 
-    def __init__(self, agent: NodeAgent, auth: Authorizer, audit: AuditLog, clock: Clock) -> None:
+    def __init__(
+        self, agent: NodeAgent, auth: Authorizer, audit: AuditLog, clock: Clock, metrics: AgentMetrics
+    ) -> None:
         self._agent = agent
         self._auth = auth
         self._audit = audit
         self._clock = clock
+        self._metrics = metrics
 
     async def _call(
         self,
@@ -165,6 +170,8 @@ class ControlServicer:
             detached: bool = False,
             duration_s: float | None = None,
         ) -> None:
+            if not detached:  # a detached outcome's call was counted when its caller went (CANCELLED)
+                self._metrics.count_call(rpc, result)
             self._audit.record(
                 AuditEntry(
                     rpc=rpc,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from agent.api.config import (
     scopes,
 )
 from agent.api.errors import InvalidArgumentError
+from agent.api.mqtt import MQTT_KEYS, MqttSettings, check_topic_level, load_mqtt_settings
 from agent.engine.driver import VLLM_COMMAND_TEMPLATE
 
 ENV_PREFIX = "DYNAMOLLM_AGENT_"
@@ -101,6 +102,7 @@ class EngineSettings:
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
     listen: str
+    metrics_listen: str  # Prometheus /metrics HOST:PORT; empty: not served
     node_id: str
     runtime_dir: Path
     gpu_backend: str
@@ -118,6 +120,8 @@ class AgentSettings:
     tls: TlsSettings | None = None
     audit_max_bytes: int = 8 * 2**20
     audit_backups: int = 3
+    mqtt: MqttSettings = field(default_factory=MqttSettings)  # host empty: no MQTT fan-out (agent.fanout)
+    mqtt_digest_period_s: float = 10.0
 
     @property
     def state_file(self) -> Path:
@@ -132,12 +136,31 @@ def _time_scale(v: Any) -> str | None:
     return None if 0 < v <= MAX_TIME_SCALE else f"> 0 and <= {MAX_TIME_SCALE:g}"
 
 
+def _metrics_listen(v: Any) -> str | None:
+    """Empty (off) or a TCP address: /metrics is plain HTTP on a port, never on a Unix socket."""
+    allowed = "HOST:PORT or [IPV6]:PORT (port 0..65535), or empty for none"
+    if v == "":
+        return None
+    try:
+        parse_listen(v)
+    except InvalidArgumentError:
+        return allowed
+    return allowed if v.startswith("unix:") else None
+
+
 KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(
         "listen",
         str,
         "127.0.0.1:50051",
         "gRPC address: HOST:PORT, [V6]:PORT or unix:/path; port 0 = any free",
+    ),
+    ConfigKey(
+        "metrics_listen",
+        str,
+        "127.0.0.1:9460",
+        "Prometheus /metrics HOST:PORT or [V6]:PORT (empty: not served); port 0 = any free",
+        _metrics_listen,
     ),
     ConfigKey("node_id", str, None, "stable node name in GetInventory (default: the hostname)"),
     ConfigKey("runtime_dir", str, "/run/dynamollm-agent", "state file, engine logs, simulated node state"),
@@ -281,6 +304,8 @@ KEYS: tuple[ConfigKey, ...] = (
     ),
     ConfigKey("engine.base_port", int, 8100, "first HTTP port handed to engines (0: any free port)", port),
     ConfigKey("engine.log_dir", str, None, "engine stdout/stderr logs (default RUNTIME_DIR/engines)"),
+    *MQTT_KEYS,
+    ConfigKey("mqtt.digest_period_s", float, 10.0, "period of the MQTT telemetry digest", positive),
 )
 KEY_NAMES = tuple(k.name for k in KEYS)
 
@@ -352,6 +377,7 @@ def merge_settings(
         allow_loopback = backend == "simulated" and not tokens and tls is None
     return AgentSettings(
         listen=values["listen"],
+        metrics_listen=values["metrics_listen"],
         node_id=values["node_id"] or hostname,
         runtime_dir=runtime_dir,
         gpu_backend=backend,
@@ -395,7 +421,17 @@ def merge_settings(
         tls=tls,
         audit_max_bytes=values["audit.max_bytes"],
         audit_backups=values["audit.backups"],
+        mqtt=_mqtt(values, values["node_id"] or hostname, load_secrets=load_secrets),
+        mqtt_digest_period_s=values["mqtt.digest_period_s"],
     )
+
+
+def _mqtt(values: Mapping[str, Any], node_id: str, *, load_secrets: bool) -> MqttSettings:
+    """The node id is a level of the agent's topics; the client id stays the same across restarts
+    (agent.fanout: why)."""
+    if values["mqtt.host"]:
+        check_topic_level("node_id", node_id)
+    return load_mqtt_settings(values, f"dynamollm-agent-{node_id}", load_secrets=load_secrets)
 
 
 def load_settings(

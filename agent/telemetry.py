@@ -6,8 +6,9 @@ bunched), reads all GPUs in parallel through the per-GPU workers, scrapes engine
 agent's callback (`agent.node.NodeAgent.scrape_engines`), stores the `NodeSample` in the ring buffer and
 offers it to every `Subscription`.
 A subscription keeps every `stride`-th sample in a queue of at most `subscriber_queue` samples; when a
-slow reader lets it fill, the oldest sample is dropped and counted, so neither the sampler nor other
-subscribers ever wait for it. `agent.service.StreamTelemetry` drains a subscription into the gRPC stream.
+slow reader lets it fill, the oldest sample is dropped and counted (in the subscription's stream, and in
+the sampler's total that `agent.metrics` exports), so neither the sampler nor other subscribers ever wait
+for it. `agent.service.StreamTelemetry` drains a subscription into the gRPC stream.
 Each sample also keeps, per GPU, the clock lock the agent had applied at that instant (the node's
 `clock_targets` callback, from the state `agent.safety` keeps), so every GpuSample carries target and
 measured clock side by side (and the lock read back where the backend can).
@@ -165,15 +166,16 @@ class Subscription:
         self._offered = 0
         self._ready = asyncio.Event()
 
-    def offer(self, sample: NodeSample) -> None:
-        """Called by the sampler; never blocks."""
+    def offer(self, sample: NodeSample) -> bool:
+        """Called by the sampler; never blocks. True when the oldest queued sample was dropped for it."""
         self._offered += 1
         if (self._offered - 1) % self.plan.stride:
-            return
-        if len(self._queue) == self._queue.maxlen:
-            self.dropped_count += 1  # the deque drops the oldest on append
+            return False
+        dropped = len(self._queue) == self._queue.maxlen  # the deque drops the oldest on append
+        self.dropped_count += dropped
         self._queue.append(sample)
         self._ready.set()
+        return dropped
 
     async def next(self) -> NodeSample:
         while not self._queue:
@@ -211,6 +213,7 @@ class TelemetrySampler:
         self.ring: deque[NodeSample] = deque(maxlen=buffer)
         self.last_energy_checks: dict[int, EnergyCheck] = {}
         self.overrun_count = 0
+        self.dropped_count = 0  # samples dropped from every subscriber's queue, ended streams included
         self._workers = workers
         self._clock = clock
         self._subscriber_queue = subscriber_queue
@@ -269,7 +272,7 @@ class TelemetrySampler:
     def publish(self, sample: NodeSample) -> None:
         self.ring.append(sample)
         for sub in self._subscriptions:
-            sub.offer(sample)
+            self.dropped_count += sub.offer(sample)
         if self._last_check_s is None:
             self._last_check_s = sample.monotonic_s
         elif sample.monotonic_s - self._last_check_s >= self._check_every_s:

@@ -1,5 +1,6 @@
 """Entry point of `dynamollm-controller`: settings, store, profile, the control loop and the fleet, the
-admin gRPC server (ControllerAdmin, health, reflection), Prometheus `/metrics`, graceful stop.
+admin gRPC server (ControllerAdmin, health, reflection), Prometheus `/metrics`, the MQTT fan-out of its
+events (`controller.fanout`, with `mqtt.host` set), graceful stop.
 
     dynamollm-controller [--config F] [--listen HOST:PORT] [--store PATH] [--node NAME=ADDR ...] [--mode M]
 
@@ -28,7 +29,7 @@ import json
 import pickle
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,15 @@ from agent.api.client import AgentClient
 from agent.api.clock import Clock, SystemClock
 from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError, NotFoundError
 from agent.api.log import configure_logging
+from agent.api.metrics_http import serve_metrics
+from agent.api.mqtt import MqttPublisher
 from agent.api.serving import bind
 from agent.api.systemd import sd_notify, watchdog_loop, watchdog_period_s
 from controller.admin.service import SERVICE, AdminServicer, add_admin_service
 from controller.admin.views import ControllerCore
 from controller.control.cycle import ControlCycle, CycleConfig, FixedPlan
 from controller.dctl.output import echo, reserved_stdout
+from controller.fanout import fan_out
 from controller.fleet.desired import DesiredState
 from controller.fleet.grpc_fleet import FleetSettings, GrpcFleet, NodeConfig, check_gpu_type
 from controller.loops.control import ControlLoop, LoopSettings, snapshot_version
@@ -195,6 +199,7 @@ class RunningController:
     metrics_port: int
     runner: web.AppRunner | None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    mqtt: MqttPublisher | None = None  # events and routing tables to MQTT (mqtt.host set)
     _stopped: bool = False
 
     async def stop(self, *, grace_s: float = STOP_GRACE_S) -> None:
@@ -210,36 +215,10 @@ class RunningController:
                 await task
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.mqtt is not None:  # after the fan-out task: what it queued still goes out
+            await self.mqtt.stop()
         await self.core.close()
         log.info("controller_stopped")
-
-
-async def _serve_metrics(
-    metrics: ControllerMetrics, listen: str, refresh: Callable[[], None]
-) -> tuple[web.AppRunner | None, int]:
-    if not listen:
-        return None, 0
-
-    async def handle(request: web.Request) -> web.Response:
-        refresh()
-        return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8")
-
-    app = web.Application()
-    app.router.add_get("/metrics", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, _, port = listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise InvalidArgumentError(
-            "metrics_listen", listen, f"an address this host can bind ({exc})"
-        ) from None
-    # Port 0 (tests): the port the kernel chose, from the runner's listening addresses.
-    addresses = runner.addresses
-    return runner, int(addresses[0][1]) if addresses else int(port)
 
 
 async def start_controller(settings: ControllerSettings, *, clock: Clock | None = None) -> RunningController:
@@ -325,13 +304,25 @@ async def _start(
     await server.start()
     for name in ("", SERVICE):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    runner, metrics_port = await _serve_metrics(metrics, settings.metrics_listen, core.refresh_metrics)
+
+    async def metrics_text() -> bytes:
+        core.refresh_metrics()  # the gauges read off the fleet and the store, as of this scrape
+        return metrics.exposition()
+
+    runner, metrics_port = await serve_metrics(settings.metrics_listen, metrics_text)
+    tasks = []
+    mqtt = None
+    if settings.mqtt.enabled:  # subscribed to the bus before the loop runs; never blocks it
+        mqtt = MqttPublisher(settings.mqtt)
+        mqtt.start()
+        fanning = fan_out(events, mqtt, settings.mqtt, core.routes_pb)
+        tasks.append(asyncio.create_task(fanning, name="mqtt-fan-out"))
     fleet.start()
-    tasks = [asyncio.create_task(loop.run(), name="control-loop")]
+    tasks.append(asyncio.create_task(loop.run(), name="control-loop"))
     log.info(
         "controller_started", listen=settings.listen, port=port, nodes=len(settings.nodes), mode=loop.mode
     )
-    return RunningController(core, server, health, port, metrics_port, runner, tasks)
+    return RunningController(core, server, health, port, metrics_port, runner, tasks, mqtt)
 
 
 def _server(settings: ControllerSettings, core: ControllerCore) -> tuple[grpc.aio.Server, HealthServicer]:

@@ -38,6 +38,7 @@ from agent.api.config import (
     scopes,
 )
 from agent.api.errors import InvalidArgumentError
+from agent.api.mqtt import MQTT_KEYS, MqttSettings, load_mqtt_settings, process_client_id
 from controller.fleet.grpc_fleet import NodeConfig
 from controller.policy.base import WORKLOAD_SCHEMA, ArrivalStats, arrival_stats_from_json
 from controller.policy.registry import POLICIES, PolicySettings, policy_settings_from_doc
@@ -139,6 +140,7 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("tls.key", str, "", "its private key (PEM, owner-only)"),
     ConfigKey("tls.client_ca", str, "", "CA client certificates must chain to (mTLS)"),
     ConfigKey("tls.client_scopes", tuple, ("read",), "scopes a verified client certificate grants", scopes),
+    *MQTT_KEYS,
 )
 
 
@@ -183,6 +185,7 @@ class ControllerSettings:
     tokens: tuple[BearerToken, ...]
     allow_unauthenticated_loopback: bool
     tls: TlsSettings | None
+    mqtt: MqttSettings  # host empty: no MQTT fan-out (controller.fanout)
 
 
 def _read_workload(path: str) -> ArrivalStats | None:
@@ -365,6 +368,7 @@ def merge_settings(
         tokens=tokens,
         allow_unauthenticated_loopback=allow_loopback,
         tls=tls,
+        mqtt=load_mqtt_settings(values, process_client_id("controller"), load_secrets=load_secrets),
     )
 
 

@@ -49,6 +49,7 @@ RETRY_S = 0.05
 def _settings(run_dir: Path, values: dict[str, Any]) -> AgentSettings:
     base: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "metrics_listen": "",
         "runtime_dir": str(run_dir),
         "log_level": "error",
         "auth": {"allow_unauthenticated_loopback": True},  # a benchmark on loopback, no tokens
@@ -171,6 +172,8 @@ async def bench_telemetry_cpu(work: Path, duration_s: float) -> None:
         str(GPUS),
         "--listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        "",
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,

@@ -243,6 +243,8 @@ async def _start_agents(work: Path, count: int) -> list[tuple[subprocess.Popen[b
             str(GPUS),
             "--listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "",
             "--runtime-dir",
             str(run_dir),
         ]

@@ -114,7 +114,8 @@ class Daemons:
             event = await self.spawn(
                 f"agent-n{i}",
                 ["-m", "agent.app", "--simulated", "--gpus", str(GPUS_PER_NODE), "--time-scale",
-                 str(self.speedup), "--listen", "127.0.0.1:0", "--runtime-dir", str(self.root / f"n{i}")],
+                 str(self.speedup), "--listen", "127.0.0.1:0", "--metrics-listen", "",
+                 "--runtime-dir", str(self.root / f"n{i}")],
                 {"DYNAMOLLM_AGENT_ENGINE_BASE_PORT": "0"},
             )  # fmt: skip
             return f"n{i}", f"127.0.0.1:{event['port']}"

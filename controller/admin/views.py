@@ -96,6 +96,7 @@ class ControllerCore:
         instances = cycle.executor.instances.values()
         desired, observed = self.store.current_generation(), self._observed_generation()
         power_w = sum(link.total_power_w() for link in ready)
+        met, total = cycle.guard.windowed()
         return admin_pb2.ClusterStatusResponse(
             mode=MODE_ENUM[self.loop.mode],
             policy=self.settings.policy_name,
@@ -119,6 +120,11 @@ class ControllerCore:
             routes_version=self.loop.routes.version if self.loop.routes is not None else 0,
             origin_unix_ns=round(self.loop.origin_unix_s * 1e9),
             time_scale_factor=self.loop.settings.time_scale,
+            class_attainments=[
+                admin_pb2.ClassAttainment(class_name=c.name, slo_met_count=m, completions_count=n)
+                for c, m, n in zip(REQUEST_CLASSES, met, total, strict=True)
+            ],
+            slo_window_s=cycle.guard.config.window_s,
         )
 
     def list_nodes(self) -> admin_pb2.ListNodesResponse:

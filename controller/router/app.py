@@ -15,10 +15,12 @@ Flow of a request (`/v1/completions`, `/v1/chat/completions`, streaming or not):
 5. its arrival and its completion (true class from the real answer length, SLO met or not) are reported
    to the controller (`ReportTraffic`, batched every `report_interval_s`).
 
-The routing table comes from the controller's `WatchEvents` stream; when the controller is down the
-router keeps routing on the last table and reconnects with backoff. SIGTERM: stop accepting (503),
-let in-flight requests finish for up to `drain_timeout_s`, exit 0. The first line on stdout is a JSON
-`router_listening` event with the bound port.
+The routing table comes from the controller's `WatchEvents` stream, or with `routes_source = "mqtt"` from
+the retained routes topic the controller publishes (`controller.fanout`; a malformed payload is logged
+once and ignored); when the controller or the broker is down the router keeps routing on the last table
+and reconnects with backoff. Traffic reports always go to the controller over gRPC. SIGTERM: stop
+accepting (503), let in-flight requests finish for up to `drain_timeout_s`, exit 0. The first line on
+stdout is a JSON `router_listening` event with the bound port.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError, NotFoundError
 from agent.api.log import configure_logging
+from agent.api.mqtt import MqttSubscriber
 from controller.api.client import AdminClient
 from controller.api.v1 import admin_pb2
+from controller.fanout import routes_from_payload, routes_topic
 from controller.model.classes import REQUEST_CLASSES, ClassBins
 from controller.model.profile import Profile
 from controller.policy.predict import OutputPredictor, predict_output_bin, update
@@ -137,6 +141,7 @@ class Router:
         self.session: aiohttp.ClientSession | None = None
         self._ttft_s = {c.name: profile.slo(c.name).ttft_s for c in REQUEST_CLASSES}
         self._tbt_s = {c.name: profile.slo(c.name).tbt_s for c in REQUEST_CLASSES}
+        self._bad_topics: set[str] = set()  # MQTT topics whose last payload was malformed (logged once)
 
     # ------------------------------------------------------------------ HTTP handlers
     async def models(self, request: web.Request) -> web.Response:
@@ -416,9 +421,7 @@ class Router:
                 async with contextlib.aclosing(stream):
                     async for event in stream:
                         if event.HasField("routes"):
-                            self.routes = Routes.from_pb(event.routes)
-                            log.info("routes_updated", version=self.routes.version)
-                            self._dispatch()
+                            self._install(Routes.from_pb(event.routes))
                             delay_s = 0.5
             except DynamoError as exc:
                 log.warning(
@@ -428,6 +431,24 @@ class Router:
                 )
             await asyncio.sleep(delay_s)
             delay_s = min(10.0, delay_s * 2)
+
+    def on_routes_message(self, topic: str, payload: bytes) -> None:
+        """A routing table from the MQTT routes topic; a malformed one is logged (once until a good one
+        comes) and ignored: the last good table stays in force."""
+        try:
+            table = routes_from_payload(payload)
+        except InvalidArgumentError as exc:
+            if topic not in self._bad_topics:
+                self._bad_topics.add(topic)
+                log.warning("mqtt_payload_invalid", topic=topic, error=str(exc))
+            return
+        self._bad_topics.discard(topic)
+        self._install(Routes.from_pb(table))
+
+    def _install(self, routes: Routes) -> None:
+        self.routes = routes
+        log.info("routes_updated", version=routes.version)
+        self._dispatch()
 
 
 def _is_token(line: bytes, chat: bool) -> bool:
@@ -537,8 +558,13 @@ async def start_router(settings: RouterSettings) -> RunningRouter:
         ) from None
     bound = int(runner.addresses[0][1]) if runner.addresses else int(port)
     client = AdminClient(settings.controller, token=settings.controller_token)
+    if settings.routes_source == "mqtt":
+        topics = [routes_topic(settings.mqtt)]
+        routes_task = MqttSubscriber(settings.mqtt, topics, router.on_routes_message).run()
+    else:
+        routes_task = router.watch_loop(client)
     tasks = [
-        asyncio.create_task(router.watch_loop(client), name="router-watch"),
+        asyncio.create_task(routes_task, name="router-routes"),
         asyncio.create_task(router.report_loop(client), name="router-report"),
         asyncio.create_task(router.expire_loop(), name="router-expire"),
     ]

@@ -1,12 +1,14 @@
 """Configuration of `dynamollm-router`: TOML (`/etc/dynamollm/router.toml`), then `DYNAMOLLM_ROUTER_<KEY>`
 environment overrides, then flags, merged once at start-up (the agent's machinery, `agent.api.config`).
-A bad value stops the start with one line naming the key and the allowed values (exit 2)."""
+A bad value stops the start with one line naming the key and the allowed values (exit 2). The routing
+table comes from the controller's `WatchEvents` stream (`routes_source = "controller"`) or from the
+retained MQTT topic the controller publishes it on (`"mqtt"`, with the `mqtt.*` keys; docs/mqtt.md)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,11 @@ from agent.api.config import (
     read_toml_config,
 )
 from agent.api.errors import InvalidArgumentError
+from agent.api.mqtt import MQTT_KEYS, MqttSettings, load_mqtt_settings, process_client_id
 
 ENV_PREFIX = "DYNAMOLLM_ROUTER_"
 DEFAULT_CONFIG_PATH = Path("/etc/dynamollm/router.toml")
+ROUTES_SOURCES = ("controller", "mqtt")
 
 KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("listen", str, "127.0.0.1:8080", "HTTP address of the OpenAI-compatible API: HOST:PORT"),
@@ -56,6 +60,14 @@ KEYS: tuple[ConfigKey, ...] = (
         "log_level", str, "info", "debug, info, warning, error", one_of(("debug", "info", "warning", "error"))
     ),
     ConfigKey("log_json", str, "auto", "true, false or auto", one_of(("true", "false", "auto"))),
+    ConfigKey(
+        "routes_source",
+        str,
+        "controller",
+        "where the routing table comes from: controller (WatchEvents) or mqtt (the retained routes topic)",
+        one_of(ROUTES_SOURCES),
+    ),
+    *MQTT_KEYS,
 )
 
 
@@ -80,6 +92,8 @@ class RouterSettings:
     default_max_tokens: int
     log_level: str = "info"
     log_json: bool | None = None
+    routes_source: str = "controller"
+    mqtt: MqttSettings = field(default_factory=MqttSettings)  # host empty: no MQTT
 
 
 def _token(path: str) -> str | None:
@@ -99,6 +113,8 @@ def merge_settings(
 ) -> RouterSettings:
     v = merge_values(KEYS, file_values, env, cli_values, ENV_PREFIX)
     parse_listen(v["listen"])
+    if v["routes_source"] == "mqtt" and not v["mqtt.host"]:
+        raise InvalidArgumentError("mqtt.host", "", "a broker host name or address with routes_source = mqtt")
     return RouterSettings(
         listen=v["listen"],
         controller=v["controller"],
@@ -119,6 +135,8 @@ def merge_settings(
         default_max_tokens=v["default_max_tokens"],
         log_level=v["log_level"],
         log_json={"true": True, "false": False, "auto": None}[v["log_json"]],
+        routes_source=v["routes_source"],
+        mqtt=load_mqtt_settings(v, process_client_id("router")),
     )
 
 

@@ -72,7 +72,7 @@ class AgentProcess:
         with open(log_path, "ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent.app", "--simulated", "--gpus", "2", "--listen", "127.0.0.1:0",
-                "--runtime-dir", str(runtime_dir),
+                "--metrics-listen", "", "--runtime-dir", str(runtime_dir),
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
             )  # fmt: skip
         assert proc.stdout is not None

@@ -41,6 +41,7 @@ class Node:
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "metrics_listen": "",
         "runtime_dir": str(tmp_path / "run"),
         "gpu": {"backend": "simulated"},
         "auth": {"allow_unauthenticated_loopback": True},

@@ -68,6 +68,7 @@ async def eventually(check: Any, what: str, timeout_s: float = 10.0) -> Any:
 def _settings(tmp_path: Path, **extra: Any) -> AgentSettings:
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "metrics_listen": "",
         "runtime_dir": str(tmp_path / "run"),
         "log_json": True,
         "telemetry": {"period_s": 0.2},
@@ -353,7 +354,7 @@ class AgentProcess:
         log_path = runtime_dir.parent / f"agent-{len(list(runtime_dir.parent.glob('agent-*')))}.log"
         with open(log_path, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent.app", "--listen", "127.0.0.1:0",
+                sys.executable, "-m", "agent.app", "--listen", "127.0.0.1:0", "--metrics-listen", "",
                 "--runtime-dir", str(runtime_dir),
                 env=cls.env(fake, extra_env), stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
             )  # fmt: skip

@@ -135,6 +135,7 @@ class AgentProcess:
 
 CONFIG = """
 listen = "127.0.0.1:0"
+metrics_listen = ""
 runtime_dir = "{run}"
 max_lease_s = {max_lease_s}
 log_level = "error"

@@ -41,6 +41,7 @@ MODEL = "llama3.1-8b"
 def settings_for(tmp_path: Path, **extra: Any) -> AgentSettings:
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "metrics_listen": "",
         "runtime_dir": str(tmp_path / "run"),
         "auth": {"allow_unauthenticated_loopback": True},
         "telemetry": {"period_s": 0.05, "min_period_s": 0.05},

@@ -50,6 +50,7 @@ async def node(fake_nvml: FakeNvml, tmp_path: Path) -> AsyncIterator[Node]:  # n
     settings = merge_settings(
         {
             "listen": "127.0.0.1:0",
+            "metrics_listen": "",
             "runtime_dir": str(tmp_path / "run"),
             # An NVML node refuses unauthenticated control by default; these tests call over loopback.
             "auth": {"allow_unauthenticated_loopback": True},
@@ -159,6 +160,8 @@ class AgentProcess:
                 *args,
                 "--listen",
                 "127.0.0.1:0",
+                "--metrics-listen",
+                "",
                 "--runtime-dir",
                 str(runtime_dir),
                 env=env,

@@ -33,7 +33,7 @@ async def test_sigterm_stops_engines_restores_gpus_exits_0(tmp_path: Path) -> No
     with open(tmp_path / "agent.log", "wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.app", "--simulated", "--gpus", "2", "--listen", "127.0.0.1:0",
-            "--runtime-dir", str(tmp_path / "run"),
+            "--metrics-listen", "", "--runtime-dir", str(tmp_path / "run"),
             env=env, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
         )  # fmt: skip
     engine_pid = 0
@@ -91,7 +91,7 @@ async def test_sd_notify_ready_and_watchdog(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "100000"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent.app", "--simulated", "--gpus", "1", "--listen", "127.0.0.1:0",
-        "--runtime-dir", str(tmp_path / "run"),
+        "--metrics-listen", "", "--runtime-dir", str(tmp_path / "run"),
         env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=ROOT,
     )  # fmt: skip
     loop = asyncio.get_running_loop()

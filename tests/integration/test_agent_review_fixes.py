@@ -27,6 +27,7 @@ from tests.unit.test_safety import FakeBackend
 def _settings(tmp: Path, **extra: Any) -> AgentSettings:
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "metrics_listen": "",
         "runtime_dir": str(tmp / "run"),
         "max_lease_s": 60.0,
         "log_level": "warning",

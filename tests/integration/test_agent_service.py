@@ -31,6 +31,7 @@ MAX_LEASE_S = 60.0
 def make_settings(tmp_path: Path, **extra: Any) -> AgentSettings:
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "metrics_listen": "",
         "runtime_dir": str(tmp_path / "run"),
         "max_lease_s": MAX_LEASE_S,
         "log_json": True,

@@ -49,6 +49,7 @@ class _AgentThread:
 def _values(run_dir: Path, **extra: Any) -> dict[str, Any]:
     return {
         "listen": "127.0.0.1:0",
+        "metrics_listen": "",
         "runtime_dir": str(run_dir),
         "log_level": "error",
         "gpu": {"backend": "simulated"},

@@ -65,7 +65,7 @@ async def test_time_compressed_node_starts_fast_and_counts_simulated_joules(tmp_
     with open(tmp_path / "agent.log", "wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.app", "--simulated", "--gpus", "2", "--time-scale", str(SCALE),
-            "--listen", "127.0.0.1:0", "--runtime-dir", str(tmp_path / "run"),
+            "--listen", "127.0.0.1:0", "--metrics-listen", "", "--runtime-dir", str(tmp_path / "run"),
             env=env, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
         )  # fmt: skip
     engine_pid = 0

@@ -121,6 +121,7 @@ class Agent:
     log_path: Path
     proc: asyncio.subprocess.Process
     port: int
+    metrics_port: int = 0  # its Prometheus /metrics port
     engine_pids: set[int] = field(default_factory=set)  # every engine process seen on its GPUs
 
     @property
@@ -216,30 +217,41 @@ class Stack:
         self.controllers: list[Controller] = []
         self._starts = 0
 
-    async def start_agent(self, index: int, *, port: int = 0, time_scale: float = 1.0) -> Agent:
+    async def start_agent(
+        self, index: int, *, port: int = 0, time_scale: float = 1.0, env: Mapping[str, str] | None = None
+    ) -> Agent:
         """Agent `n<index>` with runtime dir `run<index>` (kept across restarts) on `port` (0: any), its
-        simulated node `time_scale` times faster than real time."""
+        simulated node `time_scale` times faster than real time, `env` added to its environment."""
         runtime_dir = self.tmp / f"run{index}"
         self._starts += 1
         log_path = self.tmp / f"agent{index}.{self._starts}.log"
-        env = clean_env(
-            {"DYNAMOLLM_AGENT_ENGINE_BASE_PORT": "0", "DYNAMOLLM_AGENT_SIMULATED_TIME_SCALE": str(time_scale)}
+        agent_env = clean_env(
+            {
+                "DYNAMOLLM_AGENT_ENGINE_BASE_PORT": "0",
+                "DYNAMOLLM_AGENT_SIMULATED_TIME_SCALE": str(time_scale),
+                **(env or {}),
+            }
         )
         with open(log_path, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent.app", "--simulated", "--gpus", str(GPUS_PER_NODE),
-                "--listen", f"127.0.0.1:{port}", "--runtime-dir", str(runtime_dir),
-                env=env, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
+                "--listen", f"127.0.0.1:{port}", "--metrics-listen", "127.0.0.1:0",
+                "--runtime-dir", str(runtime_dir),
+                env=agent_env, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
             )  # fmt: skip
         agent = Agent(index, runtime_dir, log_path, proc, 0)
         self.agents.append(agent)
         event = await _listening_line(proc, log_path, f"agent n{index}")
         assert event["event"] == "agent_listening", event
-        agent.port = int(event["port"])
+        agent.port, agent.metrics_port = int(event["port"]), int(event["metrics_port"])
         return agent
 
-    async def start_agents(self, count: int, *, time_scale: float = 1.0) -> list[Agent]:
-        return list(await asyncio.gather(*(self.start_agent(i, time_scale=time_scale) for i in range(count))))
+    async def start_agents(
+        self, count: int, *, time_scale: float = 1.0, env: Callable[[int], Mapping[str, str]] | None = None
+    ) -> list[Agent]:
+        """`count` agents; `env(index)`: what each one's environment adds."""
+        starts = [self.start_agent(i, time_scale=time_scale, env=env and env(i)) for i in range(count)]
+        return list(await asyncio.gather(*starts))
 
     async def start_controller(
         self,

@@ -136,7 +136,7 @@ async def _start_agent(tmp: Path, i: int) -> tuple[asyncio.subprocess.Process, i
     with open(tmp / f"agent{i}.log", "wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.app", "--simulated", "--gpus", "8", "--listen", "127.0.0.1:0",
-            "--runtime-dir", str(tmp / f"run{i}"),
+            "--metrics-listen", "", "--runtime-dir", str(tmp / f"run{i}"),
             env=env, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
         )  # fmt: skip
     assert proc.stdout is not None

@@ -128,6 +128,8 @@ class ClusterStatusResponse(_message.Message):
     ROUTES_VERSION_FIELD_NUMBER: _builtins.int
     ORIGIN_UNIX_NS_FIELD_NUMBER: _builtins.int
     TIME_SCALE_FACTOR_FIELD_NUMBER: _builtins.int
+    CLASS_ATTAINMENTS_FIELD_NUMBER: _builtins.int
+    SLO_WINDOW_S_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     """the mode in force"""
     policy: _builtins.str
@@ -174,6 +176,14 @@ class ClusterStatusResponse(_message.Message):
     """The cycle's clock: cycle_time_s = (unix time - origin_unix_ns / 1e9) x time_scale_factor."""
     time_scale_factor: _builtins.float
     """cycle seconds per wall second (1 on a production fleet)"""
+    slo_window_s: _builtins.float
+    """the SLO guard's window, in cycle seconds"""
+    @_builtins.property
+    def class_attainments(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassAttainment]:
+        """SLO attainment per request class, SS..LL, over the SLO guard's window: the completions routers
+        reported (ReportTraffic) by routed class, met and in all.
+        """
+
     def __init__(
         self,
         *,
@@ -199,14 +209,46 @@ class ClusterStatusResponse(_message.Message):
         routes_version: _builtins.int = ...,
         origin_unix_ns: _builtins.int = ...,
         time_scale_factor: _builtins.float = ...,
+        class_attainments: _abc.Iterable[Global___ClassAttainment] | None = ...,
+        slo_window_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_version", b"controller_version", "cycle_time_s", b"cycle_time_s", "desired_generation", b"desired_generation", "energy_j", b"energy_j", "gpu", b"gpu", "gpus_count", b"gpus_count", "gpus_held_count", b"gpus_held_count", "instances_count", b"instances_count", "last_decision_unix_ns", b"last_decision_unix_ns", "mode", b"mode", "model", b"model", "nodes_count", b"nodes_count", "nodes_ready_count", b"nodes_ready_count", "objective", b"objective", "observed_generation", b"observed_generation", "origin_unix_ns", b"origin_unix_ns", "policy", b"policy", "pools_count", b"pools_count", "power_w", b"power_w", "routes_version", b"routes_version", "started_unix_ns", b"started_unix_ns", "time_scale_factor", b"time_scale_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_attainments", b"class_attainments", "controller_version", b"controller_version", "cycle_time_s", b"cycle_time_s", "desired_generation", b"desired_generation", "energy_j", b"energy_j", "gpu", b"gpu", "gpus_count", b"gpus_count", "gpus_held_count", b"gpus_held_count", "instances_count", b"instances_count", "last_decision_unix_ns", b"last_decision_unix_ns", "mode", b"mode", "model", b"model", "nodes_count", b"nodes_count", "nodes_ready_count", b"nodes_ready_count", "objective", b"objective", "observed_generation", b"observed_generation", "origin_unix_ns", b"origin_unix_ns", "policy", b"policy", "pools_count", b"pools_count", "power_w", b"power_w", "routes_version", b"routes_version", "slo_window_s", b"slo_window_s", "started_unix_ns", b"started_unix_ns", "time_scale_factor", b"time_scale_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterStatusResponse: _TypeAlias = ClusterStatusResponse  # noqa: Y015
+
+@_typing.final
+class ClassAttainment(_message.Message):
+    """One request class's SLO outcomes over the SLO guard's window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASS_NAME_FIELD_NUMBER: _builtins.int
+    SLO_MET_COUNT_FIELD_NUMBER: _builtins.int
+    COMPLETIONS_COUNT_FIELD_NUMBER: _builtins.int
+    class_name: _builtins.str
+    """SS..LL: input-length bin then output-length bin (S/M/L: short/medium/long)"""
+    slo_met_count: _builtins.int
+    """completions that met the class's TTFT and TBT targets"""
+    completions_count: _builtins.int
+    """completions in all (0: no data in the window)"""
+    def __init__(
+        self,
+        *,
+        class_name: _builtins.str = ...,
+        slo_met_count: _builtins.int = ...,
+        completions_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_name", b"class_name", "completions_count", b"completions_count", "slo_met_count", b"slo_met_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassAttainment: _TypeAlias = ClassAttainment  # noqa: Y015
 
 @_typing.final
 class ListNodesRequest(_message.Message):
