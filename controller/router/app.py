@@ -41,11 +41,11 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError, NotFoundError
 from agent.api.log import configure_logging
 from agent.api.mqtt import MqttSubscriber
+from agent.api.systemd import sd_notify, watchdog_loop, watchdog_period_s
 from controller.api.client import AdminClient
 from controller.api.v1 import admin_pb2
 from controller.fanout import routes_from_payload, routes_topic
@@ -53,6 +53,7 @@ from controller.model.classes import REQUEST_CLASSES, ClassBins
 from controller.model.profile import Profile
 from controller.policy.predict import OutputPredictor, predict_output_bin, update
 from controller.profiles import default_profile, load_profile
+from controller.router.metrics import RouterMetrics
 from controller.router.queue import DeadlineQueue
 from controller.router.requests import Parsed, RequestError, parse
 from controller.router.routes import Endpoint, Load, Routes, choose
@@ -62,6 +63,7 @@ log = structlog.get_logger("controller.router")
 
 BINS = ClassBins()
 N_OUT = 3
+_OUT_BIN = {c.name: i % N_OUT for i, c in enumerate(REQUEST_CLASSES)}  # a class's output bin
 MAX_PENDING_REPORTS = 100_000
 RETRY_AFTER_S = "1"
 FINAL_REPORT_TIMEOUT_S = 2.0  # the last traffic report at stop: a controller that is down does not hold it
@@ -95,34 +97,6 @@ class Measured:
         self.text.append(text)
 
 
-class RouterMetrics:
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter(
-            "dynamollm_router_requests_total",
-            "Requests by class, pool and outcome",
-            ["cls", "pool", "outcome"],
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "dynamollm_router_ttft_seconds",
-            "TTFT at the router (engine seconds)",
-            ["cls"],
-            registry=r,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
-        )
-        self.tbt = Histogram(
-            "dynamollm_router_tbt_seconds",
-            "Mean TBT per request (engine seconds)",
-            ["cls"],
-            registry=r,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 1),
-        )
-        self.queue_depth = Gauge(
-            "dynamollm_router_queue_depth", "Requests waiting per pool", ["pool"], registry=r
-        )
-
-
 class Router:
     """The router's state and request path (module docstring)."""
 
@@ -135,7 +109,7 @@ class Router:
         self.predictor = OutputPredictor()
         self.arrivals: list[admin_pb2.TrafficArrival] = []
         self.completions: list[admin_pb2.TrafficCompletion] = []
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(time.monotonic)
         self.draining = False
         self.inflight = 0
         self.session: aiohttp.ClientSession | None = None
@@ -159,9 +133,8 @@ class Router:
         )
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
-        for pool, q in self.queues.items():
-            self.metrics.queue_depth.labels(pool).set(len(q))
-        return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain")
+        body = self.metrics.exposition({pool: len(q) for pool, q in self.queues.items()})
+        return web.Response(body=body, content_type="text/plain")
 
     async def completions_handler(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -243,11 +216,14 @@ class Router:
         queue = self.queues.setdefault(route.pool, DeadlineQueue())
         if endpoint is not None and not len(queue):
             self.load.add(endpoint.instance_id, tokens)
+            if endpoint not in route.primary:
+                self.metrics.escalations.labels("fallback").inc()
             return endpoint, route.pool
         if sum(len(q) for q in self.queues.values()) >= self.settings.max_waiting:
             raise RequestError(503, "too many requests waiting; retry shortly")
         waiter = Waiter(cls, tokens, asyncio.get_running_loop().create_future())
         entry = queue.push(deadline_s, waiter)
+        self.metrics.escalations.labels("queued").inc()
         self._dispatch()
         try:
             return await waiter.future, route.pool
@@ -283,6 +259,7 @@ class Router:
             for queue in self.queues.values():
                 for waiter in queue.expired(now):
                     if not waiter.future.done():
+                        self.metrics.escalations.labels("expired").inc()
                         waiter.future.set_exception(
                             RequestError(503, "no instance could start the request within its TTFT target")
                         )
@@ -379,6 +356,8 @@ class Router:
             if tokens > 1:
                 self.metrics.tbt.labels(true_cls).observe(tbt_s)
             self.predictor = update(self.predictor, parsed.input_tokens, tokens)
+            self.metrics.prediction(_OUT_BIN[cls], BINS.output_bin(tokens))
+        self.metrics.slo_outcome(true_cls, met)
         self._append(
             self.completions,
             admin_pb2.TrafficCompletion(
@@ -590,7 +569,12 @@ async def _serve(settings: RouterSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    sd_notify("READY=1")
+    period_s = watchdog_period_s()
+    if period_s is not None:
+        running.tasks.append(asyncio.create_task(watchdog_loop(period_s), name="sd-watchdog"))
     await stop.wait()
+    sd_notify("STOPPING=1")
     await running.stop()
     return 0
 
