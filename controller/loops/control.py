@@ -47,7 +47,7 @@ from controller.fleet.desired import DesiredState
 from controller.fleet.grpc_fleet import GrpcFleet
 from controller.loops.events import EventBus
 from controller.loops.traffic import TrafficBuffer
-from controller.metrics import ControllerMetrics
+from controller.metrics import RECONFIGURATION_KINDS, ControllerMetrics
 from controller.model.cluster import InstanceSpec
 from controller.model.decisions import ClockDecision, Decision, StepRecord
 from controller.model.fleet import (
@@ -71,6 +71,7 @@ log = structlog.get_logger("controller.loops")
 MODES = ("observe", "apply", "paused")
 SNAPSHOT_FORMAT = 1
 MAX_CATCH_UP_TICKS = 12  # one minute of 5-s ticks
+MAX_TIMED_COMMANDS = 10_000  # reconfigurations awaiting confirmation whose duration is still timed
 COMMAND_KINDS: dict[type, str] = {
     StartInstance: "start",
     DrainInstance: "drain",
@@ -134,6 +135,8 @@ class ControlLoop:
         self._energy_j: defaultdict[tuple[int, str], float] = defaultdict(float)
         self._ledger_traffic: Counter[tuple[str, str, str]] = Counter()  # (pool, class, what)
         self._ledger_start_unix_s = clock.wall_ns() / 1e9
+        # reconfiguration commands sent to the agents: generation -> (kind, when issued, monotonic s)
+        self._issued: dict[int, tuple[str, float]] = {}
         self._last_snapshot_s = -math.inf
         metrics.set_mode(self.mode)
 
@@ -174,6 +177,11 @@ class ControlLoop:
 
     def command_result(self, command_key: int, status: str, result: str) -> None:
         kind = self.store.finish_command_by_generation(command_key, status, result)
+        issued = self._issued.pop(command_key, None)
+        if issued is not None and status == "done":
+            self.metrics.reconfiguration_duration.labels(issued[0]).observe(
+                self.clock.monotonic_s() - issued[1]
+            )
         if kind:
             self.metrics.commands.labels(kind, status).inc()
             self.events.publish("command", f"{kind} #{command_key} {status}", {"generation": command_key})
@@ -355,6 +363,8 @@ class ControlLoop:
             )
             if c.status == "skipped":
                 self.metrics.commands.labels(c.kind, "skipped").inc()
+            if c.kind in RECONFIGURATION_KINDS:
+                self._count_reconfiguration(c)
         if result.routes is not None:
             self.routes = result.routes
             self.events.publish("routes", f"routing table v{result.routes.version}", routes=result.routes)
@@ -362,8 +372,17 @@ class ControlLoop:
             (r.pool, r.spec.tp, r.spec.clock_mhz, r.phase.name)
             for r in self.cycle.executor.instances.values()
         )
+        self.metrics.set_guard(self.cycle.guard.state, (p.name for p in self.cycle.plan.pools))
         if commands and self.fleet is not None and self.mode == "apply":
             self.fleet.wake()
+
+    def _count_reconfiguration(self, command: NewCommand) -> None:
+        """Counted in every mode (what the policy decided); timed only when sent to an agent."""
+        self.metrics.reconfigurations.labels(command.kind).inc()
+        if command.status == "pending":
+            self._issued[command.generation] = (command.kind, self.clock.monotonic_s())
+            while len(self._issued) > MAX_TIMED_COMMANDS:  # never confirmed (superseded): oldest go
+                del self._issued[next(iter(self._issued))]
 
     def _issue(self, commands: Sequence[Command], now_s: float) -> list[NewCommand]:
         """Generations for the commands, folded into the desired state (and, in observe mode, into the
@@ -462,6 +481,14 @@ class ControlLoop:
             self.store.add_energy(energy)
         if traffic:
             self.store.add_traffic(traffic)
+        pool_energy_j: defaultdict[str, float] = defaultdict(float)
+        for (_, pool), j in self._energy_j.items():
+            pool_energy_j[pool] += j
+        self.metrics.ledger_interval(
+            pool_energy_j,
+            {(pool, cls): self._ledger_traffic[(pool, cls, "requests")] for pool, cls in keys},
+            {(pool, cls): self._ledger_traffic[(pool, cls, "tokens")] for pool, cls in keys},
+        )
         self._energy_j.clear()
         self._ledger_traffic.clear()
         self._ledger_start_unix_s = now_unix_s

@@ -495,7 +495,9 @@ async def test_bad_command_line_and_config_exit_2_naming_the_field(
 
 
 @bounded
-async def test_metrics_expose_decisions_commands_pools_energy_and_mode(stack: Stack) -> None:
+async def test_metrics_expose_decisions_commands_pools_energy_reconfigurations_guard_mode(
+    stack: Stack,
+) -> None:
     agents = await stack.start_agents(1)
     ctl = await stack.start_controller(node_addresses(agents), mode="apply")
     series = (  # each the start of at least one sample line
@@ -506,6 +508,10 @@ async def test_metrics_expose_decisions_commands_pools_energy_and_mode(stack: St
         "dynamollm_pool_energy_joules_total{",
         'dynamollm_controller_mode{mode="apply"} 1.0',
         'dynamollm_controller_mode{mode="observe"} 0.0',
+        'dynamollm_reconfigurations_total{kind="start"}',
+        'dynamollm_reconfiguration_duration_seconds_count{kind="start"}',  # timed: issue to engine ready
+        "dynamollm_guard_factor{",
+        "dynamollm_guard_active{",
         # Gauges read off the fleet, current at every scrape without any admin call.
         'dynamollm_nodes{state="READY"} 1.0',
         "dynamollm_cluster_power_watts ",
