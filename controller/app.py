@@ -296,20 +296,21 @@ async def _start(
     loop.fleet = fleet
     core = ControllerCore(settings, store, profile, loop, fleet, events, metrics, clock)
     server, health = _server(settings, core)
-    try:
-        port = bind(server, settings.listen, settings.tls, settings.unix_socket_mode)
-    except InvalidArgumentError:
-        await core.close()
-        raise
-    await server.start()
-    for name in ("", SERVICE):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def metrics_text() -> bytes:
         core.refresh_metrics()  # the gauges read off the fleet and the store, as of this scrape
         return metrics.exposition()
 
-    runner, metrics_port = await serve_metrics(settings.metrics_listen, metrics_text)
+    try:  # both addresses bound before anything serves: a bad one stops start-up with nothing running
+        port = bind(server, settings.listen, settings.tls, settings.unix_socket_mode)
+        runner, metrics_port = await serve_metrics(settings.metrics_listen, metrics_text)
+    except InvalidArgumentError:
+        await server.stop(None)
+        await core.close()
+        raise
+    await server.start()
+    for name in ("", SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     tasks = []
     mqtt = None
     if settings.mqtt.enabled:  # subscribed to the bus before the loop runs; never blocks it

@@ -34,6 +34,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -489,6 +490,23 @@ async def test_bad_command_line_and_config_exit_2_naming_the_field(
     assert len(lines) == 1 and "Traceback" not in err.decode(), lines
     assert lines[0].startswith(f"dynamollm-controller: error: {field}: "), lines[0]
     assert not (tmp_path / "c.db").exists()
+
+
+async def test_a_taken_metrics_port_stops_start_up_with_one_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller.app", "--store", str(tmp_path / "c.db"),
+            "--node", "n0=127.0.0.1:1", "--listen", "127.0.0.1:0", "--metrics-listen", metrics,
+            env=clean_env({}), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and out == b""  # no controller_listening line: nothing served
+    assert lines[-1].startswith(f"dynamollm-controller: error: metrics_listen: got '{metrics}'"), lines
+    assert "Traceback" not in err.decode()
 
 
 # ---------------------------------------------------------------------------------------------- 6
