@@ -21,19 +21,26 @@ PoolClass = tuple[str, str]
 
 
 def attribute_energy(
-    pool_energy_j: Mapping[str, float], output_tokens: Mapping[PoolClass, int]
+    pool_energy_j: Mapping[str, float],
+    requests: Mapping[PoolClass, int],
+    output_tokens: Mapping[PoolClass, int],
 ) -> dict[PoolClass, float]:
-    """One ledger interval's GPU energy per (pool, class): each pool's energy shared over its classes in
-    proportion to the output tokens they finished in it. A pool that finished no token keeps its energy
-    unattributed, as do idle GPUs (pool "")."""
-    pool_tokens: dict[str, int] = {}
-    for (pool, _), n in output_tokens.items():
-        pool_tokens[pool] = pool_tokens.get(pool, 0) + n
-    return {
-        (pool, cls): pool_energy_j.get(pool, 0.0) * n / pool_tokens[pool]
-        for (pool, cls), n in output_tokens.items()
-        if pool and pool_tokens[pool] > 0
-    }
+    """One ledger interval's GPU energy per (pool, class), by the rule of the store's `class_energy`:
+    each pool's energy shared over its classes in proportion to the output tokens they finished in it (by
+    requests when it finished no token). A pool that finished nothing keeps its energy unattributed, as
+    do idle GPUs (pool "")."""
+    keys = [k for k in sorted(set(requests) | set(output_tokens)) if k[0]]
+    shares = {k: (output_tokens.get(k, 0), requests.get(k, 0)) for k in keys}
+    totals: dict[str, tuple[int, int]] = {}
+    for (pool, _), (tok, n) in shares.items():
+        t = totals.get(pool, (0, 0))
+        totals[pool] = (t[0] + tok, t[1] + n)
+    out: dict[PoolClass, float] = {}
+    for (pool, cls), (tok, n) in shares.items():
+        pool_tok, pool_n = totals[pool]
+        if pool_tok or pool_n:
+            out[(pool, cls)] = pool_energy_j.get(pool, 0.0) * (tok / pool_tok if pool_tok else n / pool_n)
+    return out
 
 
 class ControllerMetrics:
@@ -172,7 +179,7 @@ class ControllerMetrics:
     ) -> None:
         """One energy-ledger interval: the counters advance by it; the per-request and per-token gauges of
         each pool and class that finished requests in it show it (the others keep their last figure)."""
-        attributed = attribute_energy(pool_energy_j, output_tokens)
+        attributed = attribute_energy(pool_energy_j, requests, output_tokens)
         for key in sorted(set(requests) | set(output_tokens)):
             energy_j, n_requests, n_tokens = (
                 attributed.get(key, 0.0),

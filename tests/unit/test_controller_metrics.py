@@ -22,12 +22,14 @@ def _values(metrics: ControllerMetrics, name: str) -> dict[tuple[str, ...], floa
     }
 
 
-def test_pool_energy_is_shared_by_output_tokens() -> None:
+def test_pool_energy_is_shared_by_output_tokens_else_requests() -> None:
     got = attribute_energy(
-        {"A": 900.0, "B": 50.0, "": 400.0},
+        {"A": 900.0, "B": 50.0, "C": 70.0, "": 400.0},
+        {("A", "SS"): 1, ("A", "SM"): 1, ("B", "LL"): 1, ("B", "LM"): 4, ("", "SS"): 5},
         {("A", "SS"): 100, ("A", "SM"): 200, ("B", "LL"): 0, ("", "SS"): 5},
     )
-    assert got == {("A", "SS"): 300.0, ("A", "SM"): 600.0}  # B finished no token, idle is nobody's
+    # B finished requests but no token: shared by requests; C finished nothing and idle is nobody's
+    assert got == {("A", "SS"): 300.0, ("A", "SM"): 600.0, ("B", "LL"): 10.0, ("B", "LM"): 40.0}
 
 
 def test_counters_accumulate_and_gauges_keep_the_last_interval_with_traffic() -> None:
