@@ -536,7 +536,7 @@ async def start_router(settings: RouterSettings) -> RunningRouter:
             "listen", settings.listen, f"an address this host can bind ({exc})"
         ) from None
     bound = int(runner.addresses[0][1]) if runner.addresses else int(port)
-    client = AdminClient(settings.controller, token=settings.controller_token)
+    client = AdminClient(settings.controller, token=settings.controller_token, tls=settings.controller_tls)
     if settings.routes_source == "mqtt":
         topics = [routes_topic(settings.mqtt)]
         routes_task = MqttSubscriber(settings.mqtt, topics, router.on_routes_message).run()

@@ -21,6 +21,7 @@ from agent.api.config import (
     positive,
     read_toml_config,
 )
+from agent.api.client import ClientTls
 from agent.api.errors import InvalidArgumentError
 from agent.api.mqtt import MQTT_KEYS, MqttSettings, load_mqtt_settings, process_client_id
 
@@ -32,6 +33,10 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("listen", str, "127.0.0.1:8080", "HTTP address of the OpenAI-compatible API: HOST:PORT"),
     ConfigKey("controller", str, "127.0.0.1:50061", "the controller's admin gRPC address"),
     ConfigKey("controller_token_file", str, "", "bearer token for the controller (scope control), one line"),
+    ConfigKey("controller_tls_ca", str, "", "CA (PEM) the controller's certificate must chain to; set: TLS"),
+    ConfigKey("controller_tls_cert", str, "", "client certificate (PEM) for a controller requiring mTLS"),
+    ConfigKey("controller_tls_key", str, "", "its private key (PEM)"),
+    ConfigKey("controller_tls_server_name", str, "", "name checked against the controller's certificate"),
     ConfigKey("model", str, "llama2-70b", "the model name clients use (/v1/models)"),
     ConfigKey("engine_model", str, "", "the model name engines serve (default: model)"),
     ConfigKey(
@@ -94,6 +99,7 @@ class RouterSettings:
     log_json: bool | None = None
     routes_source: str = "controller"
     mqtt: MqttSettings = field(default_factory=MqttSettings)  # host empty: no MQTT
+    controller_tls: ClientTls | None = None  # None: a plaintext channel to the controller
 
 
 def _token(path: str) -> str | None:
@@ -137,6 +143,21 @@ def merge_settings(
         log_json={"true": True, "false": False, "auto": None}[v["log_json"]],
         routes_source=v["routes_source"],
         mqtt=load_mqtt_settings(v, process_client_id("router")),
+        controller_tls=_controller_tls(v),
+    )
+
+
+def _controller_tls(v: Mapping[str, Any]) -> ClientTls | None:
+    """TLS to the controller when a CA or a client certificate is set (the files are read here, once)."""
+    ca, cert, key = v["controller_tls_ca"], v["controller_tls_cert"], v["controller_tls_key"]
+    if not (ca or cert or key):
+        return None
+    return ClientTls.from_files(
+        ca_file=ca or None,
+        cert_file=cert or None,
+        key_file=key or None,
+        server_name=v["controller_tls_server_name"] or None,
+        names=("controller_tls_ca", "controller_tls_cert", "controller_tls_key"),
     )
 
 
