@@ -270,6 +270,7 @@ async def run_policy(
         await daemons.start_agents()
         controller = await daemons.start_controller(policy, config)
         url = await daemons.start_router(controller)
+        log(f"{policy}: watch it live from another terminal: .venv/bin/dctl top --controller {controller}")
         sampler = Sampler(daemons.agents)
         sampling = asyncio.create_task(sampler.run())
         async with AdminClient(controller, timeout_s=5.0) as admin:

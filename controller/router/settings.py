@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.api.client import ClientTls
 from agent.api.config import (
     ConfigKey,
     at_least,
@@ -21,7 +22,6 @@ from agent.api.config import (
     positive,
     read_toml_config,
 )
-from agent.api.client import ClientTls
 from agent.api.errors import InvalidArgumentError
 from agent.api.mqtt import MQTT_KEYS, MqttSettings, load_mqtt_settings, process_client_id
 

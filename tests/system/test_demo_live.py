@@ -41,6 +41,7 @@ def test_demo_live_runs_both_policies_and_reports_against_the_simulator(tmp_path
     assert any(line.startswith("singlepool ") for line in lines)
     assert any(line.startswith("dynamollm ") for line in lines)
     assert "SLO so far" in result.stderr and "cluster power" in result.stderr  # the progress line
+    assert result.stderr.count("dctl top --controller 127.0.0.1:") == 2  # how to watch each run live
 
     report = json.loads((out / "report.json").read_text())
     assert report["schema"] == "dynamollm.livedemo/v1" and report["speedup"] == 12.0
