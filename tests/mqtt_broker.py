@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
@@ -101,11 +102,11 @@ Received = asyncio.Queue[tuple[str, bytes]]
 
 
 @contextlib.asynccontextmanager
-async def observe(host: str, port: int, topic: str) -> AsyncIterator[Received]:
+async def observe(host: str, port: int, topic: str, **client_options: Any) -> AsyncIterator[Received]:
     """A client subscribed to `topic` (SUBACK received on entry); every (topic, payload) it gets, in
-    order, for the duration."""
+    order, for the duration. `client_options`: aiomqtt.Client's (user name, TLS, ...)."""
     received: Received = asyncio.Queue()
-    async with aiomqtt.Client(host, port) as client:
+    async with aiomqtt.Client(host, port, **client_options) as client:
         await client.subscribe(topic, qos=1)
 
         async def pump() -> None:

@@ -11,8 +11,9 @@ import shutil
 import ssl
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -20,7 +21,14 @@ import pytest
 from agent.api.mqtt import MqttPublisher, load_mqtt_settings
 from tests.conftest import _missing
 from tests.integration.tls_pki import Pki, make_pki, openssl_available
-from tests.mqtt_broker import RECEIVE_TIMEOUT_S, MosquittoBroker, Received, mosquitto_path, next_payload
+from tests.mqtt_broker import (
+    RECEIVE_TIMEOUT_S,
+    MosquittoBroker,
+    Received,
+    mosquitto_path,
+    next_payload,
+    observe,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
 USERS = ("gpu-01", "gpu-02", "controller", "router", "dashboard")
@@ -77,37 +85,24 @@ def _tls(pki: Pki) -> aiomqtt.TLSParameters:
     return aiomqtt.TLSParameters(ca_certs=str(pki.ca.cert), cert_reqs=ssl.CERT_REQUIRED)
 
 
-@contextlib.asynccontextmanager
-async def _client(broker: MosquittoBroker, pki: Pki, user: str) -> AsyncIterator[aiomqtt.Client]:
-    async with aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=user,
-        password=_password(user),
-        tls_params=_tls(pki),
-        identifier=f"{user}-{uuid.uuid4().hex[:8]}",
-    ) as client:
-        yield client
+def _login(pki: Pki, user: str) -> dict[str, Any]:
+    """aiomqtt.Client options: `user` with its password over TLS (a client id of its own)."""
+    return {
+        "username": user,
+        "password": _password(user),
+        "tls_params": _tls(pki),
+        "identifier": f"{user}-{uuid.uuid4().hex[:8]}",
+    }
 
 
-@contextlib.asynccontextmanager
-async def _watch(broker: MosquittoBroker, pki: Pki, user: str, topic: str) -> AsyncIterator[Received]:
-    received: Received = asyncio.Queue()
-    async with _client(broker, pki, user) as client:
-        await client.subscribe(topic, qos=1)
+def _client(broker: MosquittoBroker, pki: Pki, user: str) -> aiomqtt.Client:
+    return aiomqtt.Client(broker.host, broker.port, **_login(pki, user))
 
-        async def pump() -> None:
-            async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                received.put_nowait((message.topic.value, message.payload))
 
-        task = asyncio.create_task(pump())
-        try:
-            yield received
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+def _watch(
+    broker: MosquittoBroker, pki: Pki, user: str, topic: str
+) -> contextlib.AbstractAsyncContextManager[Received]:
+    return observe(broker.host, broker.port, topic, **_login(pki, user))
 
 
 def _drain(received: Received) -> list[tuple[str, bytes]]:

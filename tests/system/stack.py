@@ -68,6 +68,25 @@ def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
+async def run_to_end(
+    *argv: str, env: Mapping[str, str] | None = None, timeout_s: float = 30.0
+) -> tuple[int, str, str]:
+    """`python ARGV` (a module's main, from the checkout) to its end, killed after `timeout_s`: (exit
+    status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, env=clean_env(env or {}), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def _listening_line(proc: asyncio.subprocess.Process, log_path: Path, what: str) -> dict[str, Any]:
     assert proc.stdout is not None
     try:

@@ -30,12 +30,10 @@ started (`Stack.close`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import signal
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -52,13 +50,12 @@ from controller.api.client import AdminClient
 from controller.api.v1 import admin_pb2
 from tests.system.stack import (
     REFUSED,
-    ROOT,
     Agent,
     Controller,
     Pending,
     Stack,
     TcpProxy,
-    clean_env,
+    run_to_end,
     stop,
     wait_for,
 )
@@ -475,19 +472,10 @@ async def test_bad_command_line_and_config_exit_2_naming_the_field(
     if toml is not None:
         (tmp_path / "controller.toml").write_text(toml)
         args = ["--config", str(tmp_path / "controller.toml"), *args]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controller.app", "--store", str(tmp_path / "c.db"), *args,
-        env=clean_env({}), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-    lines = err.decode().strip().splitlines()
-    assert proc.returncode == 2 and out == b""
-    assert len(lines) == 1 and "Traceback" not in err.decode(), lines
+    code, out, err = await run_to_end("-m", "controller.app", "--store", str(tmp_path / "c.db"), *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and "Traceback" not in err, lines
     assert lines[0].startswith(f"dynamollm-controller: error: {field}: "), lines[0]
     assert not (tmp_path / "c.db").exists()
 
@@ -497,16 +485,14 @@ async def test_a_taken_metrics_port_stops_start_up_with_one_line_naming_it(tmp_p
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         metrics = f"127.0.0.1:{taken.getsockname()[1]}"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller.app", "--store", str(tmp_path / "c.db"),
-            "--node", "n0=127.0.0.1:1", "--listen", "127.0.0.1:0", "--metrics-listen", metrics,
-            env=clean_env({}), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        code, out, err = await run_to_end(
+            "-m", "controller.app", "--store", str(tmp_path / "c.db"), "--node", "n0=127.0.0.1:1",
+            "--listen", "127.0.0.1:0", "--metrics-listen", metrics,
         )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    lines = err.decode().strip().splitlines()
-    assert proc.returncode == 2 and out == b""  # no controller_listening line: nothing served
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""  # no controller_listening line: nothing served
     assert lines[-1].startswith(f"dynamollm-controller: error: metrics_listen: got '{metrics}'"), lines
-    assert "Traceback" not in err.decode()
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------- 6

@@ -15,8 +15,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.system.stack import ROOT, Stack
-from tests.system.test_controller_stack import node_addresses, wait_converged
-from tests.system.test_router_stack import MODEL, _post, _start_router
+from tests.system.test_router_stack import MODEL, _post, start_serving
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "dynamollm.json"
 PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
@@ -93,13 +92,7 @@ async def test_every_panel_query_names_an_exported_metric_and_the_docs_list_them
     stack: Stack, tmp_path: Path
 ) -> None:
     async def scenario() -> dict[str, dict[str, int]]:  # daemon -> metric family -> samples
-        agents = await stack.start_agents(2)
-        ctl = await stack.start_controller(
-            node_addresses(agents), env={"DYNAMOLLM_CONTROLLER_CONTROL_LEDGER_INTERVAL_S": "1"}
-        )
-        async with ctl.admin() as admin:
-            await wait_converged(admin, agents)
-        router, url = await _start_router(tmp_path, ctl.address)
+        agents, ctl, router, url = await start_serving(stack, tmp_path, 2)
         try:
             async with aiohttp.ClientSession() as session:
                 served = 0

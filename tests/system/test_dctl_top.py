@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from controller.api.v1 import admin_pb2
-from tests.system.stack import ROOT, Controller, Pending, Stack, clean_env, kill, wait_for
+from tests.system.stack import ROOT, Controller, Pending, Stack, clean_env, kill, run_to_end, wait_for
 
 TEST_LIMIT_S = 40.0
 TTY_COLUMNS, TTY_LINES = 72, 20
@@ -39,22 +39,7 @@ DCTL = (sys.executable, "-m", "controller.dctl.main", "top")
 
 async def _dctl(*args: str) -> tuple[int, str, str]:
     """`dctl top ARGS` to its end: (exit status, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        *DCTL,
-        *args,
-        env=clean_env({}),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_to_end(*DCTL[1:], *args)
 
 
 async def _live(*args: str, stdout: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any
 import aiohttp
 
 from tests.mqtt_broker import MosquittoBroker, Received, observe
-from tests.system.stack import ROOT, Stack, clean_env, stop, wait_for
+from tests.system.stack import Stack, stop, wait_for
 from tests.system.test_controller_stack import node_addresses, wait_converged
+from tests.system.test_router_stack import _start_router
 
 PREFIX = "dynamollm/v1"
 AGENTS = 2
@@ -60,27 +60,6 @@ async def _seen(broker: MosquittoBroker) -> AsyncIterator[Seen]:
                 await task
 
 
-async def _start_router(
-    tmp: Path, controller: str, broker: MosquittoBroker
-) -> tuple[asyncio.subprocess.Process, str]:
-    env = {
-        "DYNAMOLLM_ROUTER_ROUTES_SOURCE": "mqtt",
-        "DYNAMOLLM_ROUTER_MQTT_HOST": broker.host,
-        "DYNAMOLLM_ROUTER_MQTT_PORT": str(broker.port),
-        "DYNAMOLLM_ROUTER_LOG_JSON": "true",
-    }
-    with open(tmp / "router.log", "wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller.router.app", "--listen", "127.0.0.1:0",
-            "--controller", controller,
-            env=clean_env(env), stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
-        )  # fmt: skip
-    assert proc.stdout is not None
-    event = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
-    assert event["event"] == "router_listening"
-    return proc, f"http://127.0.0.1:{event['port']}"
-
-
 async def test_digests_events_and_routes_on_the_broker_and_a_router_routing_from_mqtt(
     mqtt_broker: MosquittoBroker, stack: Stack, tmp_path: Path
 ) -> None:
@@ -114,7 +93,13 @@ async def test_digests_events_and_routes_on_the_broker_and_a_router_routing_from
             assert table["schema"] == "dynamollm.routes/v1"
             assert any(e["http_port"] for c in table["classes"] for e in c["primary"]), table
 
-            router, url = await _start_router(tmp_path, ctl.address, mqtt_broker)
+            router_env = {
+                "DYNAMOLLM_ROUTER_ROUTES_SOURCE": "mqtt",
+                "DYNAMOLLM_ROUTER_MQTT_HOST": mqtt_broker.host,
+                "DYNAMOLLM_ROUTER_MQTT_PORT": str(mqtt_broker.port),
+                "DYNAMOLLM_ROUTER_LOG_JSON": "true",
+            }
+            router, url = await _start_router(tmp_path, ctl.address, env=router_env)
             try:
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
 

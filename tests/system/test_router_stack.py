@@ -14,21 +14,21 @@ from typing import Any
 
 import aiohttp
 
-from tests.system.stack import ROOT, Stack, clean_env, kill, wait_for
+from tests.system.stack import ROOT, Agent, Controller, Stack, clean_env, kill, wait_for
 from tests.system.test_controller_stack import node_addresses, wait_converged
 
 MODEL = "llama2-70b"
 
 
 async def _start_router(
-    tmp: Path, controller: str, *, time_scale: float = 1.0
+    tmp: Path, controller: str, *, time_scale: float = 1.0, env: dict[str, str] | None = None
 ) -> tuple[asyncio.subprocess.Process, str]:
+    """A router process in front of `controller`; `env`: what its environment adds."""
+    settings = {"DYNAMOLLM_ROUTER_REPORT_INTERVAL_S": "0.2", "DYNAMOLLM_ROUTER_TIME_SCALE": str(time_scale)}
     with open(tmp / "router.log", "wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "controller.router.app", "--listen", "127.0.0.1:0",
-            "--controller", controller, env=clean_env(
-                {"DYNAMOLLM_ROUTER_REPORT_INTERVAL_S": "0.2", "DYNAMOLLM_ROUTER_TIME_SCALE": str(time_scale)}
-            ),
+            "--controller", controller, env=clean_env({**settings, **(env or {})}),
             stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
         )  # fmt: skip
     assert proc.stdout is not None
@@ -60,15 +60,23 @@ async def _stream(session: aiohttp.ClientSession, url: str, max_tokens: int) -> 
     return lines
 
 
+async def start_serving(
+    stack: Stack, tmp: Path, agents_count: int
+) -> tuple[list[Agent], Controller, asyncio.subprocess.Process, str]:
+    """Agents, the controller (energy ledger every second) converged on them, and a router in front."""
+    agents = await stack.start_agents(agents_count)
+    ctl = await stack.start_controller(
+        node_addresses(agents), env={"DYNAMOLLM_CONTROLLER_CONTROL_LEDGER_INTERVAL_S": "1"}
+    )
+    async with ctl.admin() as admin:
+        await wait_converged(admin, agents)
+    router, url = await _start_router(tmp, ctl.address)
+    return agents, ctl, router, url
+
+
 async def test_router_serves_through_the_controllers_routes(stack: Stack, tmp_path: Path) -> None:
     async def scenario() -> None:
-        agents = await stack.start_agents(3)
-        ctl = await stack.start_controller(
-            node_addresses(agents), env={"DYNAMOLLM_CONTROLLER_CONTROL_LEDGER_INTERVAL_S": "1"}
-        )
-        async with ctl.admin() as admin:
-            await wait_converged(admin, agents)
-        router, url = await _start_router(tmp_path, ctl.address)
+        _, ctl, router, url = await start_serving(stack, tmp_path, 3)
         try:
             async with aiohttp.ClientSession() as session:
 
