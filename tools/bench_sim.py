@@ -3,7 +3,7 @@
 slice of the Azure week.
 
     PYTHONPATH=. .venv/bin/python tools/bench_sim.py [--data-dir ../shared/data] [--mode both]
-        [--week-slice-s 3600] [--week-policy dynamollm]
+        [--week-slice-s 3600] [--week-policy dynamollm] [--profile N]
 
 Runs `dctl simulate --policy singlepool` on traces/AzureLLMInferenceTrace_conv.csv (19,366 requests)
 in this process (`main([...])`, imports already warm) and/or as a fresh subprocess (what a user waits
@@ -14,6 +14,10 @@ engine iterations of the final run. Then (unless `--week-slice-s 0`) runs `--wee
 iterations/s and the wall time extrapolated to the whole week, by simulated time and by request count
 (the week's load varies by hour and day: a slice's extrapolation is an estimate). A benchmark, not a
 test: it prints figures and exits 0 (docs/architecture.md).
+
+`--profile N` runs only the week slice, under cProfile, and prints the N functions with the most time of
+their own and the N with the most cumulative time, per request and per engine iteration (the profiler
+slows the run about 2x; the shares are what counts).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="singlepool")
     parser.add_argument("--week-slice-s", type=float, default=3600.0, help="0: skip the week slice")
     parser.add_argument("--week-policy", default="dynamollm")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile the week slice")
     args = parser.parse_args(argv)
     if not 0.0 <= args.week_slice_s <= WEEK_S:
         parser.error(f"--week-slice-s: {args.week_slice_s} not in 0..{WEEK_S:.0f}")
@@ -81,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     if not trace.is_file():
         parser.error(f"--data-dir: {trace} not found")
 
+    if args.profile:
+        if args.week_slice_s <= 0 or args.profile < 1:
+            parser.error("--profile N (N >= 1) needs a week slice (--week-slice-s > 0)")
+        profile_week_slice(args.data_dir, args.week_slice_s, args.week_policy, args.profile)
+        return 0
     cpu = platform.processor() or platform.machine()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +148,39 @@ def bench_week_slice(data_dir: Path, slice_s: float, policy: str) -> None:
         f"week extrapolated (target: under 10 min): by simulated time {by_time_min:.1f} min; "
         f"by requests ({week_requests:,} in the week) {by_requests_min:.1f} min"
     )
+
+
+def profile_week_slice(data_dir: Path, slice_s: float, policy: str, top: int) -> None:
+    """The week slice under cProfile: where the time goes, per request and per engine iteration."""
+    import cProfile
+    import pstats
+
+    extra = ("--duration", f"{slice_s:g}", "--trace-dir", str(data_dir / "traces"))
+    profiler = cProfile.Profile()
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = Path(tmp) / "week.json"
+        profiler.enable()
+        wall_s = run_in_process(WEEK_TRACE, json_path, policy, extra)
+        profiler.disable()
+        report = json.loads(json_path.read_text())
+    requests, iterations = report["requests"], report["engine_iterations"]
+    print(
+        f"profiled: {WEEK_TRACE} first {slice_s:.0f} s, policy {policy}: {requests:,} requests, "
+        f"{iterations:,} engine iterations ({iterations / requests:.1f} per request), {wall_s:.1f} s wall "
+        f"under the profiler ({wall_s / requests * 1e6:.0f} us per request, "
+        f"{wall_s / iterations * 1e6:.1f} us per iteration)"
+    )
+    stats = pstats.Stats(profiler)
+    entries = stats.stats  # type: ignore[attr-defined]
+    total_s = sum(tt for (_, _, tt, _, _) in entries.values())
+    for key, title in ((2, "own time"), (3, "cumulative time")):
+        print(f"top {top} by {title}: share of the run, us per request, calls per request, function")
+        rows = sorted(entries.items(), key=lambda kv: kv[1][key], reverse=True)[:top]
+        for (path, line, name), values in rows:
+            seconds, calls = values[key], values[1]
+            where = f"{Path(path).name}:{line}({name})" if line else name
+            share, per_request_us = seconds / total_s, seconds / requests * 1e6
+            print(f"  {share:6.1%}  {per_request_us:8.1f}  {calls / requests:8.2f}  {where}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="with --compare: size static policies on the busiest S seconds, then run once (week traces)",
     )
+    p.add_argument(
+        "--jobs",
+        default="1",
+        metavar="N",
+        help="with --compare: run the policies in N processes (default 1); the reports are the same",
+    )
     p.add_argument("--rate-scale", default="1.0", metavar="X", help="multiply the request rate (default 1)")
     p.add_argument("--start", default="0", metavar="S", help="window start in the trace, seconds (default 0)")
     p.add_argument(
@@ -239,6 +245,7 @@ class _Options:
     out: Path | None
     trace_dir: Path
     sizing_window_s: float | None
+    jobs: int
     rate_scale: float
     start_s: float
     duration_s: float | None
@@ -306,6 +313,9 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         )
     if args.compare is None and args.sizing_window is not None:
         raise InvalidArgumentError("--sizing-window", args.sizing_window, "only with --compare")
+    jobs = _number(args.jobs, "--jobs", lambda x: x >= 1 and x == int(x), "a whole number of processes >= 1")
+    if args.compare is None and jobs != 1:
+        raise InvalidArgumentError("--jobs", args.jobs, "only with --compare")
     trace_dir = Path(args.trace_dir)
     if args.model not in model_names:
         raise InvalidArgumentError("--model", args.model, model_names)
@@ -328,6 +338,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         sizing_window_s=None
         if args.sizing_window is None
         else _number(args.sizing_window, "--sizing-window", lambda x: x > 0, "seconds > 0"),
+        jobs=int(jobs),
         rate_scale=_number(args.rate_scale, "--rate-scale", lambda x: x > 0, "a positive number"),
         start_s=_number(args.start, "--start", lambda x: x >= 0, "seconds >= 0"),
         duration_s=None
@@ -450,11 +461,13 @@ def _progress_bar(desc: str, total_s: float, enabled: bool) -> Iterator[Progress
 
 
 class _CompareProgress:
-    """`--compare` on stderr: "[i/n] policy: running" and its progress bar, then how it ended."""
+    """`--compare` on stderr: "[i/n] policy: running" and its progress bar (`bars`: one policy at a
+    time; with --jobs the runs report only their start and end), then how it ended."""
 
-    def __init__(self, total_s: float, enabled: bool) -> None:
+    def __init__(self, total_s: float, enabled: bool, *, bars: bool = True) -> None:
         self._total_s = total_s
         self._enabled = enabled
+        self._bars = bars
         self._bar: contextlib.ExitStack | None = None
 
     def policy_started(self, index: int, total: int, name: str) -> ProgressCallback | None:
@@ -462,6 +475,8 @@ class _CompareProgress:
         if not self._enabled:
             return None
         print(f"dctl simulate: [{index}/{total}] {name}: running", file=sys.stderr, flush=True)
+        if not self._bars:
+            return None
         self._bar = contextlib.ExitStack()
         return self._bar.enter_context(_progress_bar(f"[{index}/{total}] {name}", self._total_s, True))
 
@@ -474,7 +489,11 @@ class _CompareProgress:
                 flush=True,
             )
         elif self._enabled:
-            print(f"dctl simulate: [{index}/{total}] {name}: done in {wall_s:.1f} s", file=sys.stderr)
+            print(
+                f"dctl simulate: [{index}/{total}] {name}: done in {wall_s:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         """Take down a bar left open by a run that ended in an exception."""
@@ -630,7 +649,7 @@ def _run_compare(
     from controller.sim.policies import sim_policy
 
     assert opts.out is not None and opts.compare is not None  # validate() requires --out with --compare
-    compare_progress = _CompareProgress(trace.duration_s, opts.progress)
+    compare_progress = _CompareProgress(trace.duration_s, opts.progress, bars=opts.jobs == 1)
     try:
         outcome = run_compare(
             trace,
@@ -644,6 +663,7 @@ def _run_compare(
             workload={"trace_spec": opts.trace, "rate_scale": opts.rate_scale, "start_s": opts.start_s},
             registry={name: partial(sim_policy, name, settings) for name in POLICIES},
             progress=compare_progress,
+            jobs=opts.jobs,
         )
     finally:
         compare_progress.close()

@@ -30,15 +30,26 @@ adds nothing), it goes into every report as `bound` (the `dynamollm.simbound/v1`
 report's `energy_x_bound` (its energy / the bound's), and into the table as a reference row and an
 `x bound` column. A report below its bound (ratio < 1) gets a warning line under the table.
 
-The only wall clock is `clock` (injected, default `time.perf_counter`), used for each report's `wall_s`.
+*Parallel*: with `jobs` > 1 the policies run in that many worker processes (forked where the platform
+can, so they start with the trace loaded). The baseline and every policy that does not start from its
+size go at once; `scalefreq` and `scaleshard` are submitted when the baseline is done, with its size, as
+in a sequential run. Each run is the same simulation as in one process (same seed, same inputs), so the
+reports are identical but for `wall_s`, which a worker measures with its own performance counter; the
+reports keep the run order whatever order the runs end in. A sizing search stays sequential inside its
+run (each trial's size depends on the last).
+
+The only wall clock is `clock` (injected, default `time.perf_counter`), used for each report's `wall_s`
+in a run in this process.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -162,6 +173,7 @@ def run_compare(
     sizing_window_s: float | None = None,
     bound_period_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    jobs: int = 1,
 ) -> CompareOutcome:
     """Run `policies` (empty: every registered one) and `baseline` on `trace`; write DIR's files.
 
@@ -179,7 +191,12 @@ def run_compare(
     `bound_period_s` (None: the pool period of the first report with control periods, else the default
     pool period; the bound's total does not depend on it), and goes into every report (`bound`,
     `energy_x_bound`). The name `bound` is accepted in `policies` and runs nothing.
+
+    `jobs` > 1 runs the policies in that many worker processes (module docstring, *Parallel*); the
+    reports are the same as with `jobs` = 1 but for their wall times.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InvalidArgumentError("--jobs", jobs, "a whole number of processes >= 1")
     if sizing_window_s is not None and not (math.isfinite(sizing_window_s) and sizing_window_s > 0):
         raise InvalidArgumentError("--sizing-window", sizing_window_s, "a positive number of seconds")
     known = policy_registry(sim_settings(profile.model, profile.gpu)) if registry is None else registry
@@ -187,43 +204,19 @@ def run_compare(
         raise InvalidArgumentError("bound_period_s", bound_period_s, "a positive number of seconds")
     accepted = tuple(dict.fromkeys([*known, BOUND_NAME]))
     names = tuple(n for n in order_policies(policies, accepted, baseline) if n != BOUND_NAME)
-    reports: list[dict[str, Any]] = []
-    failures: list[PolicyFailure] = []
-    entries: list[dict[str, Any]] = []
-    baseline_instances = 0
-    for index, name in enumerate(names, start=1):
-        started_s = clock()
-        on_progress = None if progress is None else progress.policy_started(index, len(names), name)
-        try:
-            report, instances = _run_one(
-                trace,
-                name,
-                known[name],
-                profile,
-                config=config,
-                pricing=pricing,
-                slo_target=slo_target,
-                baseline=baseline,
-                baseline_instances=baseline_instances,
-                workload=workload,
-                on_progress=on_progress,
-                sizing_window_s=sizing_window_s,
-                started_s=started_s,
-                clock=clock,
-            )
-        except DynamoError as err:
-            failure = PolicyFailure(name, type(err).__name__, str(err), clock() - started_s)
-            failures.append(failure)
-            entries.append(failure.to_json(trace.name, config.seed))
-            if progress is not None:
-                progress.policy_finished(index, len(names), name, failure.error, failure.wall_s)
-            continue
-        reports.append(report)
-        entries.append(report)
-        if name == baseline:
-            baseline_instances = instances
-        if progress is not None:
-            progress.policy_finished(index, len(names), name, None, report["wall_s"])
+
+    def task(name: str, baseline_instances: int) -> _Task:
+        return _Task(
+            trace, name, known[name], profile, config, pricing, slo_target, baseline, baseline_instances,
+            workload, sizing_window_s,
+        )  # fmt: skip
+
+    runner: _Runner = _Sequential(progress, clock) if jobs == 1 else _Parallel(jobs, progress)
+    by_name = runner.run(names, task)
+    outcomes = [by_name[n] for n in names]
+    reports = [o[0] for o in outcomes if not isinstance(o, PolicyFailure)]
+    failures = [o for o in outcomes if isinstance(o, PolicyFailure)]
+    entries = [o.to_json(trace.name, config.seed) if isinstance(o, PolicyFailure) else o[0] for o in outcomes]
     bound = _attach_bound(trace, profile, reports, config, bound_period_s, clock)
     files: tuple[Path, ...] = ()
     if out_dir is not None:
@@ -259,6 +252,137 @@ def _attach_bound(
         r["energy_x_bound"] = r["energy_j"] / bound.energy_j if bound.energy_j > 0.0 else None
         r["bound"] = doc
     return bound
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    """One policy's run in a comparison: everything it needs, picklable (it may go to a worker)."""
+
+    trace: Trace
+    name: str
+    factory: PolicyFactory
+    profile: Profile
+    config: SimConfig
+    pricing: Pricing
+    slo_target: float
+    baseline: str
+    baseline_instances: int
+    workload: Mapping[str, Any] | None
+    sizing_window_s: float | None
+
+
+# A run's report and the instance count it ran with, or why it could not run.
+Outcome = tuple[dict[str, Any], int] | PolicyFailure
+
+
+def _attempt(task: _Task, on_progress: ProgressCallback | None, clock: Callable[[], float]) -> Outcome:
+    started_s = clock()
+    try:
+        return _run_one(
+            task.trace,
+            task.name,
+            task.factory,
+            task.profile,
+            config=task.config,
+            pricing=task.pricing,
+            slo_target=task.slo_target,
+            baseline=task.baseline,
+            baseline_instances=task.baseline_instances,
+            workload=task.workload,
+            on_progress=on_progress,
+            sizing_window_s=task.sizing_window_s,
+            started_s=started_s,
+            clock=clock,
+        )
+    except DynamoError as err:
+        return PolicyFailure(task.name, type(err).__name__, str(err), clock() - started_s)
+
+
+def _attempt_in_worker(task: _Task) -> Outcome:
+    """`_attempt` in a worker process: no progress bar, the process's own performance counter."""
+    return _attempt(task, None, time.perf_counter)
+
+
+def _needs_baseline_size(factory: PolicyFactory) -> bool:
+    """A dynamic policy that tunes a fleet of a given size starts from the baseline's (module docstring)."""
+    policy = factory()
+    return isinstance(policy, SizablePolicy) and isinstance(policy, DynamicPolicy)
+
+
+class _Runner(Protocol):
+    def run(self, names: Sequence[str], task: Callable[[str, int], _Task]) -> dict[str, Outcome]:
+        """Every policy of `names` (the baseline first), `task(name, baseline_instances)` its run."""
+        ...
+
+
+class _Sequential:
+    """One policy after another in this process, each with its progress bar."""
+
+    def __init__(self, progress: CompareProgress | None, clock: Callable[[], float]) -> None:
+        self._progress, self._clock = progress, clock
+
+    def run(self, names: Sequence[str], task: Callable[[str, int], _Task]) -> dict[str, Outcome]:
+        out: dict[str, Outcome] = {}
+        baseline_instances = 0
+        for index, name in enumerate(names, start=1):
+            on_progress = (
+                None if self._progress is None else self._progress.policy_started(index, len(names), name)
+            )
+            outcome = out[name] = _attempt(task(name, baseline_instances), on_progress, self._clock)
+            if index == 1 and not isinstance(outcome, PolicyFailure):
+                baseline_instances = outcome[1]
+            _tell_finished(self._progress, index, len(names), name, outcome)
+        return out
+
+
+class _Parallel:
+    """The policies in `jobs` worker processes: the baseline and every policy that does not start from
+    its size at once, those that do (scalefreq, scaleshard) once the baseline is done."""
+
+    def __init__(self, jobs: int, progress: CompareProgress | None) -> None:
+        self._jobs, self._progress = jobs, progress
+
+    def run(self, names: Sequence[str], task: Callable[[str, int], _Task]) -> dict[str, Outcome]:
+        index = {name: i for i, name in enumerate(names, start=1)}
+        later = [n for n in names[1:] if _needs_baseline_size(task(n, 0).factory)]
+        out: dict[str, Outcome] = {}
+        # fork where there is one: the workers start with the modules and the trace already loaded.
+        # The parent has run no solver (no solver threads holding locks to inherit), and runs none
+        # while the workers start: they are all started with the first submissions.
+        context = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        )
+        with ProcessPoolExecutor(max_workers=min(self._jobs, len(names)), mp_context=context) as pool:
+            running = {pool.submit(_attempt_in_worker, task(n, 0)): n for n in names if n not in later}
+            for name in running.values():
+                self._started(index[name], len(names), name)
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name = running.pop(future)
+                    outcome = out[name] = future.result()
+                    _tell_finished(self._progress, index[name], len(names), name, outcome)
+                    if name == names[0]:
+                        size = 0 if isinstance(outcome, PolicyFailure) else outcome[1]
+                        for n in later:
+                            running[pool.submit(_attempt_in_worker, task(n, size))] = n
+                            self._started(index[n], len(names), n)
+        return out
+
+    def _started(self, index: int, total: int, name: str) -> None:
+        if self._progress is not None:
+            self._progress.policy_started(index, total, name)  # no bar: runs report only their end
+
+
+def _tell_finished(
+    progress: CompareProgress | None, index: int, total: int, name: str, outcome: Outcome
+) -> None:
+    if progress is None:
+        return
+    if isinstance(outcome, PolicyFailure):
+        progress.policy_finished(index, total, name, outcome.error, outcome.wall_s)
+    else:
+        progress.policy_finished(index, total, name, None, outcome[0]["wall_s"])
 
 
 def _run_one(

@@ -200,6 +200,9 @@ def test_compare_writes_reports_table_and_plots(tmp_path: Path, capsys: pytest.C
         (["--compare", "nope", "--out", "x"], "--compare: got 'nope'"),
         (["--compare"], "--out: got None; allowed: a folder (required with --compare)"),
         (["--compare", "--out", "x", "--sizing-window", "0"], "--sizing-window"),
+        (["--compare", "--out", "x", "--jobs", "0"], "--jobs: got '0'; allowed: a whole number of processes"),
+        (["--compare", "--out", "x", "--jobs", "1.5"], "--jobs"),
+        (["--policy", "singlepool", "--jobs", "2"], "--jobs: got '2'; allowed: only with --compare"),
     ],
 )
 def test_bad_compare_flags_exit_2(flags: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:

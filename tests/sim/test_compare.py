@@ -336,3 +336,56 @@ def test_pool_labels_and_class_key() -> None:
     assert key.startswith("Request classes XY: X = input bin, Y = output bin")
     assert "input S <256, M <1024, L >=1024 tokens" in key and "output S <100, M <350, L >=350" in key
     assert "input S <100" in class_key(ClassBins(input_edges_tokens=(100, 2000)))
+
+
+# ------------------------------------------------------------------ --jobs
+
+
+def _without_wall_times(value: Any) -> Any:
+    """The entries with every `wall_s` removed: the one thing a run in another process may change."""
+    if isinstance(value, dict):
+        return {k: _without_wall_times(v) for k, v in value.items() if k != "wall_s"}
+    if isinstance(value, list | tuple):
+        return [_without_wall_times(v) for v in value]
+    return value
+
+
+class _Heard:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.finished: list[tuple[str, str | None]] = []
+
+    def policy_started(self, index: int, total: int, name: str) -> None:
+        self.started.append(name)
+
+    def policy_finished(self, index: int, total: int, name: str, error: str | None, wall_s: float) -> None:
+        self.finished.append((name, error))
+
+
+def test_jobs_run_the_policies_in_processes_with_the_reports_of_one(trace: Trace, tmp_path: Path) -> None:
+    # scalefreq starts from the baseline's size: it must wait for singlepool in the parallel run too
+    policies = ["dynamollm", "scalefreq", "multipool"]
+    profile = default_profile("llama2-70b", "h100-sxm")
+    runs = {}
+    for jobs in (1, 2):
+        heard = _Heard()
+        runs[jobs] = run_compare(
+            trace, policies, profile, config=SimConfig(seed=5, max_drain_s=120.0), pricing=PRICING,
+            out_dir=tmp_path / f"jobs{jobs}", progress=heard, jobs=jobs,
+        )  # fmt: skip
+        assert sorted(heard.started) == sorted(["singlepool", *policies])
+        assert sorted(heard.finished) == sorted((n, None) for n in ["singlepool", *policies])
+    one, two = runs[1], runs[2]
+    assert [r["policy"] for r in two.entries] == ["singlepool", *policies]  # run order, not finish order
+    assert _without_wall_times(two.entries) == _without_wall_times(one.entries)
+    assert (tmp_path / "jobs2" / TABLE_FILE).read_text() == (tmp_path / "jobs1" / TABLE_FILE).read_text()
+    scalefreq = next(r for r in two.reports if r["policy"] == "scalefreq")
+    assert "baseline's instance count" in scalefreq["workload"]["sizing"]["rule"]
+
+
+@pytest.mark.parametrize("jobs", [0, -1, True, 1.5])
+def test_jobs_must_be_a_whole_number_of_processes(trace: Trace, jobs: Any) -> None:
+    with pytest.raises(InvalidArgumentError) as refused:
+        run_compare(trace, [], default_profile("llama2-70b", "h100-sxm"), config=SimConfig(), pricing=PRICING,
+                    jobs=jobs)  # fmt: skip
+    assert refused.value.field == "--jobs"
