@@ -1,6 +1,7 @@
 """The example broker config (deploy/mosquitto/) run by the real Mosquitto, with only its paths and port
 made local: TLS only, no anonymous or wrong-password logins, each user confined to its topics by the ACL;
-the daemons' own MQTT client logs in over TLS with a password file and publishes through it."""
+the daemons' own MQTT client logs in over TLS with a password file and publishes through it; the
+commented-out require_certificate line, uncommented, lets in only clients with a certificate of the CA."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 
 from agent.api.mqtt import MqttPublisher, load_mqtt_settings
 from tests.conftest import _missing
-from tests.integration.tls_pki import Pki, make_pki, openssl_available
+from tests.integration.tls_pki import Pair, Pki, make_pki, openssl_available
 from tests.mqtt_broker import (
     RECEIVE_TIMEOUT_S,
     MosquittoBroker,
@@ -33,22 +34,28 @@ from tests.mqtt_broker import (
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
 USERS = ("gpu-01", "gpu-02", "controller", "router", "dashboard")
 QUIET_S = 1.0  # how long a refused message is given to (wrongly) arrive
+# A TLS refusal reaches aiomqtt only as a connect time-out; an accepted login on loopback takes ~10 ms.
+REFUSED_S = 2.0
 
 
 def _password(user: str) -> str:
     return f"{user}-secret-password"
 
 
-def _local_config(tmp_path: Path, pki: Pki, port: int) -> str:
-    """The example config with its port and /etc paths replaced (nothing else changes)."""
+def _local_config(tmp_path: Path, pki: Pki, port: int, *, require_certificate: bool) -> str:
+    """The example config with its port and /etc paths replaced (nothing else changes), its
+    require_certificate line uncommented if asked."""
     config = (DEPLOY / "dynamollm.conf").read_text()
     replacements = {
         "listener 8883": f"listener {port} 127.0.0.1",
         "/etc/mosquitto/certs/broker.pem": str(pki.server.cert),
         "/etc/mosquitto/certs/broker.key": str(pki.server.key),
+        "/etc/mosquitto/certs/ca.pem": str(pki.ca.cert),
         "/etc/mosquitto/passwd": str(tmp_path / "passwd"),
         "/etc/mosquitto/dynamollm.acl": str(DEPLOY / "dynamollm.acl"),
     }
+    if require_certificate:
+        replacements["\n# require_certificate true\n"] = "\nrequire_certificate true\n"
     for old, new in replacements.items():
         assert old in config, old
         config = config.replace(old, new)
@@ -56,8 +63,8 @@ def _local_config(tmp_path: Path, pki: Pki, port: int) -> str:
     return config + f"persistence false\nlog_dest stderr\nuser {getpass.getuser()}\n"
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Pki]]:
+@contextlib.contextmanager
+def _running(tmp_path: Path, *, require_certificate: bool = False) -> Iterator[tuple[MosquittoBroker, Pki]]:
     program = mosquitto_path()
     passwd = shutil.which("mosquitto_passwd") or (
         str(Path(program).parent.parent / "bin" / "mosquitto_passwd") if program else None
@@ -73,12 +80,18 @@ def broker(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Pki]]:
             [passwd, *flags, "-b", str(tmp_path / "passwd"), user, _password(user)], check=True, timeout=30
         )
     b = MosquittoBroker(program, tmp_path)
-    b.config_path.write_text(_local_config(tmp_path, pki, b.port))
+    b.config_path.write_text(_local_config(tmp_path, pki, b.port, require_certificate=require_certificate))
     b.start()
     try:
         yield b, pki
     finally:
         b.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Pki]]:
+    with _running(tmp_path) as running:
+        yield running
 
 
 def _tls(pki: Pki) -> aiomqtt.TLSParameters:
@@ -135,6 +148,10 @@ async def test_each_user_publishes_only_its_own_topics(broker: tuple[MosquittoBr
         got += await _up_to(seen, ("dynamollm/v1/controller/events", b"event"))
         async with _client(b, pki, "dashboard") as dashboard:  # read-only
             await dashboard.publish("dynamollm/v1/controller/events", b"forged", qos=1)
+            # the agents' pattern covers every user name: posing as a node named after itself
+            await dashboard.publish("dynamollm/v1/nodes/dashboard/status", b"forged", qos=1, retain=True)
+        async with _client(b, pki, "router") as router:
+            await router.publish("dynamollm/v1/nodes/router/telemetry", b"forged", qos=1)
         await asyncio.sleep(QUIET_S)
         got += _drain(seen)
     assert ("dynamollm/v1/controller/routes", b"table") in got
@@ -167,8 +184,9 @@ async def test_logins_without_the_right_password_or_tls_are_refused(
 ) -> None:
     b, pki = broker
     client = aiomqtt.Client(
-        b.host, b.port, username=user, password=password, tls_params=_tls(pki) if tls else None, timeout=5
-    )
+        b.host, b.port, username=user, password=password, tls_params=_tls(pki) if tls else None,
+        timeout=REFUSED_S,
+    )  # fmt: skip
     with pytest.raises(aiomqtt.MqttError):
         async with client:
             pass
@@ -195,3 +213,33 @@ async def test_the_daemons_client_logs_in_with_tls_and_a_password_file(
             assert await next_payload(seen, "dynamollm/v1/nodes/gpu-01/telemetry") == b"digest"
         finally:
             await publisher.stop()
+
+
+def _login_with(pki: Pki, user: str, pair: Pair | None) -> dict[str, Any]:
+    """`_login`, presenting the client certificate `pair` (None: none) in the TLS handshake."""
+    if pair is None:
+        return _login(pki, user)
+    tls = aiomqtt.TLSParameters(
+        ca_certs=str(pki.ca.cert), certfile=str(pair.cert), keyfile=str(pair.key), cert_reqs=ssl.CERT_REQUIRED
+    )
+    return {**_login(pki, user), "tls_params": tls}
+
+
+async def test_with_require_certificate_only_clients_with_a_certificate_of_the_ca_log_in(
+    tmp_path: Path,
+) -> None:
+    with _running(tmp_path, require_certificate=True) as (b, pki):
+        for pair in (None, pki.stranger):  # no certificate; one of another CA
+            with pytest.raises(aiomqtt.MqttError):  # the client only times out, hence the log check
+                async with aiomqtt.Client(
+                    b.host, b.port, timeout=REFUSED_S, **_login_with(pki, "gpu-01", pair)
+                ):
+                    pass
+        log = b.log_path.read_text(errors="replace")
+        assert "did not return a certificate" in log and "certificate verify failed" in log, log
+        watcher = _login_with(pki, "dashboard", pki.client)
+        async with observe(b.host, b.port, "dynamollm/v1/nodes/#", **watcher) as seen:
+            # the certificate comes on top of the password, which still names the user for the ACL
+            async with aiomqtt.Client(b.host, b.port, **_login_with(pki, "gpu-01", pki.client)) as node:
+                await node.publish("dynamollm/v1/nodes/gpu-01/telemetry", b"digest", qos=1)
+            assert await next_payload(seen, "dynamollm/v1/nodes/gpu-01/telemetry") == b"digest"
