@@ -52,7 +52,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from controller.dctl import cmd_cluster, cmd_load, cmd_model, cmd_node, cmd_profile, cmd_simulate, cmd_top
+    from controller.dctl import (
+        cmd_cluster,
+        cmd_load,
+        cmd_model,
+        cmd_node,
+        cmd_profile,
+        cmd_simulate,
+        cmd_sweep,
+        cmd_top,
+    )
 
     parser = _Parser(
         prog="dctl",
@@ -61,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cmd_simulate, cmd_profile, cmd_model, cmd_node, cmd_cluster, cmd_top, cmd_load):
+    for module in (cmd_simulate, cmd_sweep, cmd_profile, cmd_model, cmd_node, cmd_cluster, cmd_top, cmd_load):
         module.register(sub)
     return parser
 

@@ -73,7 +73,8 @@ def mix_file(policy: str, kind: MixKind) -> str:
     return f"{policy}_{kind}_mix.png"
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +101,7 @@ def plot_power(reports: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Cluster GPU power over time (kW, per-bin means), one line per policy."""
     if not reports:
         raise InvalidArgumentError("reports", [], "at least one report")
-    plt = _pyplot()
+    plt = pyplot()
     unit_s, label = _time_axis(max(r["duration_s"] for r in reports))
     fig, ax = plt.subplots(figsize=(9, 4.5))
     try:
@@ -146,7 +147,7 @@ def plot_mix(report: Mapping[str, Any], kind: MixKind, path: Path) -> Path:
         raise InvalidArgumentError(
             f"report of {report['policy']}", "no pools in timeseries", "at least one pool"
         )
-    plt = _pyplot()
+    plt = pyplot()
     end_s = float(report["duration_s"])
     unit_s, label = _time_axis(end_s)
     fig, axes = plt.subplots(len(pools), 1, figsize=(9, 1.8 * len(pools) + 1.6), sharex=True, squeeze=False)

@@ -1,0 +1,146 @@
+"""`dctl sweep`: a grid of `dctl simulate --compare` runs, resumable, across processes
+(docs/simulator.md, *Sweeps*).
+
+    dctl sweep --grid FILE.toml --out DIR [--jobs N] [--no-progress]
+
+Flow: the grid is read and checked (`controller.sim.sweep.load_grid`; nothing runs on a bad one) -> each
+cell is `dctl simulate --compare ...` in a child process of its own (`--jobs` at a time), writing
+DIR/cells/CELL/ (report.json, table.txt, plots; its stderr in simulate.log); a cell that ran to its end
+(exit 0, or 1 when one of its policies could not run) gets a `done` marker, and a later run of the same
+grid skips it, so an interrupted sweep resumes where it stopped; a cell whose run failed is reported and
+tried again next time -> the rows of every done cell go to DIR/sweep.json (`dynamollm.sweep/v1`),
+DIR/table.txt and DIR/energy.png, and the table to stdout. Exit 0 when every cell is done, 1 when some
+failed. Progress ("[k/n] CELL: done in S s", skipped, FAILED) and a bar over cells on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.api.errors import InvalidArgumentError
+from controller.dctl.output import echo
+
+if TYPE_CHECKING:
+    from controller.sim.sweep import Cell, Grid
+
+DONE = "done"
+CELLS = "cells"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="run a grid of simulate --compare runs (policies x traces x rate scales x seeds x ...)",
+        description=(
+            "Run every cell of a grid (TOML: policies, traces, rate_scales, seeds, objectives, "
+            "predictor_accuracies, duration_s, start_s) as a `dctl simulate --compare`, N at a time, "
+            "skipping the cells a previous run finished; write one table and plot of the grid. "
+            "Format: docs/simulator.md, Sweeps."
+        ),
+    )
+    p.add_argument("--grid", required=True, metavar="FILE.toml", help="the grid")
+    p.add_argument("--out", required=True, metavar="DIR", help="cells/, sweep.json, table.txt, energy.png")
+    p.add_argument("--jobs", default="1", metavar="N", help="cells run at once, each a process (default 1)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _jobs(value: str) -> int:
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise InvalidArgumentError("--jobs", value, "a whole number of processes >= 1")
+    return jobs
+
+
+def run(args: argparse.Namespace) -> int:
+    from controller.sim.sweep import SWEEP_SCHEMA, format_sweep_table, load_grid, plot_sweep, sweep_rows
+    from controller.textfiles import write_text_atomic
+
+    jobs = _jobs(args.jobs)
+    grid_path = Path(args.grid)
+    if not grid_path.is_file():
+        raise InvalidArgumentError("--grid", args.grid, "an existing TOML file")
+    grid = load_grid(grid_path)
+    out = Path(args.out)
+    cells = grid.cells()
+    done, failed = _run_cells(grid, out, jobs, args.progress)
+    finished = [(cell, out / CELLS / cell.key) for cell in cells if cell.key in done]
+    rows = sweep_rows(finished)
+    doc = {
+        "schema": SWEEP_SCHEMA,
+        "grid": str(grid_path),
+        "cells": len(cells),
+        "failed_cells": failed,
+        "rows": rows,
+    }
+    write_text_atomic(out / "sweep.json", json.dumps(doc, indent=2) + "\n")
+    table = format_sweep_table(rows)
+    write_text_atomic(out / "table.txt", table + "\n")
+    if rows:
+        plot_sweep(rows, out / "energy.png")
+    echo(table)
+    if failed:
+        print(f"dctl sweep: {len(failed)} of {len(cells)} cells failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_cells(grid: Grid, out: Path, jobs: int, progress: bool) -> tuple[set[str], list[str]]:
+    """Every cell not yet done, `jobs` at a time; (the keys of the done cells, those that failed)."""
+    from tqdm import tqdm
+
+    cells = grid.cells()
+    done = {c.key for c in cells if (out / CELLS / c.key / DONE).is_file()}
+    todo = [c for c in cells if c.key not in done]
+    total = len(cells)
+    for cell in cells:
+        if cell.key in done:
+            print(f"dctl sweep: {cell.key}: done before, skipped", file=sys.stderr)
+    failed: list[str] = []
+    with (
+        tqdm(
+            total=total, initial=len(done), unit="cell", file=sys.stderr, disable=None if progress else True
+        ) as bar,
+        ThreadPoolExecutor(max_workers=jobs) as pool,
+    ):
+        futures = {pool.submit(_run_cell, grid, cell, out / CELLS / cell.key): cell for cell in todo}
+        for future in as_completed(futures):
+            cell = futures[future]
+            ok, wall_s, why = future.result()
+            if ok:
+                done.add(cell.key)
+            else:
+                failed.append(cell.key)
+            state = f"done in {wall_s:.1f} s" if ok else f"FAILED after {wall_s:.1f} s: {why}"
+            bar.write(f"dctl sweep: [{len(done) + len(failed)}/{total}] {cell.key}: {state}", file=sys.stderr)
+            bar.update(1)
+    return done, failed
+
+
+def _run_cell(grid: Grid, cell: Cell, out_dir: Path) -> tuple[bool, float, str]:
+    """One cell's comparison in a child process; (done, wall seconds, why it failed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DONE).unlink(missing_ok=True)
+    started_s = time.perf_counter()
+    with open(out_dir / "simulate.log", "wb") as log:
+        child = subprocess.run(
+            [sys.executable, "-m", "controller.dctl.main", *grid.simulate_args(cell, out_dir)],
+            stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+    wall_s = time.perf_counter() - started_s
+    # 1: the comparison ran and one of its policies could not (its report says which): the cell is done
+    if child.returncode in (0, 1) and (out_dir / "report.json").is_file():
+        (out_dir / DONE).write_text(f"{wall_s:.3f}\n")
+        return True, wall_s, ""
+    lines = (out_dir / "simulate.log").read_text(errors="replace").strip().splitlines()
+    return False, wall_s, (lines[-1] if lines else f"exit status {child.returncode}")
