@@ -1,10 +1,11 @@
 """`dctl sweep`: a grid of `dctl simulate --compare` runs, resumable, across processes
 (docs/simulator.md, *Sweeps*).
 
-    dctl sweep --grid FILE.toml --out DIR [--jobs N] [--no-progress]
+    dctl sweep --grid FILE.toml --out DIR [--jobs N | --ray ADDRESS] [--no-progress]
 
 Flow: the grid is read and checked (`controller.sim.sweep.load_grid`; nothing runs on a bad one) -> each
-cell is `dctl simulate --compare ...` in a child process of its own (`--jobs` at a time), writing
+cell is `dctl simulate --compare ...` in a child process of its own (`--jobs` at a time here, or as Ray tasks
+on a Ray cluster with `--ray`, Ray being an optional extra), writing
 DIR/cells/CELL/ (report.json, table.txt, plots; its stderr in simulate.log); a cell that ran to its end
 (exit 0, or 1 when one of its policies could not run) gets a `done` marker, and a later run of the same
 grid skips it, so an interrupted sweep resumes where it stopped; a cell whose run failed is reported and
@@ -20,9 +21,10 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.api.errors import InvalidArgumentError
 from controller.dctl.output import echo
@@ -48,6 +50,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--grid", required=True, metavar="FILE.toml", help="the grid")
     p.add_argument("--out", required=True, metavar="DIR", help="cells/, sweep.json, table.txt, energy.png")
     p.add_argument("--jobs", default="1", metavar="N", help="cells run at once, each a process (default 1)")
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run the cells as tasks on this Ray cluster (`auto`, `ray://HOST:PORT`, or `local` for a Ray "
+        "instance started here); DIR must be on a file system every node shares. Needs Ray: "
+        "pip install 'dynamollm[ray]'",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -67,13 +77,16 @@ def run(args: argparse.Namespace) -> int:
     from controller.textfiles import write_text_atomic
 
     jobs = _jobs(args.jobs)
+    if args.ray is not None and jobs != 1:
+        raise InvalidArgumentError("--jobs", args.jobs, "only without --ray (Ray schedules the cells)")
+    ray = _ray(args.ray) if args.ray is not None else None
     grid_path = Path(args.grid)
     if not grid_path.is_file():
         raise InvalidArgumentError("--grid", args.grid, "an existing TOML file")
     grid = load_grid(grid_path)
     out = Path(args.out)
     cells = grid.cells()
-    done, failed = _run_cells(grid, out, jobs, args.progress)
+    done, failed = _run_cells(grid, out, args.progress, _on_ray(ray, args.ray) if ray else _here(jobs))
     finished = [(cell, out / CELLS / cell.key) for cell in cells if cell.key in done]
     rows = sweep_rows(finished)
     doc = {
@@ -95,8 +108,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_cells(grid: Grid, out: Path, jobs: int, progress: bool) -> tuple[set[str], list[str]]:
-    """Every cell not yet done, `jobs` at a time; (the keys of the done cells, those that failed)."""
+Results = Iterator[tuple["Cell", tuple[bool, float, str]]]
+Runner = Callable[["Grid", Sequence["Cell"], Path], Results]
+
+
+def _run_cells(grid: Grid, out: Path, progress: bool, runner: Runner) -> tuple[set[str], list[str]]:
+    """Every cell not yet done, through `runner`; (the keys of the done cells, those that failed)."""
     from tqdm import tqdm
 
     cells = grid.cells()
@@ -107,16 +124,10 @@ def _run_cells(grid: Grid, out: Path, jobs: int, progress: bool) -> tuple[set[st
         if cell.key in done:
             print(f"dctl sweep: {cell.key}: done before, skipped", file=sys.stderr)
     failed: list[str] = []
-    with (
-        tqdm(
-            total=total, initial=len(done), unit="cell", file=sys.stderr, disable=None if progress else True
-        ) as bar,
-        ThreadPoolExecutor(max_workers=jobs) as pool,
-    ):
-        futures = {pool.submit(_run_cell, grid, cell, out / CELLS / cell.key): cell for cell in todo}
-        for future in as_completed(futures):
-            cell = futures[future]
-            ok, wall_s, why = future.result()
+    with tqdm(
+        total=total, initial=len(done), unit="cell", file=sys.stderr, disable=None if progress else True
+    ) as bar:
+        for cell, (ok, wall_s, why) in runner(grid, todo, out):
             if ok:
                 done.add(cell.key)
             else:
@@ -125,6 +136,53 @@ def _run_cells(grid: Grid, out: Path, jobs: int, progress: bool) -> tuple[set[st
             bar.write(f"dctl sweep: [{len(done) + len(failed)}/{total}] {cell.key}: {state}", file=sys.stderr)
             bar.update(1)
     return done, failed
+
+
+def _here(jobs: int) -> Runner:
+    """Cells as child processes of this one, `jobs` at a time."""
+
+    def run(grid: Grid, todo: Sequence[Cell], out: Path) -> Results:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(_run_cell, grid, cell, out / CELLS / cell.key): cell for cell in todo}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+
+    return run
+
+
+def _ray(address: str) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise InvalidArgumentError(
+            "--ray", address, "an address, with Ray installed (pip install 'dynamollm[ray]')"
+        ) from None
+    return ray
+
+
+def _on_ray(ray: Any, address: str) -> Runner:
+    """Cells as Ray tasks (one CPU each), each running the cell's child process on its node."""
+
+    def run(grid: Grid, todo: Sequence[Cell], out: Path) -> Results:
+        try:
+            ray.init(
+                address=None if address == "local" else address, include_dashboard=False, log_to_driver=False
+            )
+        except Exception as exc:  # Ray raises many kinds for an address it cannot reach
+            raise InvalidArgumentError(
+                "--ray", address, f"the address of a running Ray cluster ({exc})"
+            ) from None
+        try:
+            remote = ray.remote(num_cpus=1)(_run_cell)
+            pending = {remote.remote(grid, cell, out / CELLS / cell.key): cell for cell in todo}
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    yield pending.pop(ref), ray.get(ref)
+        finally:
+            ray.shutdown()
+
+    return run
 
 
 def _run_cell(grid: Grid, cell: Cell, out_dir: Path) -> tuple[bool, float, str]:

@@ -124,3 +124,25 @@ def test_bad_flags_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "--grid" in capsys.readouterr().err
     assert main(["sweep", "--grid", str(grid), "--out", str(tmp_path / "o"), "--jobs", "0"]) == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+def test_sweep_on_a_local_ray_instance_gives_the_rows_of_a_local_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install '.[ray]')")
+    grid = _grid(
+        tmp_path,
+        'policies = ["multipool"]\ntraces = ["synthetic:conversation"]\nseeds = [0, 1]\nduration_s = 60\n',
+    )
+    rows = {}
+    for how, flags in (("here", ["--jobs", "2"]), ("ray", ["--ray", "local"])):
+        code = main(["sweep", "--grid", str(grid), "--out", str(tmp_path / how), *flags, "--no-progress"])
+        assert code == 0, capsys.readouterr().err
+        rows[how] = json.loads((tmp_path / how / "sweep.json").read_text())["rows"]
+    assert rows["ray"] == rows["here"] and len(rows["ray"]) == 4
+
+
+def test_ray_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid = _grid(tmp_path, 'policies = ["multipool"]\ntraces = ["synthetic:conversation"]\n')
+    code = main(["sweep", "--grid", str(grid), "--out", str(tmp_path / "o"), "--ray", "local", "--jobs", "2"])
+    assert code == 2 and "--jobs: got '2'; allowed: only without --ray" in capsys.readouterr().err
