@@ -7,8 +7,9 @@ Flow: the grid is read and checked (`controller.sim.sweep.load_grid`; nothing ru
 cell is `dctl simulate --compare ...` in a child process of its own (`--jobs` at a time here, or as Ray tasks
 on a Ray cluster with `--ray`, Ray being an optional extra), writing
 DIR/cells/CELL/ (report.json, table.txt, plots; its stderr in simulate.log); a cell that ran to its end
-(exit 0, or 1 when one of its policies could not run) gets a `done` marker, and a later run of the same
-grid skips it, so an interrupted sweep resumes where it stopped; a cell whose run failed is reported and
+(exit 0, or 1 when one of its policies could not run) gets a `done` marker holding the arguments it ran
+with, and a later run skips it while its arguments are the same (a grid whose policies or window changed
+runs it again), so an interrupted sweep resumes where it stopped; a cell whose run failed is reported and
 tried again next time -> the rows of every done cell go to DIR/sweep.json (`dynamollm.sweep/v1`),
 DIR/table.txt and DIR/energy.png, and the table to stdout. Exit 0 when every cell is done, 1 when some
 failed. Progress ("[k/n] CELL: done in S s", skipped, FAILED) and a bar over cells on stderr.
@@ -117,7 +118,7 @@ def _run_cells(grid: Grid, out: Path, progress: bool, runner: Runner) -> tuple[s
     from tqdm import tqdm
 
     cells = grid.cells()
-    done = {c.key for c in cells if (out / CELLS / c.key / DONE).is_file()}
+    done = {c.key for c in cells if _is_done(grid, c, out / CELLS / c.key)}
     todo = [c for c in cells if c.key not in done]
     total = len(cells)
     for cell in cells:
@@ -185,6 +186,17 @@ def _on_ray(ray: Any, address: str) -> Runner:
     return run
 
 
+def _marker(grid: Grid, cell: Cell, out_dir: Path) -> str:
+    """What a cell's `done` marker holds: the arguments it ran with (its folder's path left out)."""
+    return json.dumps([a for a in grid.simulate_args(cell, out_dir) if a != str(out_dir)]) + "\n"
+
+
+def _is_done(grid: Grid, cell: Cell, out_dir: Path) -> bool:
+    """Done by a run with the same arguments: a grid whose policies or durations changed runs it again."""
+    marker = out_dir / DONE
+    return marker.is_file() and marker.read_text(errors="replace") == _marker(grid, cell, out_dir)
+
+
 def _run_cell(grid: Grid, cell: Cell, out_dir: Path) -> tuple[bool, float, str]:
     """One cell's comparison in a child process; (done, wall seconds, why it failed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +210,7 @@ def _run_cell(grid: Grid, cell: Cell, out_dir: Path) -> tuple[bool, float, str]:
     wall_s = time.perf_counter() - started_s
     # 1: the comparison ran and one of its policies could not (its report says which): the cell is done
     if child.returncode in (0, 1) and (out_dir / "report.json").is_file():
-        (out_dir / DONE).write_text(f"{wall_s:.3f}\n")
+        (out_dir / DONE).write_text(_marker(grid, cell, out_dir))
         return True, wall_s, ""
     lines = (out_dir / "simulate.log").read_text(errors="replace").strip().splitlines()
     return False, wall_s, (lines[-1] if lines else f"exit status {child.returncode}")

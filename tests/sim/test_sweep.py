@@ -115,6 +115,14 @@ def test_sweep_runs_resumes_and_reports_a_failing_cell(
     assert f"{good[1]}: done in" in stderr and report.stat().st_mtime_ns == before
     assert stderr.count("FAILED") == 2  # failed cells are tried again
 
+    grid.write_text(grid.read_text().replace('["multipool"]', '["multipool", "scaleinst"]'))
+    code = main(["sweep", "--grid", str(grid), "--out", str(out), "--no-progress"])
+    _, stderr = capsys.readouterr()
+    assert "skipped" not in stderr and report.stat().st_mtime_ns != before  # other policies: run again
+    assert {r["policy"] for r in json.loads((out / "sweep.json").read_text())["rows"]} == {
+        "singlepool", "multipool", "scaleinst"
+    }  # fmt: skip
+
 
 def test_bad_flags_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     grid = _grid(tmp_path, 'policies = ["dynamollm"]\ntraces = ["synthetic:coding"]\nbogus = 1\n')
