@@ -126,6 +126,9 @@ def load_grid(path: Path) -> Grid:
         if key not in known:
             raise InvalidArgumentError(f"grid.{key}", doc[key], f"one of the keys {', '.join(known)}")
     lists = {key: _list(doc, key) for key in _LISTS}
+    names = [Cell(t, 1.0, 0, "energy", None).key for t in lists["traces"]]
+    if len(set(names)) != len(names):  # each cell's folder is named after its trace's file name
+        raise InvalidArgumentError("grid.traces", lists["traces"], "traces whose file names differ")
     return Grid(
         policies=_policies(lists["policies"]),
         traces=tuple(lists["traces"]),

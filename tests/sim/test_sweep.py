@@ -65,6 +65,7 @@ def test_cells_are_the_cross_product_with_stable_names(tmp_path: Path) -> None:
         ),
         ('policies = ["dynamollm"]\ntraces = ["x"]\nduration_s = "long"\n', "grid.duration_s"),
         ('policies = ["dynamollm"]\ntraces = ["x"]\nwhatever = 1\n', "grid.whatever"),
+        ('policies = ["dynamollm"]\ntraces = ["a/t.csv", "b/t.csv"]\n', "grid.traces"),
     ],
 )
 def test_a_bad_grid_names_the_key(tmp_path: Path, text: str, key: str) -> None:
