@@ -42,7 +42,7 @@ from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError
 from agent.api.log import configure_logging
 from agent.api.metrics_http import serve_metrics
 from agent.api.serving import bind, unix_path
-from agent.api.systemd import sd_notify, watchdog_loop, watchdog_period_s
+from agent.api.systemd import notify_ready, sd_notify
 from agent.api.v1 import control_pb2, telemetry_pb2
 from agent.audit import AuditLog
 from agent.engine.driver import EngineDriver
@@ -318,10 +318,7 @@ async def _serve(settings: AgentSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sd_notify("READY=1")
-    period_s = watchdog_period_s()
-    if period_s is not None:
-        running.tasks.append(asyncio.create_task(watchdog_loop(period_s), name="sd-watchdog"))
+    notify_ready(running.tasks)
     await stop.wait()
     log.info("agent_stopping")
     sd_notify("STOPPING=1")

@@ -49,7 +49,7 @@ from agent.api.log import configure_logging
 from agent.api.metrics_http import serve_metrics
 from agent.api.mqtt import MqttPublisher
 from agent.api.serving import bind
-from agent.api.systemd import sd_notify, watchdog_loop, watchdog_period_s
+from agent.api.systemd import notify_ready, sd_notify
 from controller.admin.service import SERVICE, AdminServicer, add_admin_service
 from controller.admin.views import ControllerCore
 from controller.control.cycle import ControlCycle, CycleConfig, FixedPlan
@@ -393,10 +393,7 @@ async def _serve(settings: ControllerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sd_notify("READY=1")
-    period_s = watchdog_period_s()
-    if period_s is not None:
-        running.tasks.append(asyncio.create_task(watchdog_loop(period_s), name="sd-watchdog"))
+    notify_ready(running.tasks)
     await stop.wait()
     log.info("controller_stopping")
     sd_notify("STOPPING=1")

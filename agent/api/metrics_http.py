@@ -1,5 +1,6 @@
 """Serving a daemon's Prometheus metrics: `GET /metrics` over plain HTTP on its `metrics_listen` address,
-shared by both daemons' entry points (`dynamollm-agent`, and the controller's daemon). The daemon hands
+shared by the agent's and the controller's entry points (the router serves its own on its API port, with
+the same `CONTENT_TYPE`). The daemon hands
 over how to render its exposition (the agent's reads the latest telemetry first, hence awaitable); a
 bind failure is an `InvalidArgumentError` naming `metrics_listen` (the entry point prints one line and
 exits 2).

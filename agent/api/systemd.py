@@ -1,5 +1,5 @@
-"""systemd integration shared by both daemons' entry points (`dynamollm-agent`, and the controller's
-daemon): readiness and stop notices on NOTIFY_SOCKET (Type=notify) and the watchdog keep-alive. Outside
+"""systemd integration shared by the daemons' entry points (`dynamollm-agent`, the controller's and the
+router's): readiness and stop notices on NOTIFY_SOCKET (Type=notify) and the watchdog keep-alive. Outside
 systemd every call here is a no-op.
 """
 
@@ -47,3 +47,12 @@ async def watchdog_loop(period_s: float) -> None:
     while True:
         sd_notify("WATCHDOG=1")
         await asyncio.sleep(period_s)
+
+
+def notify_ready(tasks: list[asyncio.Task[None]]) -> None:
+    """READY=1 for a daemon that now serves, and its watchdog pings as a task added to `tasks` (the
+    daemon cancels them at its stop) when systemd's watchdog is on for this process."""
+    sd_notify("READY=1")
+    period_s = watchdog_period_s()
+    if period_s is not None:
+        tasks.append(asyncio.create_task(watchdog_loop(period_s), name="sd-watchdog"))

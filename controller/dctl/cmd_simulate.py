@@ -283,6 +283,11 @@ def _number(value: str, flag: str, ok: Callable[[float], bool], allowed: str) ->
     return x
 
 
+def jobs_count(value: str) -> int:
+    """`--jobs N`: worker processes (`simulate --compare`, `sweep`)."""
+    return int(_number(value, "--jobs", lambda x: x >= 1 and x == int(x), "a whole number of processes >= 1"))
+
+
 def _periods(value: str | None) -> tuple[float, float, float] | None:
     if value is None:
         return None
@@ -313,7 +318,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         )
     if args.compare is None and args.sizing_window is not None:
         raise InvalidArgumentError("--sizing-window", args.sizing_window, "only with --compare")
-    jobs = _number(args.jobs, "--jobs", lambda x: x >= 1 and x == int(x), "a whole number of processes >= 1")
+    jobs = jobs_count(args.jobs)
     if args.compare is None and jobs != 1:
         raise InvalidArgumentError("--jobs", args.jobs, "only with --compare")
     trace_dir = Path(args.trace_dir)
@@ -338,7 +343,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         sizing_window_s=None
         if args.sizing_window is None
         else _number(args.sizing_window, "--sizing-window", lambda x: x > 0, "seconds > 0"),
-        jobs=int(jobs),
+        jobs=jobs,
         rate_scale=_number(args.rate_scale, "--rate-scale", lambda x: x > 0, "a positive number"),
         start_s=_number(args.start, "--start", lambda x: x >= 0, "seconds >= 0"),
         duration_s=None

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.api.errors import InvalidArgumentError
+from controller.dctl.cmd_simulate import jobs_count
 from controller.dctl.output import echo
 
 if TYPE_CHECKING:
@@ -63,21 +64,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=run)
 
 
-def _jobs(value: str) -> int:
-    try:
-        jobs = int(value)
-    except ValueError:
-        jobs = 0
-    if jobs < 1:
-        raise InvalidArgumentError("--jobs", value, "a whole number of processes >= 1")
-    return jobs
-
-
 def run(args: argparse.Namespace) -> int:
     from controller.sim.sweep import SWEEP_SCHEMA, format_sweep_table, load_grid, plot_sweep, sweep_rows
     from controller.textfiles import write_text_atomic
 
-    jobs = _jobs(args.jobs)
+    jobs = jobs_count(args.jobs)
     if args.ray is not None and jobs != 1:
         raise InvalidArgumentError("--jobs", args.jobs, "only without --ray (Ray schedules the cells)")
     ray = _ray(args.ray) if args.ray is not None else None

@@ -44,12 +44,13 @@ from aiohttp import web
 
 from agent.api.errors import DataFileError, DynamoError, InvalidArgumentError, NotFoundError
 from agent.api.log import configure_logging
+from agent.api.metrics_http import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.api.mqtt import MqttSubscriber
-from agent.api.systemd import sd_notify, watchdog_loop, watchdog_period_s
+from agent.api.systemd import notify_ready, sd_notify
 from controller.api.client import AdminClient
 from controller.api.v1 import admin_pb2
 from controller.fanout import routes_from_payload, routes_topic
-from controller.model.classes import REQUEST_CLASSES, ClassBins
+from controller.model.classes import REQUEST_CLASSES, ClassBins, class_by_name
 from controller.model.profile import Profile
 from controller.policy.predict import OutputPredictor, predict_output_bin, update
 from controller.profiles import default_profile, load_profile
@@ -63,7 +64,6 @@ log = structlog.get_logger("controller.router")
 
 BINS = ClassBins()
 N_OUT = 3
-_OUT_BIN = {c.name: i % N_OUT for i, c in enumerate(REQUEST_CLASSES)}  # a class's output bin
 MAX_PENDING_REPORTS = 100_000
 RETRY_AFTER_S = "1"
 FINAL_REPORT_TIMEOUT_S = 2.0  # the last traffic report at stop: a controller that is down does not hold it
@@ -134,7 +134,7 @@ class Router:
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         body = self.metrics.exposition({pool: len(q) for pool, q in self.queues.items()})
-        return web.Response(body=body, content_type="text/plain")
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def completions_handler(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -356,7 +356,7 @@ class Router:
             if tokens > 1:
                 self.metrics.tbt.labels(true_cls).observe(tbt_s)
             self.predictor = update(self.predictor, parsed.input_tokens, tokens)
-            self.metrics.prediction(_OUT_BIN[cls], BINS.output_bin(tokens))
+            self.metrics.prediction(class_by_name(cls).output_bin, BINS.output_bin(tokens))
         self.metrics.slo_outcome(true_cls, met)
         self._append(
             self.completions,
@@ -569,10 +569,7 @@ async def _serve(settings: RouterSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sd_notify("READY=1")
-    period_s = watchdog_period_s()
-    if period_s is not None:
-        running.tasks.append(asyncio.create_task(watchdog_loop(period_s), name="sd-watchdog"))
+    notify_ready(running.tasks)
     await stop.wait()
     sd_notify("STOPPING=1")
     await running.stop()

@@ -49,6 +49,11 @@ _DEFAULTS: Mapping[str, list[Any]] = {
 }
 
 
+def _trace_name(trace: str) -> str:
+    """A trace as a cell's folder names it: a file by its file name, a synthetic or week spec as written."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", Path(trace).name if "/" in trace else trace)
+
+
 @dataclass(frozen=True, slots=True)
 class Cell:
     """One comparison of the grid."""
@@ -63,8 +68,7 @@ class Cell:
     def key(self) -> str:
         """A name for its folder, the same in every run of the same grid (resuming relies on it)."""
         accuracy = ONLINE if self.predictor_accuracy is None else f"acc{self.predictor_accuracy:g}"
-        trace = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(self.trace).name if "/" in self.trace else self.trace)
-        return f"{trace}_x{self.rate_scale:g}_seed{self.seed}_{self.objective}_{accuracy}"
+        return f"{_trace_name(self.trace)}_x{self.rate_scale:g}_seed{self.seed}_{self.objective}_{accuracy}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,20 +130,24 @@ def load_grid(path: Path) -> Grid:
         if key not in known:
             raise InvalidArgumentError(f"grid.{key}", doc[key], f"one of the keys {', '.join(known)}")
     lists = {key: _list(doc, key) for key in _LISTS}
-    names = [Cell(t, 1.0, 0, "energy", None).key for t in lists["traces"]]
+    names = [_trace_name(t) for t in lists["traces"]]
     if len(set(names)) != len(names):  # each cell's folder is named after its trace's file name
         raise InvalidArgumentError("grid.traces", lists["traces"], "traces whose file names differ")
+    policies = tuple(n for n in SIM_POLICIES if n != BOUND_NAME)
     return Grid(
-        policies=_policies(lists["policies"]),
+        policies=tuple(_checked("grid.policies", n, n in policies, policies) for n in lists["policies"]),
         traces=tuple(lists["traces"]),
-        rate_scales=tuple(_positive("grid.rate_scales", float(x)) for x in lists["rate_scales"]),
-        seeds=tuple(_seed(x) for x in lists["seeds"]),
-        objectives=tuple(_choice("grid.objectives", x, OBJECTIVES) for x in lists["objectives"]),
+        rate_scales=tuple(
+            _checked("grid.rate_scales", float(x), math.isfinite(x) and x > 0, "positive numbers")
+            for x in lists["rate_scales"]
+        ),
+        seeds=tuple(_checked("grid.seeds", x, x >= 0, "integers >= 0") for x in lists["seeds"]),
+        objectives=tuple(
+            _checked("grid.objectives", x, x in OBJECTIVES, OBJECTIVES) for x in lists["objectives"]
+        ),
         predictor_accuracies=tuple(_accuracy(x) for x in lists["predictor_accuracies"]),
-        duration_s=None
-        if "duration_s" not in doc
-        else _positive("grid.duration_s", _number(doc, "duration_s")),
-        start_s=_at_least_zero("grid.start_s", _number(doc, "start_s")) if "start_s" in doc else 0.0,
+        duration_s=_seconds(doc, "duration_s", positive=True) if "duration_s" in doc else None,
+        start_s=_seconds(doc, "start_s", positive=False) if "start_s" in doc else 0.0,
     )
 
 
@@ -155,45 +163,23 @@ def _list(doc: Mapping[str, Any], key: str) -> list[Any]:
     ):
         names = " or ".join(k.__name__ for k in kinds)
         raise InvalidArgumentError(f"grid.{key}", value, f"a non-empty list of {names}")
-    if len(set(map(repr, value))) != len(value):
+    if len(set(value)) != len(value):  # by value: 1 and 1.0 are one rate scale (and one cell folder)
         raise InvalidArgumentError(f"grid.{key}", value, "each value once")
     return value
 
 
-def _policies(names: Sequence[str]) -> tuple[str, ...]:
-    allowed = tuple(n for n in SIM_POLICIES if n != BOUND_NAME)
-    return tuple(_choice("grid.policies", n, allowed) for n in names)
-
-
-def _choice(key: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise InvalidArgumentError(key, value, tuple(allowed))
+def _checked(key: str, value: Any, ok: bool, allowed: str | tuple[str, ...]) -> Any:
+    """`value`, or InvalidArgumentError naming `key` and `allowed` when it is not `ok`."""
+    if not ok:
+        raise InvalidArgumentError(key, value, allowed)
     return value
 
 
-def _number(doc: Mapping[str, Any], key: str) -> float:
+def _seconds(doc: Mapping[str, Any], key: str, *, positive: bool) -> float:
     value = doc[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgumentError(f"grid.{key}", value, "a number")
-    return float(value)
-
-
-def _positive(key: str, value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise InvalidArgumentError(key, value, "a positive number")
-    return value
-
-
-def _at_least_zero(key: str, value: float) -> float:
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidArgumentError(key, value, "a number >= 0")
-    return value
-
-
-def _seed(value: int) -> int:
-    if value < 0:
-        raise InvalidArgumentError("grid.seeds", value, "integers >= 0")
-    return value
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = number and (value > 0 if positive else value >= 0)
+    return float(_checked(f"grid.{key}", value, ok, "seconds > 0" if positive else "seconds >= 0"))
 
 
 def _accuracy(value: float | str) -> float | None:
