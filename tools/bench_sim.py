@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -79,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--week-slice-s", type=float, default=3600.0, help="0: skip the week slice")
     parser.add_argument("--week-policy", default="dynamollm")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile the week slice")
+    parser.add_argument(
+        "--engine",
+        choices=("both", "fast", "reference"),
+        default="both",
+        help="week slice: the simulator's engine (decode runs in one step), the reference engine (every "
+        "iteration on its own), or both in this run, compared (default both)",
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.week_slice_s <= WEEK_S:
         parser.error(f"--week-slice-s: {args.week_slice_s} not in 0..{WEEK_S:.0f}")
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         if args.week_slice_s <= 0 or args.profile < 1:
             parser.error("--profile N (N >= 1) needs a week slice (--week-slice-s > 0)")
-        profile_week_slice(args.data_dir, args.week_slice_s, args.week_policy, args.profile)
+        profile_week_slice(args.data_dir, args.week_slice_s, args.week_policy, args.profile, args.engine)
         return 0
     cpu = platform.processor() or platform.machine()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}")
@@ -118,25 +126,42 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"report wall_s (load + simulate, inside dctl): {report['wall_s']:.1f} s")
     if args.week_slice_s > 0:
-        bench_week_slice(args.data_dir, args.week_slice_s, args.week_policy)
+        engines = ("reference", "fast") if args.engine == "both" else (args.engine,)
+        bench_week_slice(args.data_dir, args.week_slice_s, args.week_policy, engines)
     return 0
 
 
-def bench_week_slice(data_dir: Path, slice_s: float, policy: str) -> None:
-    """The first `slice_s` of the Azure week under `policy`, timed in this process, and the week
-    extrapolated from it by simulated time."""
+def _week_extra(data_dir: Path, slice_s: float, engine: str) -> tuple[str, ...]:
     extra = ("--duration", f"{slice_s:g}", "--trace-dir", str(data_dir / "traces"))
-    with tempfile.TemporaryDirectory() as tmp:
-        json_path = Path(tmp) / "week.json"
-        wall_s = run_in_process(WEEK_TRACE, json_path, policy, extra)
-        report = json.loads(json_path.read_text())
-    iterations = report["engine_iterations"]
-    print(
-        f"week slice: {WEEK_TRACE} first {slice_s:.0f} s, policy {policy}: {report['requests']:,} requests, "
-        f"SLO attainment {report['slo_attainment']:.2%}, {wall_s:.1f} s wall; "
-        f"{report['requests'] / wall_s:,.0f} requests/s, {iterations:,} engine iterations "
-        f"({iterations / wall_s:,.0f}/s)"
-    )
+    return (*extra, "--reference-engine") if engine == "reference" else extra
+
+
+def bench_week_slice(data_dir: Path, slice_s: float, policy: str, engines: tuple[str, ...]) -> None:
+    """The first `slice_s` of the Azure week under `policy`, timed in this process with each engine, and
+    the week extrapolated from the last by simulated time and by requests."""
+    walls: dict[str, float] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for engine in engines:
+        with tempfile.TemporaryDirectory() as tmp:
+            json_path = Path(tmp) / "week.json"
+            walls[engine] = run_in_process(
+                WEEK_TRACE, json_path, policy, _week_extra(data_dir, slice_s, engine)
+            )
+            reports[engine] = json.loads(json_path.read_text())
+        report, wall_s = reports[engine], walls[engine]
+        iterations = report["engine_iterations"]
+        print(
+            f"week slice, {engine} engine: {WEEK_TRACE} first {slice_s:.0f} s, policy {policy}: "
+            f"{report['requests']:,} requests, SLO attainment {report['slo_attainment']:.2%}, "
+            f"{wall_s:.1f} s wall; {report['requests'] / wall_s:,.0f} requests/s, {iterations:,} engine "
+            f"iterations ({iterations / wall_s:,.0f}/s)"
+        )
+    if len(walls) == 2:
+        same = _without_wall(reports["fast"]) == _without_wall(reports["reference"])
+        print(
+            f"fast engine {walls['reference'] / walls['fast']:.2f}x the reference engine's requests/s "
+            f"(target >= 5x); reports {'identical' if same else 'DIFFER'} but for wall_s"
+        )
     from controller.sim.week import HOURLY_FILE, read_hourly_counts
 
     # The week's hourly counts (its arrivals are Poisson around them): no need to build 27 M requests.
@@ -150,12 +175,16 @@ def bench_week_slice(data_dir: Path, slice_s: float, policy: str) -> None:
     )
 
 
-def profile_week_slice(data_dir: Path, slice_s: float, policy: str, top: int) -> None:
+def _without_wall(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != "wall_s"}
+
+
+def profile_week_slice(data_dir: Path, slice_s: float, policy: str, top: int, engine: str) -> None:
     """The week slice under cProfile: where the time goes, per request and per engine iteration."""
     import cProfile
     import pstats
 
-    extra = ("--duration", f"{slice_s:g}", "--trace-dir", str(data_dir / "traces"))
+    extra = _week_extra(data_dir, slice_s, "fast" if engine == "both" else engine)
     profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(tmp) / "week.json"

@@ -224,12 +224,20 @@ class SimEngine:
         config: EngineConfig = _DEFAULT_CONFIG,
         start_s: float = 0.0,
         power_bin_s: float = 1.0,
+        stepwise: bool = False,
     ) -> None:
         if not math.isfinite(start_s):
             raise InvalidArgumentError("start_s", start_s, "a finite time in seconds")
         if not (power_bin_s > 0 and math.isfinite(power_bin_s)):
             raise InvalidArgumentError("power_bin_s", power_bin_s, "positive seconds")
         self._iteration = perf.iteration
+        # Runs of decode-only iterations are priced in one call where the model can (an optional
+        # `decode_iterations(clock_mhz, decode_seqs, first_context_tokens, count)` equal to `iteration`
+        # on each, as `agent.sim.physics.PerfModel` has), unless `stepwise` asks for the reference engine
+        # that takes every iteration on its own. The results are the same, bit for bit.
+        self._decode_run: Callable[[float, int, int, int], tuple[list[float], list[float]]] | None = (
+            None if stepwise else getattr(perf, "decode_iterations", None)
+        )
         self._config = config
         self._rng = rng
         self._min_clock_mhz = perf.min_clock_mhz
@@ -489,7 +497,8 @@ class SimEngine:
                 self._energy_j += self._idle_total_w * (t_s - self._now_s)
                 self._now_s = t_s
                 return
-            self._run_iteration()
+            if self._decode_run is None or not self._run_decodes(t_s):
+                self._run_iteration()
 
     def close(self, end_s: float) -> None:
         """Advance to end_s and account energy up to exactly end_s: the part of the last iteration after
@@ -548,12 +557,15 @@ class SimEngine:
 
     def _next_jitter(self) -> float:
         if self._jitter_pos >= len(self._jitter):
-            z = self._rng.standard_normal(_JITTER_BLOCK)
-            self._jitter = np.exp(self._jitter_mu + self._jitter_sigma * z).tolist()
-            self._jitter_pos = 0
+            self._draw_jitter()
         m = self._jitter[self._jitter_pos]
         self._jitter_pos += 1
         return m
+
+    def _draw_jitter(self) -> None:
+        z = self._rng.standard_normal(_JITTER_BLOCK)
+        self._jitter = np.exp(self._jitter_mu + self._jitter_sigma * z).tolist()
+        self._jitter_pos = 0
 
     def _gap_max(self, first_iter: int, last_iter: int) -> float:
         """Largest iteration duration over iterations first_iter..last_iter (inclusive, non-empty)."""
@@ -723,6 +735,81 @@ class SimEngine:
             self._log_base = it + 1
         elif len(self._dur_log) >= self._log_trim_at:
             self._trim_log()
+
+    def _decode_run_length(self, t_s: float) -> int:
+        """How many of the next iterations are sure to only decode, the same batch each time: no request
+        can be admitted, none is preempted, none completes (the iteration that completes one is left to
+        `_run_iteration`). Capped by a guess of how many start before t_s. 0 when the next one differs."""
+        n = self._num_decoding
+        if n == 0 or self._prefilling:
+            return 0
+        heap = self._finish_heap
+        while heap[0][2].state != _DECODE or heap[0][2].admit_seq != heap[0][1]:
+            heapq.heappop(heap)  # stale: preempted during its decode (popped later anyway, to no effect)
+        kv_room = self._kv_capacity_tokens - self._prefill_alloc - self._ctx_sum
+        waiting = self._waiting
+        if kv_room < 0 or (
+            waiting
+            and self._max_batched > n
+            and len(self._running) < self._max_seqs
+            and waiting[0].target <= self._max_request_tokens - self._prefill_alloc - self._ctx_sum
+        ):
+            return 0  # a preemption or an admission is due; a blocked admission stays blocked in the run
+        count = min(heap[0][0] - self._iter, kv_room // n + 1)
+        last_s = self._last_end_s - self._last_start_s
+        if last_s > 0.0:
+            # the context only grows in the run, so iterations take at least about as long as the last
+            count = min(count, int((t_s - self._now_s) / last_s) + 2)
+        return count
+
+    def _run_decodes(self, t_s: float) -> bool:
+        """Run the iterations of a decode-only run that start before t_s, priced in one call; False (and
+        nothing run) when the next iteration is not part of one. The same arithmetic, in the same order,
+        as `_run_iteration` on each of them."""
+        count = self._decode_run_length(t_s)
+        if count < 2:
+            return False
+        assert self._decode_run is not None
+        n = self._num_decoding
+        latencies_s, powers_w = self._decode_run(self._clock_mhz, n, self._ctx_sum, count)
+        jitter = self._jitter_sigma > 0.0
+        tp, bins = self._tp, self._bins
+        now_s, bin_end_s = self._now_s, self._bin_end_s
+        energy_j, busy_s = self._energy_j, self._busy_s
+        run: list[float] = []
+        start_s = total_w = 0.0
+        for latency_s, power_w in zip(latencies_s, powers_w, strict=True):
+            if now_s >= t_s:
+                break
+            if jitter:
+                if self._jitter_pos >= len(self._jitter):
+                    self._draw_jitter()
+                latency_s *= self._jitter[self._jitter_pos]
+                self._jitter_pos += 1
+            start_s = now_s
+            now_s = start_s + latency_s
+            total_w = tp * power_w
+            e_j = total_w * latency_s
+            energy_j += e_j
+            if now_s <= bin_end_s:
+                bins[-1] += e_j
+            else:
+                self._add_energy(start_s, now_s, total_w)
+                bin_end_s = self._bin_end_s
+            busy_s += latency_s
+            run.append(latency_s)
+        done = len(run)
+        self._now_s, self._energy_j, self._busy_s = now_s, energy_j, busy_s
+        self._last_start_s, self._last_end_s, self._last_total_w = start_s, now_s, total_w
+        self._dur_log.extend(run)
+        self._hist_gap_s.extend(run)
+        self._hist_tokens.extend([n] * done)
+        self._ctx_sum += n * done
+        self._outstanding -= n * done
+        self._iter += done
+        if len(self._dur_log) >= self._log_trim_at:
+            self._trim_log()
+        return True
 
     def _trim_log(self) -> None:
         """Drop log entries older than the first decode iteration of every decoding request."""

@@ -212,6 +212,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="dynamic policies: TP changes by GPU-to-GPU re-shard (~50 ms) instead of drain + restart",
     )
     p.add_argument(
+        "--reference-engine",
+        action="store_true",
+        help="run every engine iteration on its own, as the simulator did before it advanced over runs "
+        "of decode-only iterations in one step: slower, the same report (the check of the fast path)",
+    )
+    p.add_argument(
         "--policy-config",
         default=None,
         metavar="FILE",
@@ -266,6 +272,7 @@ class _Options:
     predictor_accuracy: float | None
     periods: tuple[float, float, float] | None
     fast_reshard: bool
+    reference_engine: bool
     policy_config: Path | None
     json_path: Path | None
     workload_stats_path: Path | None
@@ -383,6 +390,7 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
         ),
         periods=_periods(args.periods),
         fast_reshard=bool(args.fast_reshard),
+        reference_engine=bool(args.reference_engine),
         policy_config=existing_file(args.policy_config, "--policy-config", "a TOML file of policy settings"),
         json_path=writable_json(args.json),
         workload_stats_path=writable_json(args.workload_stats, "--workload-stats"),
@@ -524,6 +532,7 @@ def run(args: argparse.Namespace) -> int:
         seed=opts.seed,
         max_drain_s=opts.max_drain_s,
         predictor_accuracy=opts.predictor_accuracy,
+        reference_engine=opts.reference_engine,
     )
     if opts.nodes is not None:
         config = replace(config, total_gpus=GPUS_PER_SERVER * opts.nodes, max_nodes=opts.nodes)

@@ -84,6 +84,9 @@ class SimConfig:
     # How often (simulated seconds) the progress callback is called.
     progress_step_s: float = 10.0
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Run every engine iteration on its own (the reference engine) instead of advancing over runs of
+    # decode-only iterations in one step: slower, the same report bit for bit (docs/simulator.md).
+    reference_engine: bool = False
     bins: ClassBins = field(default_factory=ClassBins)
     # Bin of the report's time series (power, GPUs, servers, pool mixes): per minute keeps a week small.
     series_bin_s: float = 60.0
@@ -225,7 +228,15 @@ def simulate_cycle(
         ),
     )
     outcomes = Outcomes(len(trace))
-    fleet = SimFleet(perf, cfg.engine, engine_rng, outcomes, router.routed, power_bin_s=cfg.power_bin_s)
+    fleet = SimFleet(
+        perf,
+        cfg.engine,
+        engine_rng,
+        outcomes,
+        router.routed,
+        power_bin_s=cfg.power_bin_s,
+        stepwise=cfg.reference_engine,
+    )
     settings = KernelSettings(
         max_context_tokens=arch_for(model).max_context_tokens,
         ttft_slo_s=ttft_slo_s,

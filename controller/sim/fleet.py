@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.sim.engine_core import EngineConfig, PerfModelLike, SimEngine, WaitingRequest
+from agent.sim.native import make_engine
 from controller.control.cycle import TickResult
 from controller.model.cluster import InstanceSpec
 from controller.model.fleet import (
@@ -133,6 +134,7 @@ class SimFleet:
         route_class: npt.NDArray[np.int64],
         *,
         power_bin_s: float,
+        stepwise: bool = False,
     ) -> None:
         self._perf = perf
         # The class each request is routed by (the router's predicted classes, filled by the kernel).
@@ -141,6 +143,7 @@ class SimFleet:
         self._rng = rng
         self.outcomes = outcomes
         self._power_bin_s = power_bin_s
+        self._stepwise = stepwise
         self.slots: dict[int, _Slot] = {}
         self.retired: list[SimEngine] = []
         self.gpu_log = GpuLog()
@@ -346,13 +349,14 @@ class SimFleet:
             out.finished.append(r.request_id)
 
     def _make_engine(self, slot: _Slot, t_s: float) -> None:
-        slot.engine = SimEngine(
+        slot.engine = make_engine(
             self._perf[slot.spec.tp],
             slot.spec.clock_mhz,
             self._rng.spawn(1)[0],
-            config=self._engine_config,
+            self._engine_config,
             start_s=t_s,
             power_bin_s=self._power_bin_s,
+            stepwise=self._stepwise,
         )
 
     def _idle_w(self, slot: _Slot) -> float:

@@ -223,6 +223,10 @@ class PerfModel:
     def params(self) -> PerfParams:
         return self._params
 
+    @property
+    def gpu_spec(self) -> GpuSpec:
+        return self._spec
+
     def _factors(self, clock_mhz: float) -> tuple[float, float, float, float, float]:
         cached = self._clock_cache
         if cached[0] == clock_mhz:
@@ -289,3 +293,49 @@ class PerfModel:
             / latency_s
         )
         return latency_s, (power_w if power_w < self.tdp_w else self.tdp_w)
+
+    def decode_iterations(
+        self, clock_mhz: float, decode_seqs: int, first_context_tokens: int, count: int
+    ) -> tuple[list[float], list[float]]:
+        """`iteration(clock_mhz, 0, 0, decode_seqs, first_context_tokens + k * decode_seqs)` for k in
+        0..count-1 as (latencies_s, powers_w): a run of decode-only iterations, each of whose sequences
+        adds one token to its context. The engine advances over such runs in one call (agent/sim/
+        engine_core.py). Bit-identical to `iteration`: the same operations in the same order, with
+        what does not depend on the context computed once."""
+        _, r, rm, switching, v2 = self._factors(clock_mhz)
+        n = decode_seqs
+        compute_s = (n * self._gemm_token_s + n * self._gemm_seq_s) * r
+        weights_s = self._weights_s * rm
+        p = self._p
+        linear_s = (compute_s**p + weights_s**p) ** (1.0 / p)
+        busy0_s = linear_s + 0 * self._attn_pair_s * r + n * self._token_overhead_s * r
+        floor_s = self._floor_s + n * self._memory_token_s + n * self._attn_seq_s
+        comm_s = self._comm_alpha_s + n * self._comm_token_s
+        gap_s = self._iter_overhead_s + n * self._seq_overhead_s
+        flop_j = (
+            v2
+            * self._e_flop
+            * (n * self._gemm_token_flops + n * self._gemm_seq_flops + 0 * self._attn_pair_flops)
+        )
+        kv_token_s, kv_token_bytes, weight_bytes = self._kv_token_s, self._kv_token_bytes, self._weight_bytes
+        busy_w, comm_part_w, gap_part_w = self._busy_w, self._comm_w * comm_s, self._gap_w * gap_s
+        e_byte, idle_w, tdp_w = self._e_byte, self.idle_power_w, self.tdp_w
+        latencies_s: list[float] = []
+        powers_w: list[float] = []
+        ctx = first_context_tokens
+        for _ in range(count):
+            busy_s = busy0_s + (floor_s + ctx * kv_token_s) * rm
+            latency_s = busy_s + comm_s + gap_s
+            power_w = (
+                idle_w
+                + (
+                    switching * (busy_w * busy_s + comm_part_w + gap_part_w)
+                    + flop_j
+                    + e_byte * (weight_bytes + ctx * kv_token_bytes)
+                )
+                / latency_s
+            )
+            latencies_s.append(latency_s)
+            powers_w.append(power_w if power_w < tdp_w else tdp_w)
+            ctx += n
+        return latencies_s, powers_w
