@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cpu = platform.processor() or platform.machine()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}")
+    from agent.sim.native import native_status
+
+    print(f"simulated engines: {native_status()}")
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(tmp) / "report.json"
         walls: dict[str, float] = {}

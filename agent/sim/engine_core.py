@@ -224,6 +224,7 @@ class SimEngine:
         config: EngineConfig = _DEFAULT_CONFIG,
         start_s: float = 0.0,
         power_bin_s: float = 1.0,
+        *,
         stepwise: bool = False,
     ) -> None:
         if not math.isfinite(start_s):

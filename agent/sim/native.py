@@ -43,17 +43,22 @@ def native_status() -> str:
 
 @functools.cache
 def _modules() -> dict[str, ModuleType] | str:
-    """The compiled modules, or why they cannot be used."""
+    return load_modules(PACKAGE)
+
+
+def load_modules(package: str) -> dict[str, ModuleType] | str:
+    """The compiled modules of `package` by name (SOURCES), or why they cannot be used: not built, or
+    built from another version of a source."""
     out: dict[str, ModuleType] = {}
-    for name in SOURCES:
+    for name, source in SOURCES.items():
         try:
-            mod = importlib.import_module(f"{PACKAGE}.{name}")
+            mod = importlib.import_module(f"{package}.{name}")
         except ImportError:
             return "plain Python (no compiled build: run tools/build_native.py)"
-        source = _LOADED[name].__file__
-        assert source is not None
-        if getattr(mod, "SOURCE_SHA256", None) != hashlib.sha256(Path(source).read_bytes()).hexdigest():
-            return f"plain Python (the compiled build predates {SOURCES[name]}: run tools/build_native.py)"
+        loaded = _LOADED[name].__file__
+        assert loaded is not None
+        if getattr(mod, "SOURCE_SHA256", None) != hashlib.sha256(Path(loaded).read_bytes()).hexdigest():
+            return f"plain Python (the compiled build predates {source}: run tools/build_native.py)"
         out[name] = mod
     return out
 
@@ -73,7 +78,7 @@ def make_engine(
     modules = _modules()
     usable = not stepwise and type(perf) is model.PerfModel and os.environ.get("DYNAMOLLM_NATIVE") != "0"
     if not usable or not isinstance(modules, dict):
-        return SimEngine(perf, clock_mhz, rng, config, start_s, power_bin_s, stepwise)
+        return SimEngine(perf, clock_mhz, rng, config, start_s, power_bin_s, stepwise=stepwise)
     native_config = _convert(config, modules["engine_core"])
     native_perf = _native_perf(cast(model.PerfModel, perf), modules["physics_model"])
     engine = modules["engine_core"].SimEngine(

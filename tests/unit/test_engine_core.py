@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
 
 from agent.api.errors import InternalError, InvalidArgumentError
 from agent.sim.engine_core import CompletedRequest, EngineConfig, PerfModelLike, SimEngine
+from agent.sim.physics import PerfModel, load_perf_model
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class FakePerf:
 NO_JITTER = EngineConfig(max_num_batched_tokens=8, max_num_seqs=4, jitter_cv=0.0, kv_watermark_fraction=0.0)
 
 
-def make(perf: PerfModelLike, config: EngineConfig = NO_JITTER, seed: int = 0, **kw: float) -> SimEngine:
+def make(perf: PerfModelLike, config: EngineConfig = NO_JITTER, seed: int = 0, **kw: Any) -> SimEngine:
     return SimEngine(perf, 1980, np.random.default_rng(seed), config=config, **kw)
 
 
@@ -428,3 +430,88 @@ def test_tbt_max_stays_exact_over_a_long_busy_period() -> None:
         assert ends[last] == pytest.approx(r.finish_s)
         assert last - first == r.output_tokens - 1
         assert r.tbt_max_s == float(lat[first + 1 : last + 1].max())
+
+
+# ---------------------------------------------------------------- decode runs against the reference engine
+
+
+@dataclass
+class CountingPerf:
+    """The fitted physics, counting how the engine asks for it."""
+
+    perf: PerfModel
+    iteration_calls: int = 0
+    run_calls: int = 0
+    run_iterations: int = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.perf, name)
+
+    def iteration(self, *args: float) -> tuple[float, float]:
+        self.iteration_calls += 1
+        return self.perf.iteration(*args)  # type: ignore[arg-type]
+
+    def decode_iterations(
+        self, clock_mhz: float, decode_seqs: int, first_context_tokens: int, count: int
+    ) -> tuple[list[float], list[float]]:
+        self.run_calls += 1
+        self.run_iterations += count
+        return self.perf.decode_iterations(clock_mhz, decode_seqs, first_context_tokens, count)
+
+
+def _drive(engine: SimEngine, seed: int) -> dict[str, object]:
+    """A busy, irregular life: Poisson arrivals with deadlines, advances of every size, clock changes
+    with stalls, requests taken out and rejected, a drain and a close; everything observable."""
+    rng = np.random.default_rng(seed)
+    t_s, done, moved, rejected = 0.0, [], [], []
+    for i in range(400):
+        t_s += float(rng.exponential(0.08))
+        engine.advance_to(t_s)
+        size = engine.max_request_tokens
+        inputs = int(rng.integers(1, min(3000, size - 1)))
+        outputs = int(rng.integers(1, min(600, size - inputs) + 1))
+        deadline_s = t_s + float(rng.choice([0.5, 2.0, math.inf]))
+        engine.submit(i, t_s, inputs, outputs, deadline_s)
+        if i % 37 == 0:
+            engine.set_clock(float(rng.choice([800, 1200, 1600, 1980])), float(rng.choice([0.0, 0.06])))
+        if i % 53 == 0:
+            moved += [w.request_id for w in engine.take_waiting(t_s + 1.0)]
+        if i % 29 == 0:
+            rejected += engine.reject_past_deadline(t_s)
+        done += engine.pop_completed()
+    idle_s = engine.drain(t_s + 120.0)
+    engine.close(t_s + 150.0)
+    done += engine.pop_completed()
+    gaps_s, tokens = engine.tbt_histogram
+    fields = ("request_id", "arrival_s", "first_token_s", "finish_s", "tbt_mean_s", "tbt_max_s")
+    return {
+        # as values: the compiled engine's CompletedRequest is another class
+        "done": [tuple(getattr(r, f) for f in fields) for r in done],
+        "moved": moved,
+        "rejected": rejected,
+        "idle_s": idle_s,
+        "energy_j": engine.energy_j,
+        "busy_s": engine.busy_s,
+        "bins_j": engine.energy_by_bin_j.tolist(),
+        "gaps_s": gaps_s.tolist(),
+        "tokens": tokens.tolist(),
+        "iterations": engine.iterations,
+        "preemptions": engine.num_preemptions,
+    }
+
+
+@pytest.mark.parametrize(("tp", "seed"), [(2, 1), (4, 2), (8, 3)])
+def test_decode_runs_give_the_reference_engine_results_bit_for_bit(tp: int, seed: int) -> None:
+    """The engine advances over decode-only runs in one physics call; the reference engine (stepwise)
+    takes every iteration on its own. Same draws, same everything, compared with ==. TP2 holds a small
+    KV cache, so that run preempts."""
+    reference = CountingPerf(load_perf_model("llama2-70b", "h100-sxm", tp))
+    fast = CountingPerf(load_perf_model("llama2-70b", "h100-sxm", tp))
+    want = _drive(SimEngine(reference, 1980, np.random.default_rng(seed), stepwise=True), seed)  # type: ignore[arg-type]
+    got = _drive(SimEngine(fast, 1980, np.random.default_rng(seed)), seed)  # type: ignore[arg-type]
+    assert got == want
+    assert reference.run_calls == 0 and reference.iteration_calls == want["iterations"]
+    # a good part of the iterations came from runs (a quarter to two thirds here)
+    assert fast.run_calls > 0 and fast.iteration_calls < 0.75 * reference.iteration_calls
+    if tp == 2:
+        assert isinstance(want["preemptions"], int) and want["preemptions"] > 0

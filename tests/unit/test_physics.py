@@ -218,3 +218,20 @@ def test_model_uses_its_parameters() -> None:
     other = PerfModel(ARCHS["llama2-70b"], GPUS["h100-sxm"], 8, slower)
     args = (0, 0, 4, 4000)
     assert other.iteration(F_MAX, *args)[0] == pytest.approx(perf.iteration(F_MAX, *args)[0] + 0.01)
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_decode_iterations_equal_iteration_bit_for_bit(model: str, tp: int) -> None:
+    """The engine's decode runs price every iteration through decode_iterations: it must be `iteration`
+    exactly (==, not approximately), at any clock, batch and context."""
+    try:
+        perf = load_perf_model(model, "h100-sxm", tp)
+    except InvalidArgumentError:
+        pytest.skip(f"{model} does not fit on TP{tp}")
+    for clock in (perf.min_clock_mhz, 1234.5, perf.max_clock_mhz):
+        for n, ctx in ((1, 1), (7, 3_001), (64, 90_000), (256, perf.kv_capacity_tokens - 256 * 40)):
+            latencies_s, powers_w = perf.decode_iterations(clock, n, ctx, 40)
+            expected = [perf.iteration(clock, 0, 0, n, ctx + k * n) for k in range(40)]
+            assert list(zip(latencies_s, powers_w, strict=True)) == expected
+    assert perf.decode_iterations(1980, 4, 100, 0) == ([], [])
