@@ -119,7 +119,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--jobs",
         default="1",
         metavar="N",
-        help="with --compare: run the policies in N processes (default 1); the reports are the same",
+        help="processes (default 1): with --compare the policies run in N processes; a static --policy "
+        "sized by simulation runs its trial sizes in N processes, the next ones speculatively. The "
+        "reports are the same as with 1",
     )
     p.add_argument("--rate-scale", default="1.0", metavar="X", help="multiply the request rate (default 1)")
     p.add_argument("--start", default="0", metavar="S", help="window start in the trace, seconds (default 0)")
@@ -326,8 +328,6 @@ def validate(args: argparse.Namespace, model_names: tuple[str, ...], gpu_names: 
     if args.compare is None and args.sizing_window is not None:
         raise InvalidArgumentError("--sizing-window", args.sizing_window, "only with --compare")
     jobs = jobs_count(args.jobs)
-    if args.compare is None and jobs != 1:
-        raise InvalidArgumentError("--jobs", args.jobs, "only with --compare")
     trace_dir = Path(args.trace_dir)
     if args.model not in model_names:
         raise InvalidArgumentError("--model", args.model, model_names)
@@ -723,6 +723,7 @@ def _run_one(
             on_progress=progress,
             instances=opts.instances,
             slo_target=None if opts.instances is not None or dynamic else opts.slo_target,
+            jobs=opts.jobs,
         )
     result, stats = run.result, run.arrivals
 

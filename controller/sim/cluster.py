@@ -42,6 +42,7 @@ from controller.policy.base import (
 )
 from controller.sim.evaluation import accuracy_of, forecast_error
 from controller.sim.fleet import GpuLog, Outcomes, SimFleet
+from controller.sim.forkmap import fork_map
 from controller.sim.kernel import KernelRun, KernelSettings, ProgressCallback, RouterClasses, run
 from controller.sim.oracle import Oracle, TraceForesight
 from controller.sim.report import (
@@ -291,11 +292,13 @@ def run_policy(
     perf: Mapping[int, PerfModelLike] | None = None,
     instances: int | None = None,
     slo_target: float | None = None,
+    jobs: int = 1,
 ) -> PolicyRun:
     """Plan the cluster with `policy` from the trace's arrival statistics, then simulate it (`perf` as in
     `simulate`). A static policy (`SizablePolicy`) can instead be given its instance count, or be sized
-    by simulation to the smallest count meeting `slo_target` (`size_by_simulation`). Requests refused at
-    admission (beyond the model's context) are left out of the statistics: no policy plans for them."""
+    by simulation to the smallest count meeting `slo_target` (`size_by_simulation`, its trials in up to
+    `jobs` processes, which report no progress). Requests refused at admission (beyond the model's
+    context) are left out of the statistics: no policy plans for them."""
     cfg = config or SimConfig()
     stats = trace_arrival_stats(trace, profile, cfg, window_s)
     rule_plan = policy.initial_plan(stats, profile)
@@ -324,7 +327,7 @@ def run_policy(
                 model=profile.model,
                 gpu=profile.gpu,
                 config=cfg,
-                on_progress=on_progress,
+                on_progress=on_progress if jobs == 1 else None,
                 perf=perf,
                 profile=profile,
                 policy=policy.name,
@@ -333,6 +336,7 @@ def run_policy(
             {name: profile.slo(name) for name in profile.class_names},
             slo_target=slo_target,
             max_instances=MAX_SEARCH_INSTANCES,
+            jobs=jobs,
         )
         return PolicyRun(result=result, arrivals=stats, rule_plan=rule_plan, sizing_trials=trials)
     result = simulate(
@@ -377,6 +381,7 @@ def size_by_simulation(
     *,
     slo_target: float,
     max_instances: int,
+    jobs: int = 1,
 ) -> tuple[SimResult, tuple[SizingTrial, ...]]:
     """The smallest static cluster whose simulation (`simulate_with(n)`, n instances) meets `slo_target`.
 
@@ -386,36 +391,80 @@ def size_by_simulation(
     doubles up while short, then bisects, assuming attainment grows with the count. Attainment is over
     admitted requests, so requests refused at admission never make the search fail. Returns the run at
     the chosen size and every trial in order. InvalidArgumentError if even `max_instances` misses.
+
+    With `jobs` > 1 each simulation the search needs runs in a forked process together with the next
+    ones it may need after it, whichever way the trials come out (`_SizingSearch.upcoming`); the
+    search then reads the results as if it had run them one by one, so the answer and the trials are
+    those of `jobs` = 1, and a speculative run it turns out not to need is only time spent.
     """
     if not 0.0 < slo_target <= 1.0:
         raise InvalidArgumentError("slo_target", slo_target, "a share in (0, 1]")
     runs: dict[int, SimResult] = {}
     trials: list[SizingTrial] = []
-
-    def meets(n: int) -> bool:
-        result = simulate_with(n)
-        attainment = slo_attainment(result, slos)
-        runs[n] = result
+    search = _SizingSearch(0, min(max(1, first_guess), max_instances), True, max_instances)
+    while (n := search.candidate()) is not None:
+        if n not in runs:
+            batch = search.upcoming(jobs, set(runs))
+            runs.update(zip(batch, fork_map(simulate_with, batch, jobs), strict=True))
+        attainment = slo_attainment(runs[n], slos)
         trials.append(SizingTrial(instances=n, slo_attainment=attainment))
-        return attainment >= slo_target
-
-    lo, hi = 0, min(max(1, first_guess), max_instances)  # lo misses (or is 0), hi is the candidate
-    while not meets(hi):
-        if hi >= max_instances:
+        search = search.after(attainment >= slo_target)
+        if search.failed:
             raise InvalidArgumentError(
                 "--slo-target",
                 slo_target,
-                f"an attainment reachable with at most {max_instances} instances "
-                f"(reached {trials[-1].slo_attainment:.4f})",
+                f"an attainment reachable with at most {max_instances} instances (reached {attainment:.4f})",
             )
-        lo, hi = hi, min(2 * hi, max_instances)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if meets(mid):
-            hi = mid
-        else:
-            lo = mid
-    return runs[hi], tuple(trials)
+    return runs[search.hi], tuple(trials)
+
+
+@dataclass(frozen=True, slots=True)
+class _SizingSearch:
+    """Where the sizing search stands: `lo` misses (or is 0) and `hi` is the candidate; `doubling` while
+    no count has met the target yet. A pure value, so the trials ahead can be explored on copies."""
+
+    lo: int
+    hi: int
+    doubling: bool
+    max_instances: int
+    failed: bool = False
+
+    def candidate(self) -> int | None:
+        """The count to simulate next; None when the search is over (its answer is `hi`)."""
+        if self.failed:
+            return None
+        if self.doubling:
+            return self.hi
+        return (self.lo + self.hi) // 2 if self.hi - self.lo > 1 else None
+
+    def after(self, met: bool) -> _SizingSearch:
+        """The search once the candidate met the target or missed it."""
+        n = self.candidate()
+        assert n is not None
+        if self.doubling:
+            if met:
+                return replace(self, doubling=False)
+            if self.hi >= self.max_instances:
+                return replace(self, failed=True)
+            return replace(self, lo=self.hi, hi=min(2 * self.hi, self.max_instances))
+        return replace(self, hi=n) if met else replace(self, lo=n)
+
+    def upcoming(self, count: int, known: set[int]) -> list[int]:
+        """Up to `count` counts to simulate: the candidate first, then the candidates that may follow,
+        nearest first (breadth-first over both outcomes of each), none already in `known`."""
+        out: list[int] = []
+        frontier = [self]
+        while frontier and len(out) < count:
+            nxt: list[_SizingSearch] = []
+            for search in frontier:
+                n = search.candidate()
+                if n is None:
+                    continue
+                if n not in known and n not in out and len(out) < count:
+                    out.append(n)
+                nxt += [search.after(True), search.after(False)]
+            frontier = nxt
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- results

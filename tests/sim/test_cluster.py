@@ -17,7 +17,14 @@ from controller.model.cluster import ClusterPlan, InstanceSpec, PoolPlan
 from controller.model.decisions import StepRecord
 from controller.policy.singlepool import SinglePool, size_singlepool
 from controller.profiles import default_profile
-from controller.sim.cluster import SimConfig, check_profile_engine, run_policy, simulate, size_by_simulation
+from controller.sim.cluster import (
+    SimConfig,
+    _SizingSearch,
+    check_profile_engine,
+    run_policy,
+    simulate,
+    size_by_simulation,
+)
 from controller.sim.report import SimResult, meets_slo, slo_attainment
 from controller.sim.traces import Trace, load_trace
 
@@ -344,6 +351,37 @@ def test_sizing_search_finds_the_smallest_count_meeting_the_target() -> None:
         size_by_simulation(simulate_with, 1, slos, slo_target=0.99, max_instances=chosen - 1)
     with pytest.raises(InvalidArgumentError, match="slo_target"):
         size_by_simulation(simulate_with, 1, slos, slo_target=0.0, max_instances=64)
+
+
+def test_parallel_sizing_gives_the_sequential_answer_and_trials() -> None:
+    """With jobs > 1 the trials run in forked processes, the next ones speculatively; the search reads
+    them in its own order: the same answer, the same trials, the same result."""
+    profile = default_profile("llama2-70b", "h100-sxm")
+    trace = load_trace("synthetic:coding", duration_s=600.0, seed=2)
+    slos = {c: profile.slo(c) for c in CLASS_NAMES}
+    policy = SinglePool()
+
+    def simulate_with(n: int) -> SimResult:
+        plan = policy.plan_with(n, profile)
+        return simulate(trace, plan, model="llama2-70b", gpu="h100-sxm", profile=profile, policy=policy.name)
+
+    one, one_trials = size_by_simulation(simulate_with, 1, slos, slo_target=0.99, max_instances=64)
+    three, three_trials = size_by_simulation(
+        simulate_with, 1, slos, slo_target=0.99, max_instances=64, jobs=3
+    )
+    assert three_trials == one_trials and len(one_trials) >= 3
+    assert three.plan == one.plan and three.energy_j == one.energy_j
+    assert np.array_equal(three.ttft_s, one.ttft_s, equal_nan=True)
+
+
+def test_sizing_search_looks_ahead_breadth_first() -> None:
+    search = _SizingSearch(0, 4, True, 64)
+    # 4 first; then 2 if it meets, 8 if it misses; then 1 / 3 after 2 and 6 / 16 after 8
+    assert search.upcoming(3, set()) == [4, 2, 8]
+    assert search.upcoming(7, set()) == [4, 2, 8, 1, 3, 6, 16]
+    assert search.upcoming(2, {4, 2}) == [8, 1]
+    assert _SizingSearch(0, 64, True, 64).after(False).failed
+    assert _SizingSearch(3, 4, False, 64).candidate() is None  # settled on 4
 
 
 def test_profile_measured_on_another_engine_is_refused() -> None:

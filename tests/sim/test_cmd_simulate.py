@@ -59,6 +59,21 @@ def test_same_seed_same_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert reports[0] == reports[1]
 
 
+def test_jobs_run_the_sizing_trials_in_processes_with_the_same_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reports = []
+    for jobs in ("1", "3"):
+        path = tmp_path / f"{jobs}.json"
+        code, _, err = _run(capsys, *SHORT, "--duration", "300", "--json", str(path), "--jobs", jobs)
+        assert code == 0, err
+        report = json.loads(path.read_text())
+        report.pop("wall_s")
+        reports.append(report)
+    assert reports[0] == reports[1]
+    assert len(reports[0]["workload"]["sizing"]["trials"]) >= 2
+
+
 def test_instances_flag_fixes_the_size(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(capsys, *SHORT, "--output", "json", "--instances", "5")
     assert code == 0, err
@@ -202,7 +217,6 @@ def test_compare_writes_reports_table_and_plots(tmp_path: Path, capsys: pytest.C
         (["--compare", "--out", "x", "--sizing-window", "0"], "--sizing-window"),
         (["--compare", "--out", "x", "--jobs", "0"], "--jobs: got '0'; allowed: a whole number of processes"),
         (["--compare", "--out", "x", "--jobs", "1.5"], "--jobs"),
-        (["--policy", "singlepool", "--jobs", "2"], "--jobs: got '2'; allowed: only with --compare"),
     ],
 )
 def test_bad_compare_flags_exit_2(flags: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
