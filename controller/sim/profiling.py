@@ -1,7 +1,8 @@
 """Profile generation by measurement on the simulated engine.
 
 Where it sits: `dctl profile generate` calls `generate_profile`, which runs `agent.sim.engine_core.SimEngine`
-(driven by the physics model, with its per-iteration jitter) at several load levels for every request
+(driven by the physics model, with its per-iteration jitter; compiled where built, `agent.sim.native`,
+with the same results) at several load levels for every request
 class x TP degree x SM clock and records what a client and a power meter would see. The result is a
 `controller.model.profile.Profile`; files are written and read by `controller.profiles` (`save_profile`,
 `load_profile`, `default_profile`), which the daemon shares and which never imports this package. The
@@ -44,6 +45,7 @@ import numpy.typing as npt
 
 from agent.api.errors import InternalError, InvalidArgumentError
 from agent.sim.engine_core import EngineConfig, SimEngine
+from agent.sim.native import make_engine
 from agent.sim.physics import GPU_NAMES, MODEL_NAMES, PerfModel, load_perf_model
 from agent.sim.physics.specs import arch_for
 from controller.model.classes import CLASS_NAMES, DEFAULT_SLO_SCALE, ClassBins, ClassSlo, class_by_name
@@ -169,8 +171,13 @@ def measure_unloaded(
     cls = class_by_name(class_name)
     perf = load_perf_model(model=model, gpu=gpu, tp=REFERENCE_TP)
     clock = perf.max_clock_mhz
-    eng = SimEngine(
-        perf, clock, _rng(seed, class_name, REFERENCE_TP, clock, _REFERENCE_RUN, 0), settings.engine
+    eng = make_engine(
+        perf,
+        clock,
+        _rng(seed, class_name, REFERENCE_TP, clock, _REFERENCE_RUN, 0),
+        settings.engine,
+        start_s=0.0,
+        power_bin_s=1.0,
     )
     ttft_s: list[float] = []
     tbt_s: list[float] = []
@@ -196,7 +203,7 @@ def estimate_saturation_rps(
     n = 2 * config.max_num_seqs
     if len(input_tokens) < n:
         raise InternalError(f"saturation estimate needs {n} request lengths, got {len(input_tokens)}")
-    eng = SimEngine(perf, clock_mhz, rng, config)
+    eng = make_engine(perf, clock_mhz, rng, config, start_s=0.0, power_bin_s=1.0)
     fitting = [
         (i, o)
         for i, o in zip(input_tokens[:n], output_tokens[:n], strict=True)
@@ -226,7 +233,7 @@ def measure_level(
     if len(input_tokens) != w + n or len(output_tokens) != w + n:
         raise InternalError(f"a level needs {w + n} request lengths, got {len(input_tokens)}")
     arrivals_s = np.cumsum(rng.exponential(1.0 / load_rps, w + n)).tolist()
-    eng = SimEngine(perf, clock_mhz, rng, settings.engine)
+    eng = make_engine(perf, clock_mhz, rng, settings.engine, start_s=0.0, power_bin_s=1.0)
     limit = eng.max_request_tokens
     e0_j = t0_s = 0.0
     hist0 = submitted = 0
