@@ -3,17 +3,21 @@
 slice of the Azure week.
 
     PYTHONPATH=. .venv/bin/python tools/bench_sim.py [--data-dir ../shared/data] [--mode both]
-        [--week-slice-s 3600] [--week-policy dynamollm] [--profile N]
+        [--sizing-jobs 2] [--week-slice-s 3600] [--week-policy dynamollm] [--engine both] [--profile N]
 
-Runs `dctl simulate --policy singlepool` on traces/AzureLLMInferenceTrace_conv.csv (19,366 requests)
-in this process (`main([...])`, imports already warm) and/or as a fresh subprocess (what a user waits
-for, interpreter start-up included), then prints the wall times, simulated requests per second and
-the sizing trials (singlepool is sized by simulation: every trial runs inside the wall time), and the
-engine iterations of the final run. Then (unless `--week-slice-s 0`) runs `--week-policy` on the first
-`--week-slice-s` seconds of `azure-week:conv` in this process and prints requests/s, engine
-iterations/s and the wall time extrapolated to the whole week, by simulated time and by request count
-(the week's load varies by hour and day: a slice's extrapolation is an estimate). A benchmark, not a
-test: it prints figures and exits 0 (docs/architecture.md).
+Says whether the simulated engines run compiled (tools/build_native.py) or as plain Python. Runs
+`dctl simulate --policy singlepool` on traces/AzureLLMInferenceTrace_conv.csv (19,366 requests) in this
+process (`main([...])`, imports already warm) and/or as a fresh subprocess (what a user waits for,
+interpreter start-up included), and in this process with `--jobs N` (the sizing trials in N processes),
+then prints the wall times, simulated requests per second and the sizing trials (singlepool is sized by
+simulation: every trial runs inside the wall time), and the engine iterations of the final run. Then
+(unless `--week-slice-s 0`) runs `--week-policy` on the first `--week-slice-s` seconds of
+`azure-week:conv` in this process, with the reference engine (every iteration on its own, plain Python)
+and with the simulator's engine (`--engine both`, the default), prints requests/s, engine iterations/s,
+the ratio and whether the reports are identical, and the wall time of the last extrapolated to the whole
+week, by simulated time and by request count (the week's load varies by hour and day: a slice's
+extrapolation is an estimate). A benchmark, not a test: it prints figures and exits 0
+(docs/architecture.md).
 
 `--profile N` runs only the week slice, under cProfile, and prints the N functions with the most time of
 their own and the N with the most cumulative time, per request and per engine iteration (the profiler
@@ -77,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--mode", choices=("in-process", "subprocess", "both"), default="both")
     parser.add_argument("--policy", default="singlepool")
+    parser.add_argument(
+        "--sizing-jobs",
+        type=int,
+        default=2,
+        metavar="N",
+        help="also run the hour with --jobs N: its sizing trials in N processes (default 2; 1: skip)",
+    )
     parser.add_argument("--week-slice-s", type=float, default=3600.0, help="0: skip the week slice")
     parser.add_argument("--week-policy", default="dynamollm")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile the week slice")
@@ -113,6 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.mode in ("in-process", "both"):
             walls["in-process"] = run_in_process(trace, json_path, args.policy)
+            if args.sizing_jobs > 1:
+                parallel = Path(tmp) / "parallel.json"
+                extra = ("--jobs", str(args.sizing_jobs))
+                walls[f"in-process --jobs {args.sizing_jobs}"] = run_in_process(
+                    trace, parallel, args.policy, extra
+                )
+                same = _without_wall(json.loads(parallel.read_text())) == _without_wall(
+                    json.loads(json_path.read_text())
+                )
+                print(f"--jobs {args.sizing_jobs} report {'identical' if same else 'DIFFERS'} but for wall_s")
         report = json.loads(json_path.read_text())
     iterations = report["engine_iterations"]
     print(
