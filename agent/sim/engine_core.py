@@ -29,7 +29,10 @@ end and says when the engine went idle, so a draining instance's GPUs are releas
 Cost: O(1) amortised per iteration in the number of running requests (the cluster simulator runs ~1e6
 iterations per trace hour). Decode completions come from a min-heap keyed by the iteration of the last
 token, the decode context is a running sum, and a request's largest inter-token gap is taken from a log of
-iteration durations only when it completes.
+iteration durations only when it completes. Where the next iterations can only decode (nothing to admit,
+no preemption due, no completion before the last of them) and the model can price such a run in one call
+(`decode_iterations`), they run in one tight loop with the same arithmetic as one by one; `stepwise=True`
+is the reference engine without it. The module compiles with mypyc (agent/sim/native.py).
 """
 
 from __future__ import annotations
