@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The simulator's engine and physics compiled with mypyc (tools/build_native.py): several times faster,
+# The simulator's engine and physics compiled with mypyc (tools/build_native.py): about 1.7x faster runs,
 # the same results. Without a C compiler the build fails with its reason and the simulator runs as Python.
 $(NATIVE): $(STAMP) agent/sim/engine_core.py agent/sim/physics/model.py tools/build_native.py
 	-$(BIN)/python tools/build_native.py
