@@ -72,10 +72,16 @@ class ConfigCapacity:
 
 
 @dataclass(frozen=True, slots=True)
-class _ClassFit:
+class ClassFit:
+    """One class alone on one (TP, clock): its SLO-meeting load and instance power line."""
+
     max_load_rps: float
     idle_w: float
     slope_w_per_rps: float
+
+
+# (class name, tp, clock_mhz) -> its fit: `class_fits(profile)`.
+ClassFits = Mapping[tuple[str, int, int], ClassFit]
 
 
 def fit_power_line(load_rps: Sequence[float], power_w: Sequence[float]) -> tuple[float, float]:
@@ -102,25 +108,36 @@ def fit_power_line(load_rps: Sequence[float], power_w: Sequence[float]) -> tuple
     return intercept, slope
 
 
-def _class_fit(profile: Profile, class_name: str, tp: int, clock_mhz: int) -> _ClassFit:
+def _class_fit(profile: Profile, class_name: str, tp: int, clock_mhz: int) -> ClassFit:
     cfg = profile.config(class_name, tp, clock_mhz)
     cap = cfg.max_load_rps
     if cap <= 0.0:
-        return _ClassFit(0.0, 0.0, 0.0)
+        return ClassFit(0.0, 0.0, 0.0)
     loads = [x for x in cfg.load_rps if x <= cap]
     powers = [p.power_w * tp for x, p in zip(cfg.load_rps, cfg.points, strict=True) if x <= cap]
     if not loads or loads[-1] < cap:
         loads.append(cap)
         powers.append(cfg.point(cap).power_w * tp)
     idle_w, slope = fit_power_line(loads, powers)
-    return _ClassFit(cap, idle_w, slope)
+    return ClassFit(cap, idle_w, slope)
 
 
-def _scaled(fit: _ClassFit, scale: float) -> _ClassFit:
+def class_fits(profile: Profile) -> dict[tuple[str, int, int], ClassFit]:
+    """Every class's fit at every profiled (TP, clock): what `mix_capacity` derives a mix from. The
+    instance level asks for mixes every few seconds, so its cache (`CapacityCache`) keeps these."""
+    return {
+        (name, tp, clock): _class_fit(profile, name, tp, clock)
+        for name in profile.class_names
+        for tp in profile.tps
+        for clock in profile.clocks_mhz
+    }
+
+
+def _scaled(fit: ClassFit, scale: float) -> ClassFit:
     """A class's fit for requests `1 / scale` times the work: less capacity, as much power at it."""
     if scale == 1.0:
         return fit
-    return _ClassFit(fit.max_load_rps * scale, fit.idle_w, fit.slope_w_per_rps / scale)
+    return ClassFit(fit.max_load_rps * scale, fit.idle_w, fit.slope_w_per_rps / scale)
 
 
 def _normalised_shares(profile: Profile, class_shares: Mapping[str, float]) -> dict[str, float]:
@@ -170,22 +187,26 @@ def mix_capacity(
     tp: int,
     clock_mhz: int,
     scales: Mapping[str, float] | None = None,
+    fits: ClassFits | None = None,
 ) -> ConfigCapacity | None:
     """The mix's capacity and power line at (tp, clock); None if some class of the mix cannot be served.
 
     `shares` must already be normalised (positive, summing to 1); `pool_capacities` does that.
     `scales`: per class, a factor on its capacity (`length_scales`; each of its requests then costs
-    1/factor times the energy), 1 where absent.
+    1/factor times the energy), 1 where absent. `fits`: `class_fits(profile)`, if already at hand.
     """
-    fits = {
-        name: _scaled(_class_fit(profile, name, tp, clock_mhz), (scales or {}).get(name, 1.0))
+    by_class = {
+        name: _scaled(
+            _class_fit(profile, name, tp, clock_mhz) if fits is None else fits[(name, tp, clock_mhz)],
+            (scales or {}).get(name, 1.0),
+        )
         for name in shares
     }
-    if any(f.max_load_rps <= 0.0 for f in fits.values()):
+    if any(f.max_load_rps <= 0.0 for f in by_class.values()):
         return None
-    cap = 1.0 / sum(s / fits[name].max_load_rps for name, s in shares.items())
-    idle_w = sum(s / fits[name].max_load_rps * cap * fits[name].idle_w for name, s in shares.items())
-    slope = sum(s * fits[name].slope_w_per_rps for name, s in shares.items())
+    cap = 1.0 / sum(s / by_class[name].max_load_rps for name, s in shares.items())
+    idle_w = sum(s / by_class[name].max_load_rps * cap * by_class[name].idle_w for name, s in shares.items())
+    slope = sum(s * by_class[name].slope_w_per_rps for name, s in shares.items())
     return ConfigCapacity(
         tp=tp,
         clock_mhz=clock_mhz,
@@ -197,19 +218,22 @@ def mix_capacity(
 
 
 def pool_capacities(
-    profile: Profile, class_shares: Mapping[str, float], scales: Mapping[str, float] | None = None
+    profile: Profile,
+    class_shares: Mapping[str, float],
+    scales: Mapping[str, float] | None = None,
+    fits: ClassFits | None = None,
 ) -> tuple[ConfigCapacity, ...]:
     """Every profiled (tp, clock) able to serve the mix, ordered by tp then clock.
 
     `class_shares`: class name -> share of the pool's requests (any non-negative scale; normalised
-    here). All zero means "no load observed yet": the classes named are weighted evenly. `scales`: as
-    in `mix_capacity`.
+    here). All zero means "no load observed yet": the classes named are weighted evenly. `scales` and
+    `fits`: as in `mix_capacity`.
     """
     shares = _normalised_shares(profile, class_shares)
     out: list[ConfigCapacity] = []
     for tp in profile.tps:
         for clock in profile.clocks_mhz:
-            cap = mix_capacity(profile, shares, tp, clock, scales)
+            cap = mix_capacity(profile, shares, tp, clock, scales, fits)
             if cap is not None:
                 out.append(cap)
     return tuple(out)

@@ -19,7 +19,7 @@ from agent.api.errors import InvalidArgumentError
 from controller.model.classes import CLASS_NAMES
 from controller.model.cluster import ClusterPlan, InstanceSpec
 from controller.model.profile import Profile
-from controller.policy.capacity import ConfigCapacity, pool_capacities
+from controller.policy.capacity import ClassFits, ConfigCapacity, class_fits, pool_capacities
 
 # Distinct (profile, pool mix) capacity tables a cache keeps: the instance level asks for the same mix
 # every few seconds within a pool period; a week of pool periods times a few pools stays far below.
@@ -28,7 +28,9 @@ _CAPACITY_CACHE_SIZE = 256
 
 class CapacityCache:
     """Memo of `pool_capacities` per (profile, class shares, capacity scales), least recently used
-    dropped. Owned by one policy object (or cycle); the answer never depends on what is cached."""
+    dropped, and of the last profile's per-class fits the tables are derived from (the shares the
+    instance level observes change every tick; the fits do not). Owned by one policy object (or
+    cycle); the answer never depends on what is cached."""
 
     def __init__(self, size: int = _CAPACITY_CACHE_SIZE) -> None:
         self._size = size
@@ -37,6 +39,7 @@ class CapacityCache:
             tuple[Profile, tuple[ConfigCapacity, ...]],
         ]
         self._tables = OrderedDict()
+        self._fits: tuple[Profile, ClassFits] | None = None
 
     # The live controller pickles its cycle (this cache included) into every snapshot: the cache travels
     # empty (it is keyed by the profile's id, which a restored profile does not keep anyway).
@@ -55,7 +58,9 @@ class CapacityCache:
         if hit is not None and hit[0] is profile:
             self._tables.move_to_end(key)
             return hit[1]
-        caps = pool_capacities(profile, class_shares, scales)
+        if self._fits is None or self._fits[0] is not profile:
+            self._fits = (profile, class_fits(profile))
+        caps = pool_capacities(profile, class_shares, scales, self._fits[1])
         self._tables[key] = (profile, caps)
         if len(self._tables) > self._size:
             self._tables.popitem(last=False)

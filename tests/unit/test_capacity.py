@@ -11,6 +11,7 @@ from controller.model.classes import ClassSlo
 from controller.model.profile import ClassProfile, ConfigProfile, Profile, ProfilePoint
 from controller.policy.capacity import (
     capacities_by_clock,
+    class_fits,
     fit_power_line,
     mix_capacity,
     pool_capacities,
@@ -139,3 +140,12 @@ def test_capacities_by_clock_selects_one_tp() -> None:
     assert sorted(by_clock) == [1000, 2000]
     assert all(c.tp == 8 for c in by_clock.values())
     assert capacities_by_clock(caps, 4) == {}
+
+
+def test_precomputed_class_fits_give_the_same_tables() -> None:
+    """The instance level's cache derives its tables from `class_fits` computed once per profile."""
+    profile = default_profile("llama2-70b", "h100-sxm")
+    fits = class_fits(profile)
+    assert len(fits) == len(profile.class_names) * len(profile.tps) * len(profile.clocks_mhz)
+    for shares, scales in (({"SS": 3.0, "ML": 1.0}, None), ({"LS": 1.0, "LL": 2.0}, {"LS": 0.5})):
+        assert pool_capacities(profile, shares, scales, fits) == pool_capacities(profile, shares, scales)
