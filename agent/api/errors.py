@@ -59,6 +59,11 @@ class InvalidArgumentError(DynamoError):
         self.allowed = _fmt_allowed(allowed)
         super().__init__(f"{self.field}: got {echo(value)}; allowed: {self.allowed}")
 
+    # Raised in a worker process (`dctl simulate --jobs`), the error travels back pickled: rebuilt from
+    # its fields, not from the message Exception would pass to __init__.
+    def __reduce__(self) -> tuple[type[InvalidArgumentError], tuple[str, object, str]]:
+        return type(self), (self.field, self.value, self.allowed)
+
 
 class OutOfRangeError(InvalidArgumentError):
     """A query falls outside the domain covered by measured data (e.g. profile extrapolation)."""
@@ -75,6 +80,9 @@ class DataFileError(DynamoError):
         where = path if line is None else f"{path}:{line}"
         what = reason if field is None else f"field {field!r}: {reason}"
         super().__init__(f"{where}: {what}")
+
+    def __reduce__(self) -> tuple[type[DataFileError], tuple[str, int | None, str | None, str]]:
+        return type(self), (self.path, self.line, self.field, self.reason)
 
 
 class NotFoundError(DynamoError):
